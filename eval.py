@@ -1,0 +1,667 @@
+"""Evaluation by hand: the official VQA accuracy and coco-caption's BLEU, CIDEr-D and ROUGE-L.
+
+    python eval.py vqa --results R.json --questions Q.json --annotations A.json [--out M.json]
+    python eval.py caption --results R.json --karpathy dataset_coco.json --split test [--out M.json]
+
+Pure standard library. The numbers equal the official tools to 1e-6, quirks included:
+VQA = GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py at HEAD (a013f00);
+captions = pycocoevalcap 1.2 (bleu/bleu_scorer.py, cider/cider_scorer.py, rouge/rouge.py,
+tokenizer/ptbtokenizer.py). "L<n>" in comments are line numbers in those files, as listed in
+shared/EVAL_NOTES.md.
+
+The CLI prints the metrics and writes them as JSON to --out (default: the results file with
+".metrics.json" in place of ".json"). Bad input is an error that names the problem (malformed JSON,
+wrong field names, duplicate / unknown / missing ids); nothing is skipped silently, so a score is
+always over exactly the questions or images of the reference set.
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import re
+import tempfile
+from collections import Counter
+
+# ---------------------------------------------------------------------------------------------
+# VQA accuracy (vqaEval.py @ a013f00)
+# ---------------------------------------------------------------------------------------------
+
+# L21-42. Retyped as data. Quirks kept on purpose: the keys with capitals ("Im", "Ive", "Id've",
+# "I'dve") can never match because processDigitArticle lower-cases first; "somebody'd" maps to
+# "somebodyd"; "let's" and "she's" map to themselves; "its" is not a key.
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've",
+    "hasnt": "hasn't", "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've",
+    "hes": "he's", "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've",
+    "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've",
+    "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've",
+    "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've",
+    "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've",
+    "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd", "somebodyd've": "somebody'd've",
+    "somebody'dve": "somebody'd've", "somebodyll": "somebody'll", "somebodys": "somebody's",
+    "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've",
+    "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've",
+    "werent": "weren't", "whatll": "what'll", "whatre": "what're", "whats": "what's",
+    "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
+    "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've",
+    "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're",
+    "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've",
+    "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've",
+    "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+# L43-55: number words up to ten (nothing else: "eleven" and "no" stay as they are).
+MANUAL_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4",
+              "five": "5", "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+ARTICLES = ("a", "an", "the")  # L56-59
+# L64-66, in this order. Not listed, hence kept: ' : * # $ % & ^ | ~ and every non-ASCII character;
+# '.' is handled by PERIOD_STRIP.
+PUNCT = [";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-",
+         ">", "<", "@", "`", ",", "?", "!"]
+COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")  # L63: a comma between two digits
+# L62, kept verbatim. "(?!<=\d)" is a negative LOOKAHEAD for the text "<=" + digit (the author
+# meant a lookbehind), so it always succeeds: the effective pattern is \.(?!\d), every period not
+# followed by a digit.
+PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+# L137-139 call PERIOD_STRIP.sub("", text, re.UNICODE): the third positional argument of
+# Pattern.sub is `count`, and re.UNICODE == 32, so at most 32 periods are removed.
+PERIOD_COUNT = int(re.UNICODE)
+
+
+def strip_whitespace(s):
+    """L87-94: the only step applied unconditionally (no lower-casing here)."""
+    return s.replace("\n", " ").replace("\t", " ").strip()
+
+
+def process_punctuation(text):
+    """L130-140. For each punctuation character, ONE decision for the whole string, taken on the
+    original text: delete it everywhere if it touches a space somewhere ("p " or " p") or if the
+    text has a digit,digit comma anywhere; otherwise replace it everywhere by a space."""
+    out = text
+    digit_comma = COMMA_STRIP.search(text) is not None
+    for p in PUNCT:
+        if p not in out:  # replace() would be a no-op either way
+            continue
+        if digit_comma or (p + " ") in text or (" " + p) in text:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    if "." in out:
+        out = PERIOD_STRIP.sub("", out, PERIOD_COUNT)
+    return out
+
+
+def process_digit_article(text):
+    """L142-155: lower-case, split on any whitespace, number words -> digits, drop articles (after
+    the mapping), then the contraction map. Only-article answers become ""."""
+    words = [MANUAL_MAP.get(w, w) for w in text.lower().split()]
+    words = [w for w in words if w not in ARTICLES]
+    return " ".join(CONTRACTIONS.get(w, w) for w in words)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def normalize_answer(s):
+    """What the official evaluation compares when its unanimity gate is open: the whitespace step,
+    processPunctuation, then processDigitArticle. Pure (the original normalises the annotations in
+    place and grows manualMap with setdefault; neither is copied). Cached: answers repeat a lot."""
+    return process_digit_article(process_punctuation(strip_whitespace(s)))
+
+
+def vqa_accuracy(pred, answers):
+    """Official accuracy of one prediction against the human answers (plain strings), in [0, 1].
+
+    1. whitespace step on both sides (L87-94);
+    2. unanimity gate (L96-103): only if the stripped answers are NOT all identical are both sides
+       normalised, so "Yes" vs 10 x "yes" scores 0 and "two" vs 10 x "2" scores 0;
+    3. leave-one-out (L105-112): for each answer j, min(1, #{i != j: answer_i == pred} / 3), averaged
+       over the answers, so k = 0, 1, 2, 3, >=4 matches of 10 give 0, 0.3, 0.6, 0.9, 1.
+    The original leaves one out with the dict test `item != gtAnsDatum`, a true leave-one-out only
+    because real annotations carry distinct answer_ids (two identical dicts would both be left
+    out). We get the answers as plain strings and leave out by position, i.e. what the original
+    computes on real annotations.
+    """
+    if not answers:
+        raise ValueError("vqa_accuracy: no human answers")
+    gt = [strip_whitespace(a) for a in answers]
+    pred = strip_whitespace(pred)
+    if len(set(gt)) > 1:
+        gt = [normalize_answer(a) for a in gt]
+        pred = normalize_answer(pred)
+    k = sum(1 for a in gt if a == pred)
+    # the same floats, summed in the same order, as the original's gtAcc list
+    accs = [min(1, float(k - (a == pred)) / 3) for a in gt]
+    return float(sum(accs)) / len(accs)
+
+
+def check_vqa_results(results, question_ids):
+    """{question_id: answer} from an official results list ([{"question_id": int, "answer": str}]).
+
+    Raises ValueError, naming the problem, for anything that would make a score silently wrong:
+    wrong types or field names, duplicate ids, ids outside `question_ids`, or missing predictions
+    (the official loadRes asserts the same equality of id sets)."""
+    if not isinstance(results, list):
+        raise ValueError(f"VQA results must be a JSON list of {{'question_id', 'answer'}}, got {type(results).__name__}")
+    preds = {}
+    duplicates = []
+    for i, r in enumerate(results):
+        if not isinstance(r, dict) or "question_id" not in r or "answer" not in r:
+            raise ValueError(f"VQA results entry {i} must have the fields 'question_id' and 'answer': {r!r:.200}")
+        qid, ans = r["question_id"], r["answer"]
+        if not isinstance(qid, int) or isinstance(qid, bool):
+            raise ValueError(f"VQA results entry {i}: question_id must be an integer, got {qid!r:.50}")
+        if not isinstance(ans, str):
+            raise ValueError(f"VQA results entry {i} (question {qid}): answer must be a string, got {ans!r:.50}")
+        if qid in preds:
+            duplicates.append(qid)
+        preds[qid] = ans
+    wanted = set(question_ids)
+    unknown = sorted(set(preds) - wanted)
+    missing = sorted(wanted - set(preds))
+    problems = []
+    if duplicates:
+        problems.append(f"{len(duplicates)} duplicate question_ids (e.g. {duplicates[:5]})")
+    if unknown:
+        problems.append(f"{len(unknown)} question_ids not in the annotations (e.g. {unknown[:5]})")
+    if missing:
+        problems.append(f"{len(missing)} of {len(wanted)} questions have no prediction (e.g. {missing[:5]})")
+    if problems:
+        raise ValueError("VQA results do not match the annotations: " + "; ".join(problems))
+    return preds
+
+
+def _percent(values, digits=2):
+    """L157-163: round(100 * mean, 2), the mean taken over unrounded per-question values."""
+    return round(100 * float(sum(values)) / len(values), digits)
+
+
+def vqa_scores(preds, annotations):
+    """Official aggregate accuracy x100 for {question_id: answer} over a list of official
+    annotations (every annotation needs a prediction): overall, per answer type, per question type."""
+    overall, per_answer_type, per_question_type = [], {}, {}
+    for ann in annotations:
+        acc = vqa_accuracy(preds[ann["question_id"]], [a["answer"] for a in ann["answers"]])
+        overall.append(acc)
+        per_answer_type.setdefault(ann["answer_type"], []).append(acc)
+        per_question_type.setdefault(ann["question_type"], []).append(acc)
+    if not overall:
+        raise ValueError("no questions to score")
+    return {
+        "overall": _percent(overall),
+        "perAnswerType": {t: _percent(v) for t, v in sorted(per_answer_type.items())},
+        "perQuestionType": {t: _percent(v) for t, v in sorted(per_question_type.items())},
+        "n_questions": len(overall),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Caption metrics (pycocoevalcap 1.2). gts = {image_id: [tokenised refs]}, res = {image_id:
+# [tokenised candidate]}; per-item values follow the order of gts, as in pycocoevalcap.
+# ---------------------------------------------------------------------------------------------
+
+def _check_caption_input(gts, res):
+    """The image ids in gts order; the same sanity checks as the pycocoevalcap scorers, as errors."""
+    if gts.keys() != res.keys():
+        missing, extra = len(gts.keys() - res.keys()), len(res.keys() - gts.keys())
+        raise ValueError(f"gts and res must have the same image ids ({missing} without a candidate, {extra} without references)")
+    for k in gts:
+        if not isinstance(res[k], list) or len(res[k]) != 1 or not isinstance(res[k][0], str):
+            raise ValueError(f"res[{k!r}] must be a list with exactly one caption string")
+        if not isinstance(gts[k], list) or not gts[k] or not all(isinstance(r, str) for r in gts[k]):
+            raise ValueError(f"gts[{k!r}] must be a non-empty list of caption strings")
+    if not gts:
+        raise ValueError("no images to score")
+    return list(gts)
+
+
+def ngram_counts(words, n=4):
+    """Raw counts of the 1..n-grams (tuples) of a word list, one Counter per order: [1-grams,
+    2-grams, ...] (bleu_scorer.py / cider_scorer.py precook, L11-26, split by order)."""
+    return [Counter(zip(*[words[i:] for i in range(k)])) for k in range(1, n + 1)]
+
+
+BLEU_TINY, BLEU_SMALL = 1e-15, 1e-9  # bleu_scorer.py L201-202; they matter far above 1e-6
+
+
+def _bleu_from_counts(correct, guess, testlen, reflen):
+    """Cumulative geometric means B_1..B_n with the epsilons and the brevity penalty (L232-240,
+    L249-257). A perfect 3-word candidate gets B_4 = (1*1*1*1e-6)^(1/4) = 0.0316, not 0."""
+    scores, prod = [], 1.0
+    for k in range(len(correct)):
+        prod *= float(correct[k] + BLEU_TINY) / (guess[k] + BLEU_SMALL)
+        scores.append(prod ** (1.0 / (k + 1)))
+    ratio = (testlen + BLEU_TINY) / (reflen + BLEU_SMALL)
+    if ratio < 1:  # empty candidate: exp(1 - 1e15) underflows to exactly 0
+        scores = [s * math.exp(1 - 1 / ratio) for s in scores]
+    return scores
+
+
+def bleu(gts, res, n=4):
+    """coco-caption BLEU ("closest" reference length): ([B_1..B_n] corpus, [[B_k per image]] x n).
+    The corpus score pools the clipped counts and lengths; it is NOT the mean of sentence scores."""
+    keys = _check_caption_input(gts, res)
+    per_item = [[] for _ in range(n)]
+    total_correct, total_guess, total_test, total_ref = [0] * n, [0] * n, 0, 0
+    for key in keys:
+        max_counts, ref_lens = [Counter() for _ in range(n)], []
+        for ref in gts[key]:
+            words = ref.split()  # any whitespace, as precook (L27)
+            ref_lens.append(len(words))
+            for k, counts in enumerate(ngram_counts(words, n)):
+                max_counts[k] |= counts  # Counter union = elementwise max
+        words = res[key][0].split()
+        testlen = len(words)
+        # L72: the closest reference length, ties going to the shorter one
+        reflen = min((abs(l - testlen), l) for l in ref_lens)[1]
+        guess = [max(0, testlen - k + 1) for k in range(1, n + 1)]
+        correct = [sum(min(max_counts[k][g], c) for g, c in counts.items())  # clipped counts
+                   for k, counts in enumerate(ngram_counts(words, n))]
+        for k, s in enumerate(_bleu_from_counts(correct, guess, testlen, reflen)):
+            per_item[k].append(s)
+        for k in range(n):
+            total_correct[k] += correct[k]
+            total_guess[k] += guess[k]
+        total_test += testlen
+        total_ref += reflen
+    return _bleu_from_counts(total_correct, total_guess, total_test, total_ref), per_item
+
+
+def _tfidf(counts, idf, log_n):
+    """counts2vec (L107-131), one order at a time: weights tf * (log N - log max(1, df)) with RAW tf
+    (n-grams unseen in the references get df := 1, weight log N), per-order norms, and the
+    "length", which counts the BIGRAMS (`if n == 1` with n = len(ngram) - 1): max(0, words - 1)."""
+    get = idf.get
+    vecs = [{g: float(tf) * get(g, log_n) for g, tf in c.items()} for c in counts]
+    norms = [math.sqrt(sum(w * w for w in v.values())) for v in vecs]
+    return vecs, norms, sum(counts[1].values()) if len(counts) > 1 else 0
+
+
+def cider(gts, res, n=4, sigma=6.0):
+    """CIDEr-D as coco-caption's "CIDEr": (corpus mean, [score per image]).
+
+    Corpus-dependent: the document frequency counts, for each n-gram, the images whose references
+    contain it (candidates never count), and idf uses log(number of images). Scoring in batches
+    therefore changes the numbers, and a single-image corpus scores 0 (log 1 = 0)."""
+    keys = _check_caption_input(gts, res)
+    refs = [[ngram_counts(r.split(), n) for r in gts[k]] for k in keys]
+    df = Counter()
+    for image_refs in refs:  # L93-104: once per image, union over its references
+        df.update(set().union(*[c.keys() for ref in image_refs for c in ref]))
+    if not df:  # the original fails in max() of an empty dict (L187)
+        raise ValueError("CIDEr: the references contain no words")
+    log_n = math.log(float(len(keys)))  # L162, natural log
+    idf = {g: log_n - math.log(d) for g, d in df.items()}
+    penalty_den = 2 * sigma ** 2
+    scores = []
+    for key, image_refs in zip(keys, refs):
+        hyp, hyp_norm, hyp_len = _tfidf(ngram_counts(res[key][0].split(), n), idf, log_n)
+        total = [0.0] * n
+        for ref_counts in image_refs:
+            ref, ref_norm, ref_len = _tfidf(ref_counts, idf, log_n)
+            gauss = math.exp(-float(hyp_len - ref_len) ** 2 / penalty_den)  # L158
+            for k in range(n):
+                # L149-151: clipped tf-idf product, summed in the candidate's n-gram order as in
+                # the original (an n-gram outside this reference adds 0)
+                ref_k = ref[k]
+                val = 0.0
+                for g, w_h in hyp[k].items():
+                    w_r = ref_k.get(g)
+                    if w_r:
+                        val += min(w_h, w_r) * w_r
+                if hyp_norm[k] != 0 and ref_norm[k] != 0:
+                    val /= hyp_norm[k] * ref_norm[k]
+                total[k] += val * gauss
+        scores.append((sum(total) / n) / len(image_refs) * 10.0)  # L174-178: mean over n, / #refs, x10
+    return sum(scores) / len(scores), scores
+
+
+def lcs_length(a, b):
+    """Length of the longest common subsequence of two token lists (rouge.py my_lcs, L13-34)."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = [0] * (len(b) + 1)  # one DP row over the shorter list
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return prev[-1]
+
+
+def rouge_l(gts, res, beta=1.2):
+    """ROUGE-L F (beta = 1.2): (corpus mean, [score per image]).
+
+    Tokens come from split(" ") (one space, L58/L62: "" gives [""], double spaces give "" tokens),
+    unlike BLEU/CIDEr's split(). P and R are maxed over the references INDEPENDENTLY (L68-69), so
+    they may come from different references."""
+    keys = _check_caption_input(gts, res)
+    scores = []
+    for key in keys:
+        cand = res[key][0].split(" ")
+        prec, rec = [], []
+        for ref in gts[key]:
+            ref_tokens = ref.split(" ")
+            lcs = lcs_length(ref_tokens, cand)
+            prec.append(lcs / float(len(cand)))
+            rec.append(lcs / float(len(ref_tokens)))
+        p, r = max(prec), max(rec)
+        scores.append(((1 + beta ** 2) * p * r) / float(r + beta ** 2 * p) if p != 0 and r != 0 else 0.0)
+    return sum(scores) / len(scores), scores
+
+
+# ---------------------------------------------------------------------------------------------
+# PTB tokenisation (pycocoevalcap tokenizer/ptbtokenizer.py + Stanford CoreNLP 3.4.1 PTBTokenizer
+# -preserveLines -lowerCase), in pure Python.
+#
+# Where ptb_tokenize can differ from the Java tokenizer (measured in tests/test_eval.py):
+# - it is a set of rules fitted to CoreNLP's observed output (EVAL_NOTES.md 2.5), not a port of its
+#   JFlex grammar: rare constructs can split differently, e.g. "us$5" (Java "us$ 5", ours "us $ 5"),
+#   "<3", "-5", "a–b", Unicode symbols other than those mapped below, "'tis"-like apostrophe words
+#   outside the few listed, abbreviations missing from the tables below;
+# - the abbreviation tables are case-insensitive except for the few Java only knows capitalised;
+# - line breaks (\r, \v, \f, \x85, \u2028, \u2029) become spaces. The Java wrapper joins captions
+#   with '\n', so there they silently shift every following caption by one line (not reproduced);
+# - Java drops characters it cannot tokenise (emoji, some currency signs); we drop characters outside
+#   the Basic Multilingual Plane, control characters and the signs listed in _PTB_DROP.
+# ---------------------------------------------------------------------------------------------
+
+# ptbtokenizer.py L21-22, verbatim. Applied to LOWER-CASED tokens, so "-LRB-" etc. never match and
+# brackets survive as -lrb- -rrb- -lsb- -rsb- -lcb- -rcb-. Multi-character tokens ("?!", "!!") stay.
+PTB_PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
+                    ".", "?", "!", ",", ":", "-", "--", "...", ";"}
+_PTB_CHARS = {"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'", "\u201a": "'",
+              "\u2026": "...", "\u2014": "--", "\u2013": "--", "\u00a3": "#", "\u20ac": "$",
+              "\u00a2": " cents ", "\u00a0": " ", "\r": " ", "\x0b": " ", "\x0c": " ", "\x85": " ",
+              "\u2028": " ", "\u2029": " ", "\n": " ", "\t": " "}
+_PTB_DROP = {"\u20b9"}
+_PTB_FRACTIONS = {"\u00bd": "1/2", "\u00bc": "1/4", "\u00be": "3/4"}
+_PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+# A period after these stays on the word (measured on CoreNLP 3.4.1, any case) ...
+_ABBREV_ALWAYS = set("""adm al ala apr ariz assn atty aug ave bancorp bhd blvd brig bros calif capt cf
+    cmdr co col colo comdr conn corp cos cpl ct dak dec dept det dr drs esq est etc feb fla fri ft ga
+    gen gov govs hon inc ind intl jan jr jul jun kan kans ky lieut lt ltd maj mar md messrs mich minn
+    mlle mme mo mon mont mr mrs ms mt neb nev nov oct okla penn pfc ph ph.d plc pres prof profs pty pvt
+    rd rep reps rev sen sens sep sept sgt spc sq sr st ste supt sys tel tenn thu thurs tue tues univ va
+    vs vt wed wis wisc wyo""".split())
+# ... only when capitalised ("Wash." but "wash.") ...
+_ABBREV_CAPITALISED = set("ark az del ill la mass miss ore pa tex wash".split())
+# ... only before a number ("No. 5", but "the answer is no.").
+_ABBREV_BEFORE_NUMBER = set("art ca fig no nos op pp".split())
+_ACRONYM = re.compile(r"(?:[^\W\d_]\.)*[^\W\d_]")  # a / u.s / p.m / e.g: single letters
+# Token shapes; at each position the LONGEST match wins, ties to the earlier entry (as in JFlex).
+_PTB_TOKENS = [re.compile(p) for p in (
+    r"(?:https?://|www\.)[^\s\"'<>()\[\]{}]*[\w/]",  # URLs
+    r"[\w.+-]+@\w+(?:\.\w+)+",                          # e-mail addresses
+    r"[@#][^\W\d_]\w*",                                 # @home, #hashtag (but "#1" -> "# 1")
+    r"</?[^\W\d_]\w*>",                                 # <tag>
+    r"'\d0s", r"'t(?=is\b)", r"'n'",                    # '90s, 'tis -> 't is, rock 'n' roll
+    r"[A-Z]+&[A-Z]+",                                   # AT&T (but at&t -> at & t)
+    r"[^\W\d_]\+\+",                                    # c++
+    r"\w+(?:[-./]\w+|'[^\W\d_]+)*",                    # words, hyphenated, 3.5-inch, red/white, o'clock
+    r"\d+\xa0\d+/\d+",                                  # 3 1/2 (joined below with a no-break space)
+    r"\d+(?::\d+)+",                                    # 3:30
+    r"\d{1,3}(?:,\d{3})+(?:\.\d+)?", r"\.\d+",          # 2,000,000  .5
+    r"[?!]+", r"\.{2,}", r"-{2,}", r"''|``",            # ?! !!! ... -- as one token
+    r"[^\s]",                                           # anything else: one character
+)]
+_CLITIC = re.compile(r"(?i)(.*\w)('s|'re|'ll|'d|'ve|'m)")
+_N_QUOTE = re.compile(r"(?i)(\w+)('n')(\w+)")
+_NT = re.compile(r"(?i)(.*[^\W\d_])(n't)")
+_SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
+                "wanna": ("wan", "na"), "gimme": ("gim", "me"), "lemme": ("lem", "me")}
+
+
+def _ptb_clean(caption):
+    """Character-level normalisation: quotes, dashes, ellipsis, currency, line breaks, fractions."""
+    chars = []
+    for ch in caption:
+        if ch in _PTB_CHARS:
+            chars.append(_PTB_CHARS[ch])
+        elif ord(ch) > 0xFFFF or ch in _PTB_DROP or (ord(ch) < 32 and ch not in " "):
+            continue  # Java: "Untokenizable", dropped
+        else:
+            chars.append(ch)
+    text = "".join(chars)
+    # "3 1/2" is ONE token with a no-break space; a Unicode fraction ("3 ½") is not joined
+    text = re.sub(r"(?<![\w.,/])(\d+) (\d+/\d+)(?![\w/])", "\\1\xa0\\2", text)
+    for ch, frac in _PTB_FRACTIONS.items():
+        text = text.replace(ch, f" {frac} ")
+    return text
+
+
+def _split_clitics(word):
+    """do n't, it 's, i 'd 've, can not, gon na, y' all."""
+    low = word.lower()
+    if low in _SPLIT_WORDS:
+        a, b = _SPLIT_WORDS[low]
+        return [word[:len(a)], word[len(a):]]
+    if low == "y'all":
+        return [word[:2], word[2:]]
+    m = _N_QUOTE.fullmatch(word)
+    if m:
+        return list(m.groups())
+    tail = []
+    while True:
+        m = _CLITIC.fullmatch(word) or _NT.fullmatch(word)
+        if not m:
+            return [word] + tail
+        word, tail = m.group(1), [m.group(2)] + tail
+
+
+def _ptb_lex(chunk):
+    """Tokens of one whitespace-free chunk by longest match over _PTB_TOKENS."""
+    tokens, pos = [], 0
+    while pos < len(chunk):
+        best = ""
+        for pattern in _PTB_TOKENS:
+            m = pattern.match(chunk, pos)
+            if m and len(m.group()) > len(best):
+                best = m.group()
+        tokens.extend(_split_clitics(best) if "'" in best[1:] or best.lower() in _SPLIT_WORDS else [best])
+        pos += len(best)
+    return tokens
+
+
+def _keeps_period(word, next_token):
+    """Whether CoreNLP leaves a following "." on `word` (abbreviations and acronyms)."""
+    low = word.lower()
+    return (low in _ABBREV_ALWAYS or _ACRONYM.fullmatch(word) is not None
+            or (low in _ABBREV_CAPITALISED and word[:1].isupper())
+            or (low in _ABBREV_BEFORE_NUMBER and next_token[:1].isdigit()))
+
+
+def ptb_tokenize(caption):
+    """One caption as coco-caption tokenises it: CoreNLP PTBTokenizer (-lowerCase) followed by the
+    punctuation filter of ptbtokenizer.py, tokens joined by single spaces ("" for no tokens)."""
+    tokens = []
+    for chunk in re.split(r"[^\S\xa0]+", _ptb_clean(caption)):
+        if chunk:
+            tokens.extend(_ptb_lex(chunk))
+    merged = []
+    for i, tok in enumerate(tokens):
+        if tok == "." and merged and _keeps_period(merged[-1], tokens[i + 1] if i + 1 < len(tokens) else ""):
+            merged[-1] += "."
+        else:
+            merged.append(tok)
+    out = []
+    for tok in merged:
+        tok = _PTB_BRACKETS.get(tok, tok).lower()
+        if tok == '"':
+            tok = "''"  # a double quote becomes `` or '', both filtered
+        elif tok.startswith(".."):
+            tok = "..."  # runs of periods: "..." plus leftover "." tokens, all filtered
+        if tok not in PTB_PUNCTUATIONS:
+            out.append(tok)
+    return " ".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def load_json(path, what):
+    """Parsed JSON, or a ValueError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{what} file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what} file {path} is not valid JSON: {e}") from None
+
+
+def _field(obj, key, what, path):
+    if not isinstance(obj, dict) or key not in obj:
+        raise ValueError(f"{what} file {path} has no field {key!r}")
+    return obj[key]
+
+
+def score_vqa_files(results_path, questions_path, annotations_path):
+    """Metrics dict for an official VQA results file against official questions/annotations files."""
+    questions = _field(load_json(questions_path, "questions"), "questions", "questions", questions_path)
+    annotations = _field(load_json(annotations_path, "annotations"), "annotations", "annotations", annotations_path)
+    for i, ann in enumerate(annotations):
+        for key in ("question_id", "answers", "answer_type", "question_type"):
+            _field(ann, key, f"annotation {i} in the annotations", annotations_path)
+    ann_ids = [a["question_id"] for a in annotations]
+    if len(set(ann_ids)) != len(ann_ids):
+        raise ValueError(f"annotations file {annotations_path} repeats question_ids")
+    question_ids = {_field(q, "question_id", "a question in the questions", questions_path) for q in questions}
+    if question_ids != set(ann_ids):
+        raise ValueError(f"questions file {questions_path} and annotations file {annotations_path} "
+                         f"cover different question_ids ({len(question_ids)} vs {len(ann_ids)})")
+    preds = check_vqa_results(load_json(results_path, "results"), ann_ids)
+    return vqa_scores(preds, annotations)
+
+
+KARPATHY_SPLITS = {"train": {"train", "restval"}, "restval": {"restval"}, "val": {"val"}, "test": {"test"}}
+
+
+def karpathy_references(karpathy_path, split):
+    """{cocoid: [PTB-tokenised raw sentences]} for the images of a Karpathy split (train = train +
+    restval), in file order."""
+    images = _field(load_json(karpathy_path, "Karpathy split"), "images", "Karpathy split", karpathy_path)
+    gts = {}
+    for img in images:
+        if _field(img, "split", "an image in the Karpathy split", karpathy_path) in KARPATHY_SPLITS[split]:
+            cocoid = _field(img, "cocoid", "an image in the Karpathy split", karpathy_path)
+            sentences = _field(img, "sentences", "an image in the Karpathy split", karpathy_path)
+            gts[cocoid] = [ptb_tokenize(_field(s, "raw", "a sentence in the Karpathy split", karpathy_path))
+                           for s in sentences]
+    if not gts:
+        raise ValueError(f"Karpathy split file {karpathy_path} has no images in split {split!r}")
+    return gts
+
+
+def check_caption_results(results, image_ids):
+    """{image_id: caption} from [{"image_id": int, "caption": str}], with the same errors as
+    check_vqa_results (duplicates, unknown images, images without a caption)."""
+    if not isinstance(results, list):
+        raise ValueError(f"caption results must be a JSON list of {{'image_id', 'caption'}}, got {type(results).__name__}")
+    captions, duplicates = {}, []
+    for i, r in enumerate(results):
+        if not isinstance(r, dict) or "image_id" not in r or "caption" not in r:
+            raise ValueError(f"caption results entry {i} must have the fields 'image_id' and 'caption': {r!r:.200}")
+        iid, cap = r["image_id"], r["caption"]
+        if not isinstance(iid, int) or isinstance(iid, bool):
+            raise ValueError(f"caption results entry {i}: image_id must be an integer (the cocoid), got {iid!r:.50}")
+        if not isinstance(cap, str):
+            raise ValueError(f"caption results entry {i} (image {iid}): caption must be a string, got {cap!r:.50}")
+        if iid in captions:
+            duplicates.append(iid)
+        captions[iid] = cap
+    wanted = set(image_ids)
+    unknown, missing = sorted(set(captions) - wanted), sorted(wanted - set(captions))
+    problems = []
+    if duplicates:
+        problems.append(f"{len(duplicates)} duplicate image_ids (e.g. {duplicates[:5]})")
+    if unknown:
+        problems.append(f"{len(unknown)} image_ids not in the split (e.g. {unknown[:5]})")
+    if missing:
+        problems.append(f"{len(missing)} of {len(wanted)} images have no caption (e.g. {missing[:5]})")
+    if problems:
+        raise ValueError("caption results do not match the split: " + "; ".join(problems))
+    return captions
+
+
+def caption_scores(gts, captions):
+    """coco-caption metrics for raw candidate captions {image_id: str} against tokenised refs."""
+    res = {k: [ptb_tokenize(captions[k])] for k in gts}
+    bleus, _ = bleu(gts, res)
+    metrics = {f"Bleu_{k + 1}": b for k, b in enumerate(bleus)}
+    metrics["ROUGE_L"] = rouge_l(gts, res)[0]
+    metrics["CIDEr"] = cider(gts, res)[0]
+    metrics["n_images"] = len(gts)
+    return metrics
+
+
+def score_caption_files(results_path, karpathy_path, split):
+    gts = karpathy_references(karpathy_path, split)
+    captions = check_caption_results(load_json(results_path, "results"), gts)
+    return caption_scores(gts, captions)
+
+
+def write_json(obj, path):
+    """Atomic write: a temporary file in the same folder, then os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def default_out(results_path):
+    """R.json -> R.metrics.json, next to the results file."""
+    stem = results_path[:-5] if results_path.endswith(".json") else results_path
+    return stem + ".metrics.json"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="task", required=True)
+    p = sub.add_parser("vqa", help="official VQA accuracy of a results file")
+    p.add_argument("--results", required=True, help='[{"question_id": int, "answer": str}]')
+    p.add_argument("--questions", required=True, help="v2_OpenEnded_mscoco_{split}_questions.json")
+    p.add_argument("--annotations", required=True, help="v2_mscoco_{split}_annotations.json")
+    p.add_argument("--out", help="metrics JSON (default: RESULTS with .metrics.json)")
+    p = sub.add_parser("caption", help="BLEU-1..4, ROUGE-L, CIDEr-D of a results file")
+    p.add_argument("--results", required=True, help='[{"image_id": cocoid, "caption": str}]')
+    p.add_argument("--karpathy", required=True, help="dataset_coco.json")
+    p.add_argument("--split", default="test", choices=sorted(KARPATHY_SPLITS))
+    p.add_argument("--out", help="metrics JSON (default: RESULTS with .metrics.json)")
+    args = parser.parse_args(argv)
+    try:
+        if args.task == "vqa":
+            metrics = score_vqa_files(args.results, args.questions, args.annotations)
+        else:
+            metrics = score_caption_files(args.results, args.karpathy, args.split)
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    out = args.out or default_out(args.results)
+    write_json(metrics, out)
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            print(f"{key}: " + ", ".join(f"{t}: {v:.2f}" for t, v in value.items()))
+        else:
+            print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    print(f"wrote {out}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
