@@ -1,0 +1,366 @@
+"""data.py: the synthetic world in the real formats, the VQAv2 / Karpathy loaders, answer vocabulary
+and soft targets, images, collate functions and the prepared-data cache.
+
+    python -m pytest -q tests/test_data.py
+"""
+import filecmp
+import functools
+import json
+import os
+from collections import Counter, defaultdict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from eval import normalize_answer, vqa_accuracy
+
+N_IMAGES = 240  # 160 train2014 + 80 val2014 (24 val, 24 test, 32 restval): 720 questions
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("shapes"))
+    data.make_shapes(out, n_images=N_IMAGES, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(world):
+    karpathy = data.read_karpathy(os.path.join(world, "dataset_coco.json"))
+    texts = [s["raw"] for img in karpathy for s in img["sentences"]]
+    texts += [r["question"] for r in data.read_vqa(world, "train2014")]
+    return data.BPETokenizer(**data.learn_bpe(texts, 500))
+
+
+# ---- the synthetic world ---------------------------------------------------------------------
+
+
+def test_world_has_the_real_formats(world):
+    for subtype, n in (("train2014", 160), ("val2014", 80)):
+        q_path, a_path = data.vqa_files(world, subtype)
+        q, a = json.load(open(q_path)), json.load(open(a_path))
+        assert set(q) == {"info", "task_type", "data_type", "license", "data_subtype", "questions"}
+        assert set(a) == {"info", "license", "data_subtype", "annotations", "data_type"}
+        assert q["data_subtype"] == a["data_subtype"] == subtype and q["task_type"] == "Open-Ended"
+        assert len({x["image_id"] for x in q["questions"]}) == n and len(q["questions"]) == 3 * n
+        for x in q["questions"]:
+            assert set(x) == {"image_id", "question", "question_id"}
+        for x in a["annotations"]:
+            assert set(x) == {"question_type", "multiple_choice_answer", "answers", "image_id",
+                              "answer_type", "question_id"}
+            assert x["answer_type"] in ("yes/no", "number", "other")
+            assert [y["answer_id"] for y in x["answers"]] == list(range(1, 11))
+            assert all(set(y) == {"answer", "answer_confidence", "answer_id"} for y in x["answers"])
+            assert all(y["answer_confidence"] in ("yes", "maybe", "no") for y in x["answers"])
+        for x in q["questions"]:
+            with Image.open(os.path.join(world, data.coco_image_key(subtype, x["image_id"]))) as im:
+                assert im.format == "JPEG" and im.size == (64, 64) and im.mode == "RGB"
+    k = json.load(open(os.path.join(world, "dataset_coco.json")))
+    assert set(k) == {"images", "dataset"}
+    assert Counter(img["split"] for img in k["images"]) == {"train": 160, "restval": 32, "val": 24, "test": 24}
+    sentids = [s["sentid"] for img in k["images"] for s in img["sentences"]]
+    assert sorted(sentids) == list(range(5 * N_IMAGES))
+    for img in k["images"]:
+        assert set(img) == {"filepath", "sentids", "filename", "imgid", "split", "sentences", "cocoid"}
+        assert len(img["sentences"]) == 5 and len({s["raw"] for s in img["sentences"]}) == 5
+        assert img["sentids"] == [s["sentid"] for s in img["sentences"]]
+        assert all(set(s) == {"tokens", "raw", "imgid", "sentid"} and s["imgid"] == img["imgid"] for s in img["sentences"])
+        assert os.path.isfile(os.path.join(world, img["filepath"], img["filename"]))
+
+
+def test_world_is_deterministic(world, tmp_path):
+    again, other = str(tmp_path / "again"), str(tmp_path / "other")
+    data.main(["shapes", "--out", again, "--n-images", str(N_IMAGES), "--seed", "0"])
+    data.make_shapes(other, n_images=N_IMAGES, seed=1)
+    files = sorted(os.path.relpath(os.path.join(d, f), world)
+                   for d, _, fs in os.walk(world) if "prepared" not in d for f in fs)
+    assert len(files) == N_IMAGES + 6
+    match, mismatch, errors = filecmp.cmpfiles(world, again, files, shallow=False)
+    assert not mismatch and not errors
+    _, mismatch, _ = filecmp.cmpfiles(world, other, files, shallow=False)
+    assert "dataset_coco.json" in mismatch and len(mismatch) > N_IMAGES // 2
+
+
+def test_questions_need_the_image(world):
+    """A text-only prior (the most frequent answer per question type, and even per exact question
+    string) scores far below an oracle that knows the scene, with the official accuracy."""
+    train, val = data.read_vqa(world, "train2014"), data.read_vqa(world, "val2014")
+    truth = {q["question_id"]: q["answer"] for q in json.load(open(os.path.join(world, "shapes_scenes.json")))["questions"]}
+    per_type, per_string = defaultdict(Counter), defaultdict(Counter)
+    for r in train:
+        per_type[r["question_type"]].update(normalize_answer(a) for a in r["answers"])
+        per_string[r["question"]].update(normalize_answer(a) for a in r["answers"])
+
+    def score(predict):
+        return 100 * sum(vqa_accuracy(predict(r), r["answers"]) for r in val) / len(val)
+
+    prior_type = score(lambda r: per_type[r["question_type"]].most_common(1)[0][0])
+    prior_string = score(lambda r: (per_string.get(r["question"]) or per_type[r["question_type"]]).most_common(1)[0][0])
+    oracle = score(lambda r: truth[r["question_id"]])
+    assert prior_type < 45 and prior_string < 55 and oracle > 95, (prior_type, prior_string, oracle)
+    # the answers of each answer type are spread out, not dominated by one answer
+    for atype in ("yes/no", "number", "other"):
+        counts = Counter(truth[r["question_id"]] for r in train + val if r["answer_type"] == atype)
+        assert counts.most_common(1)[0][1] / sum(counts.values()) < 0.55, (atype, counts)
+
+
+def test_scenes_match_questions(world):
+    """The stored truth agrees with the drawn objects (counts, existence, colours, sides), and the
+    human answers mostly agree with the truth."""
+    scenes = json.load(open(os.path.join(world, "shapes_scenes.json")))
+    objects = {s["image_id"]: s["objects"] for s in scenes["images"]}
+    truth = {q["question_id"]: q["answer"] for q in scenes["questions"]}
+    checked = Counter()
+    for r in data.read_vqa(world, "train2014") + data.read_vqa(world, "val2014"):
+        objs, q, t = objects[r["image_id"]], r["question"], truth[r["question_id"]]
+        if q in ("How many shapes are there?", "How many objects are in the picture?"):
+            checked["count"] += t == str(len(objs))
+        elif q.startswith("Are there any "):
+            checked["exist"] += (t == "yes") == any(o["shape"] == q[len("Are there any "):-2] for o in objs)
+        elif q.startswith("What color is the "):
+            checked["color"] += [o["color"] for o in objs if o["shape"] == q[len("What color is the "):-1]] == [t]
+        elif q.endswith(" on the left or on the right?"):
+            name = q[len("Is the "):-len(" on the left or on the right?")]
+            checked["side"] += [o["quadrant"].split()[1] for o in objs if f"{o['color']} {o['shape']}" == name] == [t]
+        else:
+            continue
+        checked["total"] += 1
+        assert vqa_accuracy(t, r["answers"]) >= 0.6, (q, t, r["answers"])
+    assert checked["total"] > 100 and checked["count"] + checked["exist"] + checked["color"] + checked["side"] == checked["total"]
+
+
+# ---- answer vocabulary and soft targets -------------------------------------------------------
+
+
+def test_answer_vocab_counts_every_human_answer_ties_by_string():
+    lists = [["Yes"] * 6 + ["no"] * 4, ["two", "2", "2", "3", "3", "3", "a dog", "dog", "dog.", "cat"]]
+    assert data.answer_vocab(lists) == ["yes", "no", "2", "3", "dog", "cat"]  # 6, 4, 3, 3 (ties by string), 3, 1
+    assert data.answer_vocab(lists, k=3) == ["yes", "no", "2"]
+
+
+def test_soft_targets_hand_made_with_unanimity_gate():
+    vocab = data.AnswerVocab(["yes", "no", "2", "dog", "red", "blue", "wellknown fact"])
+
+    def targets(answers):
+        ids, scores = vocab.targets(answers)
+        return {vocab.answers[i]: round(s, 6) for i, s in zip(ids, scores)}
+
+    assert targets(["yes"] * 10) == {"yes": 1.0}
+    assert targets(["Yes"] * 10) == {}  # gate closed: no normalisation, "yes" != "Yes"
+    assert targets(["two"] * 10) == {}  # gate closed: "2" != "two"
+    assert targets(["two"] * 9 + ["2"]) == {"2": 1.0}  # gate open: "two" -> "2"
+    assert targets([" yes\n"] * 10) == {"yes": 1.0}  # whitespace is stripped before the gate
+    assert targets(["red"] * 3 + ["blue"] * 7) == {"red": 0.9, "blue": 1.0}
+    assert targets(["red"] * 2 + ["blue"] * 8) == {"red": 0.6, "blue": 1.0}
+    assert targets(["red"] + ["Blue."] * 9) == {"red": 0.3, "blue": 1.0}
+    assert targets(["a dog", "The dog", "dog", "cat"] + ["x"] * 6) == {"dog": 0.9}
+    assert targets(["well-known - fact"] * 4 + ["y"] * 6) == {"wellknown fact": 1.0}
+    assert targets(["maybe"] * 10) == {}
+
+
+def test_soft_targets_equal_accuracy_of_every_answer(world, tok):
+    """Sparse targets = vqa_accuracy of ALL K answers, checked by brute force on every question."""
+    prepared = data.prepare_vqa(world, tok, cache_dir=None)
+    answers = prepared["answers"]
+    assert len(answers) == len(set(answers)) and len(answers) < 3129
+    assert answers == data.answer_vocab(r["answers"] for r in data.read_vqa(world, "train2014"))
+    for name, subtype in (("train", "train2014"), ("val", "val2014")):
+        records = data.read_vqa(world, subtype)
+        ds = data.VQADataset(prepared["splits"][name])
+        assert len(ds) == len(records)
+        for m, r in enumerate(records):
+            item = ds[m]
+            assert item["question_id"] == r["question_id"]
+            dense = torch.zeros(len(answers))
+            dense[item["target_ids"]] = item["target_scores"]
+            expected = torch.tensor([vqa_accuracy(a, r["answers"]) for a in answers])
+            assert torch.allclose(dense, expected, atol=1e-6), r
+
+
+# ---- loaders, datasets, collate ----------------------------------------------------------------
+
+
+def test_prepare_vqa_official_and_karpathy_splits(world, tok, tmp_path):
+    official = data.prepare_vqa(world, tok, cache_dir=str(tmp_path))
+    assert {k: len(v["image"]) for k, v in official["splits"].items()} == {"train": 480, "val": 240}
+    karpathy = data.prepare_vqa(world, tok, karpathy=os.path.join(world, "dataset_coco.json"),
+                                cache_dir=str(tmp_path))
+    # Karpathy: train = train2014 + restval images, val and test from val2014
+    assert {k: len(data.image_keys(v)) for k, v in karpathy["splits"].items()} == {"train": 192, "val": 24, "test": 24}
+    assert {k: len(v["image"]) for k, v in karpathy["splits"].items()} == {"train": 576, "val": 72, "test": 72}
+    split_of = {img["cocoid"]: img["split"] for img in data.read_karpathy(os.path.join(world, "dataset_coco.json"))}
+    for name, split in karpathy["splits"].items():
+        assert {data.karpathy_split(split_of[i]) for i in split["image_id"].tolist()} == {name}
+    item = data.VQADataset(karpathy["splits"]["val"])[0]
+    assert item["image"].startswith("val2014/COCO_val2014_") and item["image"].endswith(f"{item['image_id']:012d}.jpg")
+    ids = item["input_ids"].tolist()
+    assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    assert tok.decode(ids, skip_special=True) == karpathy["splits"]["val"]["question"][0]
+
+
+def test_question_truncation(tok):
+    ids = data.encode_question(tok, "What color is the circle? " * 10, max_len=8)
+    assert len(ids) == 8 and ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+    with pytest.raises(ValueError, match="max_len"):
+        data.encode_question(tok, "hi", max_len=2)
+
+
+def test_collate_vqa(world, tok):
+    prepared = data.prepare_vqa(world, tok)
+    k = len(prepared["answers"])
+    images = data.Images(world, size=32, mean=(0.5,) * 3, std=(0.5,) * 3)
+    ds = data.VQADataset(prepared["splits"]["train"], images=images)
+    batch = [ds[i] for i in (0, 5, 7)]
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, collate_fn=functools.partial(
+        data.collate_vqa, pad_id=tok.pad_id, num_answers=k))
+    b = next(iter(loader))
+    n = max(len(ds[i]["input_ids"]) for i in range(3))
+    assert b["input_ids"].shape == b["attention_mask"].shape == (3, n)
+    assert b["targets"].shape == (3, k) and b["pixel_values"].shape == (3, 3, 32, 32)
+    for i in range(3):
+        L = len(ds[i]["input_ids"])
+        assert b["attention_mask"][i].tolist() == [1] * L + [0] * (n - L)
+        assert (b["input_ids"][i, L:] == tok.pad_id).all()
+        assert torch.equal(b["input_ids"][i, :L], ds[i]["input_ids"])
+    b = data.collate_vqa(batch, pad_id=tok.pad_id, num_answers=k)
+    assert b["question_id"].tolist() == [x["question_id"] for x in batch] and b["image"] == [x["image"] for x in batch]
+    assert b["index"].tolist() == [0, 5, 7]
+    assert torch.equal(b["targets"][1, batch[1]["target_ids"]], batch[1]["target_scores"])
+    assert b["targets"][1].sum() == batch[1]["target_scores"].sum()
+
+
+def test_captions_and_collate(world, tok):
+    prepared = data.prepare_captions(os.path.join(world, "dataset_coco.json"), tok, max_len=12)
+    splits = prepared["splits"]
+    assert {k: len(v["image"]) for k, v in splits.items()} == {"train": 192, "val": 24, "test": 24}
+    assert all(len(refs) == 5 for refs in splits["test"]["refs"])
+    ds = data.CaptionDataset(splits["train"])
+    assert len(ds) == 5 * 192
+    items = [ds[0], ds[1], ds[6]]
+    assert items[0]["image"] == "train2014/COCO_train2014_000000000009.jpg" and items[0]["image_id"] == 9
+    assert items[2]["image_id"] == splits["train"]["image_id"][1].item()
+    assert max(len(x["input_ids"]) for x in items) <= 11  # truncated to max_len - 1 (+ EOS = 12)
+    b = data.collate_caption(items, eos_id=tok.eos_id)
+    n = max(len(x["input_ids"]) for x in items) + 1
+    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape == (3, n)
+    for i, x in enumerate(items):
+        L = len(x["input_ids"])
+        assert b["input_ids"][i, :L].tolist() == x["input_ids"].tolist() and b["input_ids"][i, L] == tok.eos_id
+        assert b["labels"][i, :L + 1].tolist() == x["input_ids"].tolist() + [tok.eos_id]  # every token + one EOS
+        assert (b["labels"][i, L + 1:] == -100).all() and b["attention_mask"][i].sum() == L + 1  # never padding
+    full = data.prepare_captions(os.path.join(world, "dataset_coco.json"), tok)
+    raw = full["splits"]["val"]["refs"][0][0]
+    first = data.CaptionDataset(full["splits"]["val"])[0]
+    assert tok.decode(first["input_ids"]) == raw
+
+
+# ---- images ----------------------------------------------------------------------------------
+
+
+def test_load_image_values_and_hf_parity(tmp_path):
+    pixels = np.array([[[0, 128, 255], [10, 20, 30]], [[255, 255, 255], [0, 0, 0]]], dtype=np.uint8)  # (2, 2, 3)
+    Image.fromarray(pixels).save(tmp_path / "tiny.png")
+    mean, std = (0.5, 0.25, 0.0), (0.5, 0.5, 2.0)
+    x = data.load_image(str(tmp_path / "tiny.png"), 2, mean, std)
+    expected = (torch.tensor(pixels, dtype=torch.float32) / 255 - torch.tensor(mean)) / torch.tensor(std)
+    assert x.shape == (3, 2, 2) and x.dtype == torch.float32
+    assert torch.allclose(x, expected.permute(2, 0, 1), atol=1e-6)
+    # a grey-scale image becomes RGB; resizing equals transformers' ViT image processor
+    import transformers
+    processor_cls = getattr(transformers, "ViTImageProcessorPil", None) or transformers.ViTImageProcessor
+    rgb = np.random.RandomState(0).randint(0, 256, (45, 70, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "big.jpg")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "gray.png")
+    proc = processor_cls(size={"height": 32, "width": 32}, image_mean=[0.5, 0.4, 0.3], image_std=[0.2, 0.3, 0.4])
+    for name in ("big.jpg", "gray.png"):
+        with Image.open(tmp_path / name) as im:
+            ref = proc(images=im.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        ours = data.load_image(str(tmp_path / name), 32, [0.5, 0.4, 0.3], [0.2, 0.3, 0.4])
+        assert (ours - ref).abs().max() < 1e-5
+
+
+def test_bad_images_are_clear_errors(tmp_path, world):
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        data.load_image(str(tmp_path / "missing.jpg"), 8, (0.5,) * 3, (0.5,) * 3)
+    (tmp_path / "garbage.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(data.ImageError, match="garbage.jpg"):
+        data.load_image(str(tmp_path / "garbage.jpg"), 8, (0.5,) * 3, (0.5,) * 3)
+    good = open(os.path.join(world, "train2014", "COCO_train2014_000000000009.jpg"), "rb").read()
+    (tmp_path / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    with pytest.raises(data.ImageError, match="truncated.jpg"):
+        data.load_image(str(tmp_path / "truncated.jpg"), 8, (0.5,) * 3, (0.5,) * 3)
+    images = data.Images(str(tmp_path), 8, (0.5,) * 3, (0.5,) * 3)
+    ds = data.ImageDataset(["garbage.jpg"], images)
+    with pytest.raises(data.ImageError, match="garbage.jpg"):
+        ds[0]
+
+
+def test_image_dataset_over_unique_keys(world, tok):
+    prepared = data.prepare_vqa(world, tok)
+    keys = data.image_keys(prepared["splits"]["val"])
+    assert len(keys) == 80 and keys == sorted(set(keys))
+    ds = data.ImageDataset(keys, data.Images(world, 16, (0.5,) * 3, (0.5,) * 3))
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert batch["pixel_values"].shape == (4, 3, 16, 16) and batch["image"] == keys[:4]
+    assert batch["pixel_values"].min() >= -1 and batch["pixel_values"].max() <= 1
+
+
+# ---- files and the cache ---------------------------------------------------------------------
+
+
+def test_prepared_cache_is_hit_and_invalidated(world, tok, tmp_path, monkeypatch):
+    src = str(tmp_path / "src")
+    os.makedirs(src)
+    for subtype in ("train2014", "val2014"):
+        for p in data.vqa_files(world, subtype):
+            with open(p, "rb") as f, open(os.path.join(src, os.path.basename(p)), "wb") as g:
+                g.write(f.read())
+    calls = []
+    real = data.read_vqa
+    monkeypatch.setattr(data, "read_vqa", lambda *a: calls.append(a) or real(*a))
+    first = data.prepare_vqa(src, tok)
+    assert len(calls) == 2 and len(os.listdir(os.path.join(src, "prepared"))) == 1
+    second = data.prepare_vqa(src, tok)
+    assert len(calls) == 2  # hit
+    assert second["answers"] == first["answers"]
+    assert torch.equal(second["splits"]["val"]["target_scores"], first["splits"]["val"]["target_scores"])
+    data.prepare_vqa(src, tok, max_len=8)
+    assert len(calls) == 4  # another option: another entry
+    # a changed source file (different content and mtime) invalidates the entry
+    q_path = data.vqa_files(src, "val2014")[0]
+    q = json.load(open(q_path))
+    q["questions"][0]["question"] = "How many squares are there?"
+    with open(q_path, "w") as f:
+        json.dump(q, f)
+    os.utime(q_path, ns=(os.stat(q_path).st_atime_ns, os.stat(q_path).st_mtime_ns + 10**9))
+    third = data.prepare_vqa(src, tok)
+    assert len(calls) == 6 and third["splits"]["val"]["question"][0] == "How many squares are there?"
+    other_tok = data.BPETokenizer(**data.learn_bpe(["How many squares are there?"] * 3, 270))
+    data.prepare_vqa(src, other_tok)
+    assert len(calls) == 8  # another tokenizer: another entry
+    assert not [f for f in os.listdir(os.path.join(src, "prepared")) if f.startswith(".tmp")]
+
+
+def test_missing_and_malformed_files_name_the_file(tmp_path, tok, world):
+    with pytest.raises(FileNotFoundError, match="v2_OpenEnded_mscoco_train2014_questions.json"):
+        data.prepare_vqa(str(tmp_path), tok)
+    with pytest.raises(FileNotFoundError, match="dataset_coco.json"):
+        data.prepare_captions(str(tmp_path / "dataset_coco.json"), tok)
+    (tmp_path / "dataset_coco.json").write_text("{not json")
+    with pytest.raises(ValueError, match="malformed JSON"):
+        data.read_karpathy(str(tmp_path / "dataset_coco.json"))
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [{"cocoid": 1, "split": "holdout"}]}))
+    with pytest.raises(ValueError, match="unknown split 'holdout'"):
+        data.read_karpathy(str(tmp_path / "dataset_coco.json"))
+    q_path, a_path = data.vqa_files(world, "val2014")
+    a = json.load(open(a_path))
+    a["annotations"] = a["annotations"][1:]
+    with open(data.vqa_files(str(tmp_path), "val2014")[1], "w") as f:
+        json.dump(a, f)
+    with open(q_path) as f, open(data.vqa_files(str(tmp_path), "val2014")[0], "w") as g:
+        g.write(f.read())
+    with pytest.raises(ValueError, match="240 questions but .* 239 annotations"):
+        data.read_vqa(str(tmp_path), "val2014")
