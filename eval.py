@@ -145,40 +145,40 @@ def vqa_accuracy(pred, answers):
     return float(sum(accs)) / len(accs)
 
 
-def check_vqa_results(results, question_ids):
-    """{question_id: answer} from an official results list ([{"question_id": int, "answer": str}]).
+def check_results(results, ids, id_field, value_field, what):
+    """{id: value} from an official results list, e.g. [{"question_id": int, "answer": str}] (VQA) or
+    [{"image_id": int, "caption": str}] (captions); `ids` are the ids of the reference set.
 
     Raises ValueError, naming the problem, for anything that would make a score silently wrong:
-    wrong types or field names, duplicate ids, ids outside `question_ids`, or missing predictions
-    (the official loadRes asserts the same equality of id sets)."""
+    wrong types or field names, duplicate ids, ids outside `ids`, or missing predictions (the
+    official loadRes asserts the same equality of id sets)."""
     if not isinstance(results, list):
-        raise ValueError(f"VQA results must be a JSON list of {{'question_id', 'answer'}}, got {type(results).__name__}")
-    preds = {}
-    duplicates = []
+        raise ValueError(f"{what} results must be a JSON list of {{'{id_field}', '{value_field}'}}, "
+                         f"got {type(results).__name__}")
+    out, duplicates = {}, []
     for i, r in enumerate(results):
-        if not isinstance(r, dict) or "question_id" not in r or "answer" not in r:
-            raise ValueError(f"VQA results entry {i} must have the fields 'question_id' and 'answer': {r!r:.200}")
-        qid, ans = r["question_id"], r["answer"]
-        if not isinstance(qid, int) or isinstance(qid, bool):
-            raise ValueError(f"VQA results entry {i}: question_id must be an integer, got {qid!r:.50}")
-        if not isinstance(ans, str):
-            raise ValueError(f"VQA results entry {i} (question {qid}): answer must be a string, got {ans!r:.50}")
-        if qid in preds:
-            duplicates.append(qid)
-        preds[qid] = ans
-    wanted = set(question_ids)
-    unknown = sorted(set(preds) - wanted)
-    missing = sorted(wanted - set(preds))
+        if not isinstance(r, dict) or id_field not in r or value_field not in r:
+            raise ValueError(f"{what} results entry {i} must have the fields '{id_field}' and '{value_field}': {r!r:.200}")
+        key, value = r[id_field], r[value_field]
+        if not isinstance(key, int) or isinstance(key, bool):
+            raise ValueError(f"{what} results entry {i}: {id_field} must be an integer, got {key!r:.50}")
+        if not isinstance(value, str):
+            raise ValueError(f"{what} results entry {i} ({id_field} {key}): {value_field} must be a string, got {value!r:.50}")
+        if key in out:
+            duplicates.append(key)
+        out[key] = value
+    wanted = set(ids)
+    unknown, missing = sorted(set(out) - wanted), sorted(wanted - set(out))
     problems = []
     if duplicates:
-        problems.append(f"{len(duplicates)} duplicate question_ids (e.g. {duplicates[:5]})")
+        problems.append(f"{len(duplicates)} duplicate {id_field}s (e.g. {duplicates[:5]})")
     if unknown:
-        problems.append(f"{len(unknown)} question_ids not in the annotations (e.g. {unknown[:5]})")
+        problems.append(f"{len(unknown)} {id_field}s not in the reference set (e.g. {unknown[:5]})")
     if missing:
-        problems.append(f"{len(missing)} of {len(wanted)} questions have no prediction (e.g. {missing[:5]})")
+        problems.append(f"{len(missing)} of {len(wanted)} {id_field}s have no {value_field} (e.g. {missing[:5]})")
     if problems:
-        raise ValueError("VQA results do not match the annotations: " + "; ".join(problems))
-    return preds
+        raise ValueError(f"{what} results do not match the reference set: " + "; ".join(problems))
+    return out
 
 
 def _percent(values, digits=2):
@@ -541,7 +541,7 @@ def score_vqa_files(results_path, questions_path, annotations_path):
     if question_ids != set(ann_ids):
         raise ValueError(f"questions file {questions_path} and annotations file {annotations_path} "
                          f"cover different question_ids ({len(question_ids)} vs {len(ann_ids)})")
-    preds = check_vqa_results(load_json(results_path, "results"), ann_ids)
+    preds = check_results(load_json(results_path, "results"), ann_ids, "question_id", "answer", "VQA")
     return vqa_scores(preds, annotations)
 
 
@@ -564,37 +564,6 @@ def karpathy_references(karpathy_path, split):
     return gts
 
 
-def check_caption_results(results, image_ids):
-    """{image_id: caption} from [{"image_id": int, "caption": str}], with the same errors as
-    check_vqa_results (duplicates, unknown images, images without a caption)."""
-    if not isinstance(results, list):
-        raise ValueError(f"caption results must be a JSON list of {{'image_id', 'caption'}}, got {type(results).__name__}")
-    captions, duplicates = {}, []
-    for i, r in enumerate(results):
-        if not isinstance(r, dict) or "image_id" not in r or "caption" not in r:
-            raise ValueError(f"caption results entry {i} must have the fields 'image_id' and 'caption': {r!r:.200}")
-        iid, cap = r["image_id"], r["caption"]
-        if not isinstance(iid, int) or isinstance(iid, bool):
-            raise ValueError(f"caption results entry {i}: image_id must be an integer (the cocoid), got {iid!r:.50}")
-        if not isinstance(cap, str):
-            raise ValueError(f"caption results entry {i} (image {iid}): caption must be a string, got {cap!r:.50}")
-        if iid in captions:
-            duplicates.append(iid)
-        captions[iid] = cap
-    wanted = set(image_ids)
-    unknown, missing = sorted(set(captions) - wanted), sorted(wanted - set(captions))
-    problems = []
-    if duplicates:
-        problems.append(f"{len(duplicates)} duplicate image_ids (e.g. {duplicates[:5]})")
-    if unknown:
-        problems.append(f"{len(unknown)} image_ids not in the split (e.g. {unknown[:5]})")
-    if missing:
-        problems.append(f"{len(missing)} of {len(wanted)} images have no caption (e.g. {missing[:5]})")
-    if problems:
-        raise ValueError("caption results do not match the split: " + "; ".join(problems))
-    return captions
-
-
 def caption_scores(gts, captions):
     """coco-caption metrics for raw candidate captions {image_id: str} against tokenised refs."""
     res = {k: [ptb_tokenize(captions[k])] for k in gts}
@@ -608,7 +577,7 @@ def caption_scores(gts, captions):
 
 def score_caption_files(results_path, karpathy_path, split):
     gts = karpathy_references(karpathy_path, split)
-    captions = check_caption_results(load_json(results_path, "results"), gts)
+    captions = check_results(load_json(results_path, "results"), gts, "image_id", "caption", "caption")
     return caption_scores(gts, captions)
 
 

@@ -440,8 +440,8 @@ def test_cli_vqa(tmp_path, capsys):
 
 @pytest.mark.parametrize("results,message", [
     ("[{", "not valid JSON"),
-    ([{"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "2"}], "1 of 3 questions have no prediction"),
-    ([{"question_id": q, "answer": "x"} for q in (1, 2, 3, 9)], "not in the annotations"),
+    ([{"question_id": 1, "answer": "yes"}, {"question_id": 2, "answer": "2"}], "1 of 3 question_ids have no answer"),
+    ([{"question_id": q, "answer": "x"} for q in (1, 2, 3, 9)], "question_ids not in the reference set"),
     ([{"question_id": q, "answer": "x"} for q in (1, 2, 3, 3)], "duplicate"),
     ([{"question_id": 1, "prediction": "x"}], "fields 'question_id' and 'answer'"),
     ([{"question_id": "1", "answer": "x"}], "must be an integer"),
@@ -484,8 +484,8 @@ def test_cli_caption_end_to_end(tmp_path):
 
 
 @pytest.mark.parametrize("results,message", [
-    ([{"image_id": 100, "caption": "a dog"}], "1 of 2 images have no caption"),
-    ([{"image_id": i, "caption": "x"} for i in (100, 101, 102)], "not in the split"),
+    ([{"image_id": 100, "caption": "a dog"}], "1 of 2 image_ids have no caption"),
+    ([{"image_id": i, "caption": "x"} for i in (100, 101, 102)], "image_ids not in the reference set"),
     ([{"image_id": i, "caption": "x"} for i in (100, 101, 101)], "duplicate"),
     ([{"image_id": 100, "text": "x"}], "fields 'image_id' and 'caption'"),
 ])
