@@ -384,36 +384,37 @@ def gpt2_config(hf):
                   dropout=hf.get("resid_pdrop", 0.1))
 
 
+def _encoder_layer_keys(c, names):
+    """{our block key: HF key} for HF's BERT-style "encoder.layer.{i}" layout, from (ours, theirs) name pairs."""
+    return {f"blocks.{i}.{ours}.{wb}": f"encoder.layer.{i}.{theirs}.{wb}"
+            for i in range(c.n_layers) for ours, theirs in names for wb in ("weight", "bias")}
+
+
 def vit_keys(c):
     """{our key: (HF key, transform)} for ViT; HF names as in google/vit-*-in21k (after "vit.")."""
     m = {"cls_token": "embeddings.cls_token", "pos_embed": "embeddings.position_embeddings",
+         "patch_embed.weight": "embeddings.patch_embeddings.projection.weight",
+         "patch_embed.bias": "embeddings.patch_embeddings.projection.bias",
          "ln_f.weight": "layernorm.weight", "ln_f.bias": "layernorm.bias",
          "pooler.weight": "pooler.dense.weight", "pooler.bias": "pooler.dense.bias"}
-    for wb in ("weight", "bias"):
-        m[f"patch_embed.{wb}"] = f"embeddings.patch_embeddings.projection.{wb}"
-        for i in range(c.n_layers):
-            src = f"encoder.layer.{i}."
-            for ours, theirs in [("attn.q", "attention.attention.query"), ("attn.k", "attention.attention.key"),
-                                 ("attn.v", "attention.attention.value"), ("attn.o", "attention.output.dense"),
-                                 ("ln1", "layernorm_before"), ("ln2", "layernorm_after"),
-                                 ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense")]:
-                m[f"blocks.{i}.{ours}.{wb}"] = src + f"{theirs}.{wb}"
+    m.update(_encoder_layer_keys(c, [
+        ("attn.q", "attention.attention.query"), ("attn.k", "attention.attention.key"),
+        ("attn.v", "attention.attention.value"), ("attn.o", "attention.output.dense"),
+        ("ln1", "layernorm_before"), ("ln2", "layernorm_after"),
+        ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense")]))
     return {k: (v, None) for k, v in m.items()}
 
 
 def roberta_keys(c):
-    """{our key: (HF key, transform)} for RoBERTa; HF names after "roberta."."""
+    """{our key: (HF key, transform)} for RoBERTa; HF names after "roberta." (post-LN: ln1 after attention)."""
     m = {"wte.weight": "embeddings.word_embeddings.weight", "wpe.weight": "embeddings.position_embeddings.weight",
          "wtt.weight": "embeddings.token_type_embeddings.weight",
          "ln_emb.weight": "embeddings.LayerNorm.weight", "ln_emb.bias": "embeddings.LayerNorm.bias"}
-    for wb in ("weight", "bias"):
-        for i in range(c.n_layers):
-            src = f"encoder.layer.{i}."
-            for ours, theirs in [("attn.q", "attention.self.query"), ("attn.k", "attention.self.key"),
-                                 ("attn.v", "attention.self.value"), ("attn.o", "attention.output.dense"),
-                                 ("ln1", "attention.output.LayerNorm"), ("ln2", "output.LayerNorm"),
-                                 ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense")]:
-                m[f"blocks.{i}.{ours}.{wb}"] = src + f"{theirs}.{wb}"
+    m.update(_encoder_layer_keys(c, [
+        ("attn.q", "attention.self.query"), ("attn.k", "attention.self.key"),
+        ("attn.v", "attention.self.value"), ("attn.o", "attention.output.dense"),
+        ("ln1", "attention.output.LayerNorm"), ("ln2", "output.LayerNorm"),
+        ("mlp.fc1", "intermediate.dense"), ("mlp.fc2", "output.dense")]))
     return {k: (v, None) for k, v in m.items()}
 
 
