@@ -3,6 +3,7 @@
     python bench.py models      # our ViT-L/16, RoBERTa-large, GPT2-medium vs transformers (forward)
     python bench.py routing     # routed LoRA layers vs plain LoRA vs peft (forward + backward)
     python bench.py eval        # CIDEr-D vs pycocoevalcap; VQA accuracy over 200k questions
+    python bench.py train       # VQA training step: ours (cached / recomputed ViT) vs transformers + peft
 
 Needs the dev requirements (transformers, peft, pycocoevalcap). Runs on 2 threads unless told otherwise.
 """
@@ -220,10 +221,177 @@ def bench_eval():
     ])
 
 
+# ---- train (issue 5) --------------------------------------------------------
+def _random_weights(build):
+    """build() on the meta device, then N(0, 0.02) weights and unit LayerNorms: random weights in a second
+    instead of a minute of per-layer initialisation (timings do not depend on the values)."""
+    with torch.device("meta"):
+        model = build()
+    model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            module, _, kind = name.rpartition(".")
+            is_norm = "norm" in module.lower() or module.rsplit(".", 1)[-1].startswith("ln")
+            if p.dim() > 1:
+                p.normal_(0, 0.02)
+            else:
+                p.fill_(1.0 if is_norm and kind == "weight" else 0.0)
+        for name, b in model.named_buffers():  # transformers: position_ids = arange, token_type_ids = 0
+            b.copy_(torch.arange(b.shape[-1]).expand_as(b) if name.endswith("position_ids") else torch.zeros_like(b))
+    return model
+
+
+def _rss_kib(field):
+    """VmRSS / VmHWM of this process from /proc/self/status, in KiB (Linux)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _train_inputs(B=8, n=20, K=3129):
+    """A VQA batch like the paper's: <s> question </s> (right-padded, at most 20 tokens), soft targets."""
+    torch.manual_seed(0)
+    ids = torch.randint(3, 50265, (B, n))
+    mask = (torch.arange(n) < torch.randint(8, n + 1, (B, 1))).long()  # (B, n)
+    ids = ids.masked_fill(mask == 0, 1)
+    targets = torch.zeros(B, K)
+    targets[torch.arange(B), torch.randint(K, (B,))] = 1.0
+    return ids, mask, targets, torch.randn(B, 3, 224, 224)
+
+
+def _train_steps_ours(with_vit):
+    """{"a": step with cached features (x_R a stored tensor, no ViT needed), "b": step that runs our ViT-L
+    first (only if with_vit)}: our VQAModel with LoRA r = alpha = 128 (route mul), one AdamW step."""
+    import torch.nn.functional as F
+
+    import models
+    import train
+    cfg = train.Config(rank=128, alpha=128, route="mul", lr=3e-4)  # the paper's LoRA setting, routed
+    text = _random_weights(lambda: models.build_model(models.PRESETS["roberta-large"]))
+    model = train.build_task_model(cfg, text, 1024, 3129, None)
+    model.train()
+    vit = _random_weights(lambda: models.build_model(models.PRESETS["vit-l16"])).eval() if with_vit else None
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    ids, mask, targets, pixels = _train_inputs()
+    x_cached = torch.randn(8, 1, 1024)
+
+    def step(x_R):
+        loss = F.binary_cross_entropy_with_logits(model(ids, mask, x_R).float(), targets, reduction="sum") / len(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def step_vit():
+        with torch.no_grad():
+            x_R = train.select_visual(*vit(pixels), "pooler").float()  # (B, 1, d)
+        step(x_R)
+    return {"a": lambda: step(x_cached), **({"b": step_vit} if with_vit else {})}
+
+
+def _train_step_transformers():
+    """(c) transformers RobertaModel + ViTModel (random, same configs) + peft LoRA r = alpha = 128 on
+    query/value, trainable LayerNorms in the layers, ViT pooler output as the first input embedding,
+    a linear head on the first token; the ViT recomputed every step."""
+    import peft
+    import torch.nn.functional as F
+    import transformers as hf
+    text = _random_weights(lambda: hf.RobertaModel(hf.RobertaConfig(
+        vocab_size=50265, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096,
+        max_position_embeddings=514, type_vocab_size=1, layer_norm_eps=1e-5), add_pooling_layer=False))
+    vit = _random_weights(lambda: hf.ViTModel(hf.ViTConfig(hidden_size=1024, num_hidden_layers=24,
+                                                           num_attention_heads=16, intermediate_size=4096),
+                                              add_pooling_layer=True)).eval()
+    text = peft.get_peft_model(text, peft.LoraConfig(r=128, lora_alpha=128, target_modules=["query", "value"]))
+    for name, p in text.named_parameters():
+        if ".encoder.layer." in name and "LayerNorm" in name:
+            p.requires_grad_(True)
+    head = torch.nn.Linear(1024, 3129)
+    text.train()
+    params = [p for p in text.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-4)
+    ids, mask, targets, pixels = _train_inputs()
+    embed = text.get_input_embeddings()
+
+    def step():
+        with torch.no_grad():
+            prefix = vit(pixel_values=pixels).pooler_output[:, None]  # (B, 1, d)
+        x = torch.cat([prefix, embed(ids)], dim=1)  # (B, 1 + n, d)
+        m = torch.cat([mask.new_ones(len(ids), 1), mask], dim=1)
+        h = text(inputs_embeds=x, attention_mask=m).last_hidden_state  # (B, 1 + n, d)
+        loss = F.binary_cross_entropy_with_logits(head(h[:, 0]).float(), targets, reduction="sum") / len(ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def _autocast(step, dtype):
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            step()
+    return run
+
+
+def _train_memory(which, dtype, threads):
+    """One configuration in a fresh process; prints JSON {peak RSS of the timed step, its rise}."""
+    import json
+    torch.set_num_threads(threads)
+    step = _train_step_transformers() if which == "c" else _train_steps_ours(which == "b")[which]
+    run = _autocast(step, dtype)
+    run()  # warm-up: allocator caches, optimizer state
+    rss = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM: the peak from here on is the step's peak
+    run()
+    peak = _rss_kib("VmHWM")
+    print(json.dumps({"peak_gib": peak / 2**20, "rise_gib": (peak - rss) / 2**20}))
+
+
+def bench_train(rounds=3):
+    """Training step of the VQA setting (RoBERTa-large + ViT-L/16 sizes, random weights, batch 8, 20 text
+    tokens + prefix, LoRA r = 128): (a) ours with cached ViT features, (b) ours running the ViT every step
+    (the released code), (c) transformers + peft, ViT recomputed. Speed: one process holds all three and
+    alternates them step by step over `rounds` rounds after a warm-up step each; the machine is shared
+    and other work only ever adds time, so each configuration's time is its fastest step (all rounds
+    are printed too) and the ratios are ratios of those. Memory: each
+    configuration alone in a fresh process; peak resident set (VmHWM, reset after a warm-up step, so it
+    is the peak of one training step: weights, gradients, optimizer state and activations) and its rise
+    above the resident set before that step. (a) holds no ViT: cached features make it unnecessary."""
+    import json
+    import os
+    import subprocess
+    import sys
+    threads = torch.get_num_threads()
+    here = os.path.dirname(os.path.abspath(__file__))
+    names = {"a": "(a) ours, cached features", "b": "(b) ours, ViT every step", "c": "(c) transformers + peft"}
+    steps = {**_train_steps_ours(with_vit=True), "c": _train_step_transformers()}
+    rows = []
+    for dtype in ("fp32", "bf16"):
+        runs = {k: _autocast(step, dtype) for k, step in steps.items()}
+        for run in runs.values():
+            run()  # warm-up
+        times = {k: [] for k in runs}
+        for _ in range(rounds):
+            for k, run in runs.items():
+                times[k].append(median_seconds(run, repeat=1, warmup=0))
+        print(dtype, {k: [round(t, 2) for t in v] for k, v in times.items()}, flush=True)
+        for k in "abc":
+            out = subprocess.run([sys.executable, "-c", f"import bench; bench._train_memory({k!r}, {dtype!r}, {threads})"],
+                                 capture_output=True, text=True, check=True, cwd=here)
+            mem = json.loads(out.stdout.strip().splitlines()[-1])
+            t = min(times[k])
+            rows.append([names[k], dtype, 8 / t, t, min(times["c"]) / t, mem["peak_gib"], mem["rise_gib"]])
+            print(rows[-1], flush=True)
+    print(f"VQA training step, RoBERTa-large + ViT-L/16 sizes, batch 8, LoRA r=128 (ours: route mul), "
+          f"{threads} threads; goals: (a) >= 4x (c), (b) >= 1.0x (c)")
+    print_table(["configuration", "dtype", "samples/s", "s/step", "speed vs (c)", "peak RSS GiB",
+                 "rise in step GiB"], rows)
+
+
 BENCHES = {}
 BENCHES["eval"] = bench_eval
 BENCHES["models"] = bench_models
 BENCHES["routing"] = bench_routing
+BENCHES["train"] = bench_train
 
 
 def main():

@@ -1,0 +1,407 @@
+"""train.py end to end on a tiny synthetic world with tiny random backbones (issue 5, "How it is verified").
+
+    python -m pytest -q tests/test_train.py
+
+The world (data.make_shapes, 60 images) and the backbones (random, d = 32, saved in the converted
+format with a BPE tokenizer learned on the world's text) are built once per module; no pretraining.
+"""
+import dataclasses
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import data
+import eval as E
+import models
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+D = 32
+
+
+def tiny_config(arch, tokenizer=None, **kw):
+    if arch == "vit":
+        return models.Config("vit", D, 2, 2, 64, 1e-12, image_size=32, patch_size=16, **kw)
+    return models.Config(arch, D, 2, 2, 64, 1e-5, vocab_size=len(tokenizer), pad_id=tokenizer.pad_id,
+                         max_positions=40, dropout=0.1, **kw)  # dropout on: resume must still be exact
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    path = str(root / "world")
+    data.make_shapes(path, n_images=60)
+    questions, captions = train.world_texts(path)
+    tokenizer = data.BPETokenizer(**data.learn_bpe(questions + captions, 300))
+    torch.manual_seed(0)
+    w = SimpleNamespace(root=root, data=path, cache=str(root / "cache"), tokenizer=tokenizer)
+    for arch in ("vit", "roberta", "gpt2"):
+        setattr(w, arch, str(root / f"{arch}.pt"))
+        model = models.build_model(tiny_config(arch, tokenizer))
+        train.save_backbone(model, getattr(w, arch), None if arch == "vit" else tokenizer)
+    return w
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models: one thread is fastest, and the 2 shared cores stay usable."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def config(world, out, **kw):
+    task = kw.get("task", "vqa")
+    base = dict(vit=world.vit, text=world.roberta if task == "vqa" else world.gpt2, data=world.data, epochs=1,
+                batch_size=16, max_len=12, answers=20, rank=4, alpha=4, lr=1e-2, beams=2, max_new_tokens=6,
+                workers=0, out=str(out), cache=world.cache)
+    return train.Config(**{**base, **kw})
+
+
+def read_records(out):
+    with open(os.path.join(out, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---- smoke runs of main() ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("peft,route,prefix", [("lora", "mul", True), ("adapter", "add", True),
+                                               ("lora", "none", False)])
+def test_main_vqa(world, tmp_path, peft, route, prefix):
+    cfg = config(world, tmp_path / "run", peft=peft, route=route, prefix=prefix, epochs=2)
+    result = train.main(cfg)
+    records = read_records(cfg.out)
+    assert [(r["epoch"], r["split"]) for r in records] == [(1.0, "val"), (2.0, "val"), (2, "test")]
+    for r in records[:2]:
+        assert math.isfinite(r["train_loss"]) and r["train_loss"] > 0
+    for r in records:
+        assert 0 <= r["vqa_accuracy"] <= 100 and set(r["per_answer_type"]) <= {"yes/no", "number", "other"}
+    assert result["vqa_accuracy"] == records[-1]["vqa_accuracy"] and "vqa_accuracy" in result["baseline"]
+    # official results format, one answer per question of the split
+    prepared = train.Task(cfg, world.tokenizer, world.vit, models.load_checkpoint(world.vit), torch.device("cpu"))
+    for split in ("val", "test"):
+        results = read_json(os.path.join(cfg.out, f"results_{split}.json"))
+        assert all(set(r) == {"question_id", "answer"} and isinstance(r["answer"], str) for r in results)
+        assert sorted(r["question_id"] for r in results) == sorted(prepared.splits[split]["question_id"].tolist())
+        assert {r["answer"] for r in results} <= set(prepared.answers)
+    # last.pt rebuilds the same model: the same scores on both splits
+    m, path = train.evaluate_checkpoint(cfg.out, "val")
+    assert m == {k: records[1][k] for k in m} and path == os.path.join(cfg.out, "results_val.json")
+    m, _ = train.evaluate_checkpoint(os.path.join(cfg.out, "last.pt"), "test")
+    assert m["vqa_accuracy"] == result["vqa_accuracy"]
+
+
+def test_vqa_official_split_scored_by_eval_py(world, tmp_path):
+    """vqa_split official: results_val.json scored by eval.py against the official files = our accuracy."""
+    cfg = config(world, tmp_path / "run", vqa_split="official", max_steps=3)
+    result = train.main(cfg)
+    official = E.score_vqa_files(os.path.join(cfg.out, "results_val.json"),
+                                 *data.vqa_files(world.data, "val2014"))
+    assert official["overall"] == result["vqa_accuracy"]
+    assert official["perAnswerType"] == result["per_answer_type"]
+
+
+@pytest.mark.parametrize("peft,route,cache", [("lora", "mul", True), ("adapter", "matmul", False)])
+def test_main_caption(world, tmp_path, peft, route, cache):
+    cfg = config(world, tmp_path / "run", task="caption", peft=peft, route=route, feature_cache=cache)
+    result = train.main(cfg)
+    records = read_records(cfg.out)
+    assert [(r["epoch"], r["split"]) for r in records] == [(1.0, "val"), (1, "test")]
+    assert math.isfinite(records[0]["train_loss"])
+    for r in records:
+        assert {"CIDEr", "Bleu_4", "Bleu_1", "ROUGE_L"} <= set(r) and all(math.isfinite(r[k]) for k in ("CIDEr", "Bleu_4"))
+    results = read_json(os.path.join(cfg.out, "results_test.json"))
+    assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str) for r in results)
+    # the official-format file, scored by eval.py's CLI path, gives the returned numbers
+    scored = E.score_caption_files(os.path.join(cfg.out, "results_test.json"),
+                                   os.path.join(world.data, data.KARPATHY), "test")
+    for k in ("CIDEr", "Bleu_4", "ROUGE_L"):
+        assert scored[k] == pytest.approx(result[k], abs=1e-12)
+    m, _ = train.evaluate_checkpoint(cfg.out, "test")
+    assert m == {k: result[k] for k in m}
+
+
+@pytest.mark.parametrize("task", ["vqa", "caption"])
+def test_patches_with_matmul(world, tmp_path, task):
+    """x_R = all patch tokens (L = 4): the prefix has 4 positions and only route matmul routes them."""
+    cfg = config(world, tmp_path / "run", task=task, visual="patches", route="matmul", max_steps=2)
+    result = train.main(cfg)
+    assert math.isfinite(read_records(cfg.out)[0]["train_loss"]) and ("vqa_accuracy" in result or "CIDEr" in result)
+
+
+def test_no_feature_cache_trains_like_the_cache(world, tmp_path):
+    """Recomputing the ViT per batch (images decoded in a worker process) gives the cached x_R."""
+    a = config(world, tmp_path / "a", max_steps=3)
+    b = config(world, tmp_path / "b", max_steps=3, feature_cache=False, workers=1)
+    train.main(a), train.main(b)
+    wa, wb = (train.load_run(c.out)["trainable"] for c in (a, b))
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=0, atol=1e-5)
+    assert read_records(a.out)[0]["train_loss"] == pytest.approx(read_records(b.out)[0]["train_loss"], abs=1e-5)
+
+
+# ---- resume ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_resume_is_exact(world, tmp_path, grad_accum):
+    """N steps straight == N/2 steps, stop, --resume, N/2 more: same losses and the same weights, bit for bit.
+    The stop falls inside epoch 1 (data order mid-epoch), and backbone dropout is active."""
+    size = 16 // grad_accum
+    n = 12  # 9 steps per epoch (144 questions / 16): stop at 6, epoch boundary at 9, end at 12
+    straight = config(world, tmp_path / "straight", epochs=2, max_steps=n, batch_size=size, grad_accum=grad_accum)
+    assert models.load_checkpoint(world.roberta).config.dropout > 0
+    train.main(straight)
+    split = config(world, tmp_path / "split", epochs=2, max_steps=n // 2, batch_size=size, grad_accum=grad_accum)
+    train.main(split)
+    assert train.load_run(split.out)["step"] == n // 2
+    train.main(train.Config(resume=split.out, max_steps=n, workers=0))
+    a, b = train.load_run(straight.out), train.load_run(split.out)
+    assert a["step"] == b["step"] == n
+    assert a["trainable"].keys() == b["trainable"].keys()
+    for name in a["trainable"]:
+        assert torch.equal(a["trainable"][name], b["trainable"][name]), name
+    ra, rb = read_records(straight.out), read_records(split.out)
+    assert [r["step"] for r in ra] == [9, 12] and [r["step"] for r in rb] == [6, 9, 12]
+    assert ra[-1] == rb[-1]  # the loss over steps 9..12 and the evaluation after them
+    # without the per-step seeds the dropout draws would differ: a different seed changes the weights
+    other = config(world, tmp_path / "other", epochs=2, max_steps=n, batch_size=size, grad_accum=grad_accum, seed=1)
+    train.main(other)
+    assert not torch.equal(train.load_run(other.out)["trainable"]["head.0.weight"], a["trainable"]["head.0.weight"])
+
+
+def test_checkpoint_holds_only_what_training_changed(world, tmp_path):
+    cfg = config(world, tmp_path / "run", max_steps=1)
+    train.main(cfg)
+    ckpt = torch.load(os.path.join(cfg.out, "last.pt"), weights_only=True)  # tensors and plain values only
+    assert set(ckpt) == {"config", "trainable", "optimizer", "step", "answers"}
+    names = set(ckpt["trainable"])
+    assert any(".A." in n or "lora" in n.lower() or ".B." in n for n in names) and "head.0.weight" in names
+    assert not any(n.endswith(("attn.q.weight", "attn.q.base.weight", "wte.weight", "mlp.fc1.weight")) for n in names)
+    assert not [f for f in os.listdir(cfg.out) if f.startswith(".tmp")]  # atomic writes leave nothing behind
+
+
+# ---- the feature cache ---------------------------------------------------------------------------
+
+
+def test_feature_cache_hits_and_invalidates(world, tmp_path, monkeypatch):
+    cache = str(tmp_path / "cache")
+    calls = []
+    compute = train.compute_features
+    monkeypatch.setattr(train, "compute_features", lambda *a, **k: calls.append(1) or compute(*a, **k))
+
+    def run(**kw):
+        calls.clear()
+        train.main(config(world, tmp_path / "run", cache=cache, max_steps=1, **kw))
+        return len(calls), len([f for f in os.listdir(cache) if f.startswith("features-")])
+
+    assert run() == (1, 1)
+    assert run() == (0, 1)                    # second run: a hit, the ViT is not run
+    assert run(task="caption") == (0, 1)      # the same images (every Karpathy image): shared across tasks
+    assert run(visual="cls") == (1, 2)        # other feature kind
+    vit2 = str(tmp_path / "vit2.pt")          # other checkpoint: other weights
+    train.save_backbone(models.build_model(tiny_config("vit")), vit2)
+    assert run(vit=vit2) == (1, 3)
+    assert run(vit=vit2) == (0, 3)
+    # other preprocessing (same weights, other mean/std), written over the same file
+    model = models.load_checkpoint(vit2)
+    model.config = dataclasses.replace(model.config, image_mean=(0.4, 0.4, 0.4))
+    train.save_backbone(model, vit2)
+    assert run(vit=vit2) == (1, 4)
+    # a changed image file invalidates too
+    image = os.path.join(world.data, data.coco_image_key("train2014", 9))
+    st = os.stat(image)
+    os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    try:
+        assert run() == (1, 5)
+    finally:
+        os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+# ---- bad input: one clear error line from the command line ----------------------------------------------
+
+
+def error_cases(world, tmp_path):
+    """{name: (train.py arguments, a phrase its error line must contain)}."""
+    no_vqa = tmp_path / "no_vqa"
+    shutil.copytree(world.data, no_vqa, ignore=shutil.ignore_patterns("v2_*", "prepared"))
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(world.data, corrupt, ignore=shutil.ignore_patterns("prepared"))
+    (corrupt / data.coco_image_key("val2014", 9 + 7 * 59)).write_bytes(b"not a jpeg")
+    preset = tmp_path / "preset.json"
+    preset.write_text(json.dumps({"rank": 8, "ranks": 9}))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    base = ["--vit", world.vit, "--text", world.roberta, "--data", world.data, "--cache", str(tmp_path / "c"),
+            "--out", str(tmp_path / "out"), "--workers", "0", "--max-steps", "1"]
+    return {
+        "missing data folder": (base + ["--data", str(tmp_path / "nowhere")], "no such folder"),
+        "missing VQA files": (base + ["--data", str(no_vqa)], "v2_OpenEnded_mscoco_train2014_questions.json"),
+        "missing images folder": (base + ["--images", str(tmp_path / "no_images")], "no such folder"),
+        "missing images": (base + ["--images", str(empty)], "image not found"),
+        "missing checkpoint": (base + ["--vit", str(tmp_path / "nope.pt")], "not found"),
+        "wrong architecture": (base + ["--text", world.vit], "is a vit checkpoint, expected roberta"),
+        "gpt2 for vqa": (base + ["--text", world.gpt2], "is a gpt2 checkpoint, expected roberta"),
+        "not a checkpoint": (base + ["--vit", str(preset)], "not a converted checkpoint"),
+        "unknown route": (base + ["--route", "sideways"], "--route"),
+        "patches, element-wise": (base + ["--visual", "patches", "--route", "mul"], "patches"),
+        "unknown preset key": (base + ["--preset", str(preset)], "unknown options ['ranks']"),
+        "unknown preset": (base + ["--preset", "vqa-huge"], "unknown preset"),
+        "resume changes math": (["--resume", str(tmp_path / "out"), "--lr", "1"], "--lr"),
+        "resume nothing": (["--resume", str(tmp_path / "nothing")], "no run checkpoint"),
+        "resume a backbone": (["--resume", world.vit], "not a train.py checkpoint"),
+        "corrupt image, worker": (base + ["--data", str(corrupt), "--workers", "1"], "corrupt image"),
+    }
+
+
+def test_command_line_errors(world, tmp_path, capsys):
+    """Every case in-process through train.cli: SystemExit with one line "error: ..."."""
+    for name, (args, phrase) in error_cases(world, tmp_path).items():
+        with pytest.raises(SystemExit) as e:
+            train.cli(args)
+        message = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err  # argparse: exit 2
+        lines = [ln for ln in message.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: ") and phrase in lines[0], (name, message)
+
+
+def test_command_line_errors_in_a_process(world, tmp_path):
+    """python train.py itself: non-zero exit, one stderr line (besides progress bars), no traceback."""
+    cases = error_cases(world, tmp_path)
+    names = ["unknown route", "wrong architecture", "corrupt image, worker"]  # argparse, main, a worker
+    procs = {name: subprocess.Popen([sys.executable, "train.py", *cases[name][0]], cwd=ROOT, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for name in names}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        lines = [ln for ln in err.splitlines() if ln.strip() and "%|" not in ln]  # no progress bars
+        assert proc.returncode != 0, name
+        assert len(lines) == 1 and lines[0].startswith("error: ") and cases[name][1] in lines[0], (name, err)
+
+
+def test_help_lists_every_option_with_its_default():
+    text = " ".join(train.build_parser().format_help().split("options:", 1)[1].split())
+    for f in dataclasses.fields(train.Config):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        after = text[text.index(flag):]
+        assert f"(default: {f.default!r})" in after[:400], flag
+
+
+def test_presets(tmp_path):
+    for name, options in train.PRESETS.items():
+        cfg = train.config_from_args(["--preset", name, "--lr", "0.5"])  # explicit options win
+        assert cfg.lr == 0.5 and all(getattr(cfg, k) == v for k, v in options.items() if k != "lr")
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"rank": 8, "epochs": 3}))
+    assert (train.config_from_args(["--preset", str(path)]).rank, train.config_from_args(["--preset", str(path)]).epochs) == (8, 3)
+    with pytest.raises(ValueError, match="unknown preset"):
+        train.config_from_args(["--preset", "nope"])
+    path.write_text(json.dumps({"rank": 8, "rankk": 3}))
+    with pytest.raises(ValueError, match=r"unknown options \['rankk'\]"):
+        train.config_from_args(["--preset", str(path)])
+
+
+# ---- eval.py --checkpoint -----------------------------------------------------------------------------
+
+
+def test_eval_py_checkpoint(world, tmp_path, capsys):
+    cfg = config(world, tmp_path / "run", task="caption", beams=3)
+    result = train.main(cfg)
+    os.remove(os.path.join(cfg.out, "results_test.json"))
+    proc = subprocess.run([sys.executable, "eval.py", "--checkpoint", os.path.join(cfg.out, "last.pt"),
+                           "--split", "test"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    metrics = read_json(os.path.join(cfg.out, "results_test.metrics.json"))
+    assert metrics["CIDEr"] == pytest.approx(result["CIDEr"], abs=1e-12)
+    assert os.path.isfile(os.path.join(cfg.out, "results_test.json"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        E.main(["--checkpoint", world.vit])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "not a train.py checkpoint" in err and len(err.splitlines()) == 1
+
+
+# ---- beam search ------------------------------------------------------------------------------------
+
+
+def caption_model(scale, V=50, eos=7, seed=0):
+    """A plain tiny GPT-2 (weights scaled so that EOS and other tokens are decided, not tied) as a
+    CaptionModel, and the same weights in transformers' GPT2LMHeadModel."""
+    import transformers as hf
+    torch.manual_seed(seed)
+    ref = hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=V, n_positions=40, n_embd=D, n_layer=2, n_head=2, n_inner=64,
+                                           resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+                                           bos_token_id=eos, eos_token_id=eos)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(scale)
+    c = models.Config("gpt2", D, 2, 2, 64, 1e-5, vocab_size=V, max_positions=40)
+    sd, _ = models.convert_state_dict("gpt2", ref.state_dict(), c)
+    ours = models.build_model(c).eval()
+    ours.load_state_dict(sd, strict=True)
+    return train.CaptionModel(ours, D, True, eos), ref
+
+
+def sequence_score(model, x_R, tokens, eos, limit):
+    """The beam score of one hypothesis: sum log p (with EOS if it ended by EOS) / its length."""
+    ended = len(tokens) < limit
+    ids = torch.tensor([tokens + ([eos] if ended else [])])
+    logp = F.log_softmax(model(ids, x_R[None]), -1)[0]  # (n, V): position i predicts ids[i]
+    return logp.gather(1, ids[0][:, None]).sum().item() / ids.shape[1]
+
+
+def greedy(model, x_R, eos, limit):
+    """Argmax decoding without a cache: the whole sequence again at every step."""
+    out = []
+    for _ in range(limit):
+        logits = model(torch.tensor([out + [0]]), x_R[None])[0, -1]  # the last position predicts the next token
+        tok = logits.argmax().item()
+        if tok == eos:
+            break
+        out.append(tok)
+    return out
+
+
+@pytest.mark.parametrize("scale", [5.0, 10.0])
+def test_generate_matches_transformers_beam_search(scale):
+    model, ref = caption_model(scale)
+    x_R = torch.randn(8, 1, D) * 3
+    lengths = set()
+    for k in (1, 2, 3, 5):
+        ours = train.generate(model, x_R, k, 10, 7)
+        out = ref.generate(inputs_embeds=x_R, attention_mask=torch.ones(8, 1, dtype=torch.long), num_beams=k,
+                           max_new_tokens=10, length_penalty=1.0, early_stopping=False, do_sample=False,
+                           eos_token_id=7, pad_token_id=7)
+        theirs = [row[:row.index(7)] if 7 in row else row for row in out.tolist()]
+        assert ours == theirs, k
+        assert all(7 not in t for t in ours)
+        lengths |= {len(t) for t in ours}
+    assert len(lengths) > 1 and min(lengths) < 10  # some hypotheses end by EOS, others at the limit
+
+
+def test_generate_greedy_and_beam_scores():
+    model, _ = caption_model(5.0, seed=1)
+    x_R = torch.randn(6, 1, D) * 3
+    greedy_out = train.generate(model, x_R, 1, 8, 7)
+    assert greedy_out == [greedy(model, x_R[i], 7, 8) for i in range(6)]
+    beam_out = train.generate(model, x_R, 4, 8, 7)
+    for i in range(6):
+        g, b = (sequence_score(model, x_R[i], t, 7, 8) for t in (greedy_out[i], beam_out[i]))
+        assert b >= g - 1e-6
+    assert beam_out != greedy_out  # beam search changes something here
