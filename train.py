@@ -62,18 +62,18 @@ class Config:
     visual: str = "pooler"        # x_R: pooler | cls | mean | patches (patches only with route matmul)
     prefix: bool = True           # prepend x_R as the first input embedding of the text model
     train_ln: bool = True         # also train the LayerNorms inside the text model's blocks
-    epochs: int = 6
-    batch_size: int = 64
+    epochs: int = 6               # passes over the training split
+    batch_size: int = 64          # examples per batch (under torchrun: all processes together)
     grad_accum: int = 1           # batches per optimizer step (effective batch = batch_size * grad_accum)
-    lr: float = 2e-3
+    lr: float = 2e-3              # peak AdamW learning rate
     warmup: float = 0.05          # linear warm-up: fraction of all steps if < 1, else steps; then linear decay
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0     # AdamW weight decay
     max_len: int = 20             # text tokens: <s> question </s> (vqa) or caption + EOS (caption)
     answers: int = 3129           # K, size of the answer vocabulary (vqa)
     beams: int = 5                # beam width for captioning (1 = greedy)
     max_new_tokens: int = 20      # caption length limit in tokens
     max_steps: int = 0            # stop after this many optimizer steps (0 = all epochs); schedule unchanged
-    seed: int = 0
+    seed: int = 0                 # seeds the new weights, the data order and dropout
     device: str = "auto"          # auto | cpu | cuda | mps
     workers: int = 2              # image-loading processes (only when features are not cached)
     out: str = "runs/demo"        # run folder
@@ -132,7 +132,6 @@ def build_parser():
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             parser.add_argument(flag, type=f.type, default=None, choices=CHOICES.get(f.name), help=text)
-    parser.add_argument("--study", action="store_true", help=argparse.SUPPRESS)  # reserved for the study
     return parser
 
 
@@ -154,7 +153,6 @@ def load_preset(name):
 def config_from_args(argv=None):
     """Defaults < preset < explicit command-line options."""
     args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
-    args.pop("study", None)
     if args.get("resume"):
         fixed = sorted(set(args) - {"resume", *RESUME_OVERRIDES})
         if fixed:
