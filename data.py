@@ -710,6 +710,11 @@ def load_image(path, size, mean, std):
             im = im.convert("RGB")  # decodes the whole file: truncation is detected here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"corrupt image {path}: {e}") from None
+    return preprocess(im, size, mean, std)
+
+
+def preprocess(im, size, mean, std):
+    """An RGB PIL image -> FloatTensor (3, size, size): bilinear resize, x / 255, (x - mean) / std."""
     im = im.resize((size, size), Image.BILINEAR)
     x = np.asarray(im, dtype=np.float32) / np.float32(255.0)                     # (S, S, 3)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
@@ -758,7 +763,7 @@ QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
 NUMBER_WORDS = ["zero", "one", "two", "three", "four"]
 
 
-def _draw_scene(rng, nprng):
+def draw_scene(rng, nprng):
     """A 64x64 scene: a grey noisy background and 1-4 shapes, one per quadrant, with distinct
     (colour, shape) pairs. Drawn at 2x and downsampled (smooth edges). Returns (image, objects)."""
     n = rng.randint(1, 4)
@@ -977,9 +982,9 @@ def make_shapes(out, n_images=3000, seed=0, questions_per_image=3):
     for i in tqdm(range(n_images), desc="shapes", unit="img", mininterval=1.0):
         subtype = "train2014" if i < n_train else "val2014"
         image_id = 9 + 7 * i  # sparse ids, different from the Karpathy imgid, like COCO
-        img, objects = _draw_scene(rng, nprng)
+        img, objects = draw_scene(rng, nprng)
         key = coco_image_key(subtype, image_id)
-        buf = _jpeg_bytes(img)
+        buf = jpeg_bytes(img)
         _atomic_write(os.path.join(out, key), lambda f: f.write(buf))
         for k, (t, question, answer, possible) in enumerate(
                 _pick_questions(rng, objects, used, questions_per_image)):
@@ -1020,7 +1025,7 @@ def make_shapes(out, n_images=3000, seed=0, questions_per_image=3):
     _write_json(os.path.join(out, "shapes_scenes.json"), {"images": scenes, "questions": truths})
 
 
-def _jpeg_bytes(img):
+def jpeg_bytes(img):
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=90)
     return buf.getvalue()

@@ -253,15 +253,11 @@ def draw_scenes(n, seed, config):
     """n new scenes from the synthetic world's generator (not its stored images), JPEG round-tripped
     like the stored ones: (pixels (n, 3, S, S) normalised for the ViT, labels (n, 13))."""
     rng, nprng = random.Random(seed), np.random.default_rng(seed)
-    mean = torch.tensor(config.image_mean)[:, None, None]
-    std = torch.tensor(config.image_std)[:, None, None]
     pixels, labels = [], []
     for _ in tqdm(range(n), desc="draw scenes", unit="img", mininterval=1.0):
-        img, objects = data._draw_scene(rng, nprng)
-        with Image.open(io.BytesIO(data._jpeg_bytes(img))) as im:
-            im = im.convert("RGB").resize((config.image_size, config.image_size), Image.BILINEAR)
-        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255).permute(2, 0, 1)  # (S, S, 3) -> (3, S, S)
-        pixels.append((x - mean) / std)
+        img, objects = data.draw_scene(rng, nprng)
+        with Image.open(io.BytesIO(data.jpeg_bytes(img))) as im:
+            pixels.append(data.preprocess(im.convert("RGB"), config.image_size, config.image_mean, config.image_std))
         labels.append(scene_attributes(objects))
     return torch.stack(pixels), torch.stack(labels)
 
