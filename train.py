@@ -5,6 +5,7 @@
     python train.py --preset vqa-lora --vit ckpt/vit-l16.pt --text ckpt/roberta-large.pt \
         --data DATA --images IMAGES          # the paper's VQAv2 setting (see README)
     python train.py --resume runs/demo       # continue a run exactly where it stopped
+    python train.py --study                  # every route x LoRA/Adapter x 3 seeds + controls -> runs/study/study.md
     python eval.py --checkpoint runs/demo/last.pt --split test   # regenerate its predictions and score them
     torchrun --nproc_per_node 2 train.py ... # DDP: each process takes its share of every batch
     python train.py --help                   # every option with its default
@@ -29,6 +30,7 @@ import os
 import pickle
 import random
 import sys
+import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -61,6 +63,7 @@ class Config:
     dropout: float = 0.0          # LoRA dropout on x and x_R
     visual: str = "pooler"        # x_R: pooler | cls | mean | patches (patches only with route matmul)
     prefix: bool = True           # prepend x_R as the first input embedding of the text model
+    shuffle_visual: bool = False  # control: x_R permuted within each batch (training and evaluation, fixed per batch), so prefix and routes see other images
     train_ln: bool = True         # also train the LayerNorms inside the text model's blocks
     epochs: int = 6               # passes over the training split
     batch_size: int = 64          # examples per batch (under torchrun: all processes together)
@@ -96,6 +99,19 @@ PRESETS = {
                          data="data/coco", images="data/coco", peft="lora", rank=128, alpha=128,
                          lr=3e-5, batch_size=40, epochs=20, warmup=5000),
 }
+# python train.py --study: every route in STUDY_ROUTES x STUDY_PEFTS x STUDY_SEEDS seeds (from --seed on), on both
+# tasks with the tiny backbones (a real text checkpoint serves one task: --task). The controls run for VQA with LoRA
+# only (the 2-core budget): without the visual prefix (routing is then the image's only path) and with x_R shuffled
+# across the batch (a route that still helps is not using the image). STUDY_EPOCHS apply unless epochs are given.
+STUDY_OUT = "runs/study"
+STUDY_ROUTES = ("none", "add", "mul", "matmul", "matmul_expand")
+STUDY_PEFTS = ("lora", "adapter")
+STUDY_SEEDS = 3
+STUDY_EPOCHS = {"vqa": 3, "caption": 1}  # 60 VQA runs x ~16 s + 30 caption runs x ~14 s: ~23 min on 2 CPU cores
+STUDY_CONTROLS = {"noprefix": {"prefix": False}, "shuffled": {"shuffle_visual": True}}  # name: options
+STUDY_CONTROLLED = ("vqa", "lora")  # the (task, peft) the controls run for
+STUDY_METRICS = {"vqa": ("vqa_accuracy",), "caption": ("CIDEr", "Bleu_4")}  # the first is the headline
+STUDY_FREE = ("out", "resume", "device", "workers", "cache", "max_steps")  # may differ from a finished run's config
 RESUME_OVERRIDES = ("max_steps", "device", "workers")  # what --resume may change: not the math
 CHOICES = {"task": ("vqa", "caption"), "vqa_split": ("karpathy", "official"), "peft": ("lora", "adapter"),
            "route": tuple(rp.ROUTES), "visual": ("pooler", "cls", "mean", "patches"),
@@ -132,6 +148,10 @@ def build_parser():
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             parser.add_argument(flag, type=f.type, default=None, choices=CHOICES.get(f.name), help=text)
+    parser.add_argument("--study", action="store_true", default=None,
+                        help=f"run the routing study (routes {', '.join(STUDY_ROUTES)} x lora/adapter x "
+                             f"{STUDY_SEEDS} seeds, with controls) from these options; table in OUT/study.md "
+                             f"(default OUT: {STUDY_OUT})")
     return parser
 
 
@@ -152,7 +172,20 @@ def load_preset(name):
 
 def config_from_args(argv=None):
     """Defaults < preset < explicit command-line options."""
+    return parse_command_line(argv)[0]
+
+
+def parse_command_line(argv=None):
+    """(Config, study): defaults < preset < explicit options. study is None without --study, else the
+    per-task options the study sets itself ({task: {option: value}}: STUDY_EPOCHS, unless epochs were given)."""
     args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    study = None
+    if args.pop("study", False):
+        if args.get("resume"):
+            raise ValueError("--study resumes by itself (finished runs are skipped); it takes no --resume")
+        args.setdefault("out", STUDY_OUT)
+        given = set(args) | set(load_preset(args["preset"]) if args.get("preset") else {})
+        study = {task: {} if "epochs" in given else {"epochs": e} for task, e in STUDY_EPOCHS.items()}
     if args.get("resume"):
         fixed = sorted(set(args) - {"resume", *RESUME_OVERRIDES})
         if fixed:
@@ -160,7 +193,7 @@ def config_from_args(argv=None):
                              f"{', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} may change, "
                              f"not {', '.join('--' + k.replace('_', '-') for k in fixed)}")
     options = load_preset(args["preset"]) if args.get("preset") else {}
-    return Config(**{**options, **args})
+    return Config(**{**options, **args}), study
 
 
 def check_config(cfg):
@@ -561,12 +594,15 @@ class Task:
         return self.dataset_class(self.splits[split], None if self.features is not None else self.images)
 
     def x_R(self, batch):
-        """The visual features of a batch (B, L, d): cached rows, or the frozen ViT run now."""
+        """The visual features of a batch (B, L, d): cached rows, or the frozen ViT run now; with
+        cfg.shuffle_visual, another example's features (shuffle_rows)."""
         if self.features is not None:
-            return self.features[[self.row[k] for k in batch["image"]]].to(self.device)
-        with torch.no_grad(), autocast(self.device):
-            last_hidden, pooler = self.vit(batch["pixel_values"].to(self.device))
-        return select_visual(last_hidden, pooler, self.cfg.visual).float()
+            x_R = self.features[[self.row[k] for k in batch["image"]]].to(self.device)
+        else:
+            with torch.no_grad(), autocast(self.device):
+                last_hidden, pooler = self.vit(batch["pixel_values"].to(self.device))
+            x_R = select_visual(last_hidden, pooler, self.cfg.visual).float()
+        return shuffle_rows(x_R, batch["image"], self.cfg.seed) if self.cfg.shuffle_visual else x_R
 
     def loader(self, dataset, batches, collate="task"):
         """Batches of `dataset`; with images to decode (no feature cache) in cfg.workers processes."""
@@ -646,6 +682,17 @@ class Task:
         s = self.splits[split]
         gts = {i: [metrics.ptb_tokenize(r) for r in refs] for i, refs in zip(s["image_id"].tolist(), s["refs"])}
         return metrics.caption_scores(gts, {i: caption for i in gts})
+
+
+def shuffle_rows(x_R, keys, seed):
+    """x_R (B, L, d) with each row replaced by another row's: a random cyclic permutation (no example
+    keeps its own position), drawn from a generator seeded by (seed, the batch's image keys), so the
+    same batch is shuffled the same way in training, after --resume and in evaluation."""
+    digest = hashlib.sha256("\n".join([str(seed), *keys]).encode()).digest()
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")))
+    source = torch.empty_like(order)
+    source[order] = order.roll(-1)  # order[i] takes the features of order[i + 1]
+    return x_R[source.to(x_R.device)]
 
 
 def soft_targets(split):
@@ -881,7 +928,8 @@ def final_report(cfg, task, model):
     m, results = task.evaluate(model, split, cfg.batch_size)
     metrics.write_json(results, os.path.join(cfg.out, f"results_{split}.json"))
     base = task.text_only_baseline(split)
-    log_metrics(cfg, {"epoch": cfg.epochs, "split": split, **m})
+    log_metrics(cfg, {"epoch": cfg.epochs, "split": split, "final": True,
+                      "trainable_params": rp.count_parameters(model)[0], "text_only": base, **m})
     names = ["vqa_accuracy"] if cfg.task == "vqa" else ["CIDEr", "Bleu_4"]
     demo = " (the demo's tiny backbones, pretrained here on the synthetic world)" if "tiny" in (cfg.vit, cfg.text) else ""
     print(f"\n{split} split, {m.get('n_questions', m.get('n_images'))} examples{demo}:")
@@ -889,6 +937,175 @@ def final_report(cfg, task, model):
     print("| text-only baseline | " + " | ".join(f"{base[n]:.2f}" for n in names) + " |")
     print(f"| {cfg.peft} r={cfg.rank}, route {cfg.route} | " + " | ".join(f"{m[n]:.2f}" for n in names) + " |")
     return {**m, "baseline": base}
+
+
+# ---- the study: every route x LoRA/Adapter x seeds, with controls (python train.py --study) ----------
+
+
+def study_grid(base, study, routes=STUDY_ROUTES, seeds=STUDY_SEEDS):
+    """{(task, peft, control, route, seed): Config} of every run, each in its own folder under base.out
+    (e.g. vqa-lora-mul-noprefix-s0). study: per-task options ({task: {option: value}})."""
+    tasks = ("vqa", "caption") if base.text == "tiny" else (base.task,)
+    grid = {}
+    for task in tasks:
+        for peft in STUDY_PEFTS:
+            controls = {"full": {}, **(STUDY_CONTROLS if (task, peft) == STUDY_CONTROLLED else {})}
+            for control, options in controls.items():
+                for route in routes:
+                    for seed in range(base.seed, base.seed + seeds):
+                        name = f"{task}-{peft}-{route}{'' if control == 'full' else '-' + control}-s{seed}"
+                        grid[task, peft, control, route, seed] = Config(**{
+                            **dataclasses.asdict(base), **study.get(task, {}), **options, "task": task, "peft": peft,
+                            "route": route, "seed": seed, "out": os.path.join(base.out, name)})
+    return grid
+
+
+def final_record(out):
+    """The final evaluation a run wrote (the last line of OUT/metrics.jsonl, marked final), or None."""
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        lines = [ln for ln in f if ln.strip()]
+    record = json.loads(lines[-1]) if lines else {}
+    return record if record.get("final") else None
+
+
+def check_same_run(cfg):
+    """A folder the study would reuse must hold a run with the same options."""
+    path = os.path.join(cfg.out, "config.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        theirs = json.load(f)
+    ours = dataclasses.asdict(cfg)
+    diff = [k for k in ours if k not in STUDY_FREE and theirs.get(k) != ours[k]]
+    if diff:
+        raise ValueError(f"{cfg.out} holds a run with other options ({diff[0]}: {theirs.get(diff[0])!r}, the study "
+                         f"wants {ours[diff[0]]!r}); remove it or choose another --out")
+
+
+def run_study(base, study, routes=STUDY_ROUTES, seeds=STUDY_SEEDS):
+    """Train every run of the grid that has not finished (an interrupted run resumes from its last.pt), then
+    read each run's final metrics from its metrics.jsonl and write the table (study_table) to OUT/study.md.
+    Returns (rows, the table's Markdown)."""
+    if base.max_steps:
+        raise ValueError("--study compares whole runs: it takes no --max-steps")
+    grid = study_grid(base, study, routes, seeds)
+    t0 = time.time()
+    for k, cfg in enumerate(grid.values(), 1):
+        check_same_run(cfg)
+        name = os.path.basename(cfg.out)
+        if final_record(cfg.out) is not None:
+            print(f"[{k}/{len(grid)}] {name}: finished, skipped")
+            continue
+        print(f"[{k}/{len(grid)}] {name} ({time.time() - t0:.0f}s so far)")
+        if os.path.isfile(os.path.join(cfg.out, "last.pt")):
+            main(Config(resume=cfg.out, **{o: getattr(cfg, o) for o in RESUME_OVERRIDES}))
+        else:
+            main(cfg)
+        if final_record(cfg.out) is None:
+            raise RuntimeError(f"{cfg.out}: the run ended without its final evaluation (the study needs whole "
+                               f"runs: no --max-steps)")
+    records = {key: final_record(cfg.out) for key, cfg in grid.items()}
+    rows = study_rows(records)
+    table = study_table(rows, base, study, seeds)
+    path = os.path.join(base.out, "study.md")
+    write_text(table, path)
+    print("\n" + table)
+    print(study_summary(rows) + f"\nstudy: {len(grid)} runs in {base.out}, {time.time() - t0:.0f}s; table in {path}")
+    return rows, table
+
+
+def write_text(text, path):
+    """Atomic write: a temporary file in the same folder, then os.replace."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def mean_std(values):
+    """(mean, sample standard deviation; 0 for one value)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def study_rows(records):
+    """records {(task, peft, control, route, seed): final record} -> one row per (task, peft, control, route):
+    {task, peft, control, route, seeds, params (set), metric: (mean, std), gain (relative to route none of the
+    same task, peft and control, on the headline metric; None for none or without a none row)}, plus one
+    text-only row per task (peft and control None)."""
+    groups = defaultdict(list)
+    for (task, peft, control, route, seed), r in records.items():
+        groups[task, peft, control, route].append(r)
+    rows = []
+    for (task, peft, control, route), rs in groups.items():
+        row = {"task": task, "peft": peft, "control": control, "route": route, "seeds": len(rs), "split": rs[0]["split"],
+               "params": sorted({r["trainable_params"] for r in rs})}
+        row.update({m: mean_std([r[m] for r in rs]) for m in STUDY_METRICS[task]})
+        rows.append(row)
+    for row in rows:
+        head = STUDY_METRICS[row["task"]][0]
+        none = next((r for r in rows if r["route"] == "none" and
+                     (r["task"], r["peft"], r["control"]) == (row["task"], row["peft"], row["control"])), None)
+        row["gain"] = (None if none is None or row is none or none[head][0] == 0
+                       else (row[head][0] - none[head][0]) / none[head][0])
+    for task in dict.fromkeys(k[0] for k in records):
+        base = next(r["text_only"] for k, r in records.items() if k[0] == task)
+        split = next(r["split"] for k, r in records.items() if k[0] == task)
+        rows.append({"task": task, "peft": None, "control": None, "route": None, "seeds": 1, "params": [0], "split": split,
+                     "gain": None, **{m: (base[m], 0.0) for m in STUDY_METRICS[task]}})
+    return rows
+
+
+def study_table(rows, base, study, seeds):
+    """Markdown: one table per task, mean ± std over seeds; caption metrics x100 as in the paper."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        names = STUDY_METRICS[task]
+        scale = 1 if task == "vqa" else 100
+        epochs = study.get(task, {}).get("epochs", base.epochs)
+        split = next(r["split"] for r in rows if r["task"] == task)
+        out += [f"### {task}: {' / '.join(n + (' x100' if scale != 1 else '') for n in names)}, mean ± std over "
+                f"{seeds} seed(s), {epochs} epoch(s), {split} split", "",
+                "| peft | control | route | " + " | ".join(names) + " | trainable params | gain vs none |",
+                "|---|---|---|" + "---:|" * (len(names) + 2)]
+        for r in (r for r in rows if r["task"] == task):
+            label = ("text-only baseline", "", "") if r["peft"] is None else (r["peft"], r["control"], r["route"])
+            values = " | ".join(f"{scale * r[n][0]:.2f} ± {scale * r[n][1]:.2f}" if r["peft"] else f"{scale * r[n][0]:.2f}"
+                                for n in names)
+            params = "/".join(f"{p:,}" for p in r["params"]) if r["peft"] else "0"
+            gain = "" if r["gain"] is None else f"{100 * r['gain']:+.1f} %"
+            out.append(f"| {' | '.join(label)} | {values} | {params} | {gain} |")
+        out.append("")
+    out.append("Controls: full = x_R as visual prefix and routing input; noprefix = no visual prefix (routing is the "
+               "image's only path); shuffled = x_R permuted across each batch in training and evaluation (a route "
+               f"that still helps is not using the image). The controls run for {' + '.join(STUDY_CONTROLLED)} only. "
+               "Gain: relative change of the first metric over route none of the same peft and control.")
+    return "\n".join(out) + "\n"
+
+
+def study_summary(rows):
+    """A few plain lines: per (task, peft, control), route none, the best route and its gain; the text-only score."""
+    lines = []
+    for r in rows:
+        head, scale = STUDY_METRICS[r["task"]][0], 1 if r["task"] == "vqa" else 100  # as in the table
+        if r["peft"] is None:
+            lines.append(f"{r['task']}: text-only baseline {head} {scale * r[head][0]:.2f}")
+            continue
+        if r["route"] != "none":
+            continue
+        group = [g for g in rows if (g["task"], g["peft"], g["control"]) == (r["task"], r["peft"], r["control"])]
+        best = max(group, key=lambda g: g[head][0])
+        lines.append(f"{r['task']} {r['peft']} {r['control']}: {head} none {scale * r[head][0]:.2f}, best "
+                     f"{best['route']} {scale * best[head][0]:.2f}"
+                     + (f" ({100 * best['gain']:+.1f} %)" if best["gain"] is not None else ""))
+    return "\n".join(lines)
 
 
 def evaluate_checkpoint(path, split, device="auto"):
@@ -919,7 +1136,8 @@ def error_line(e):
 def cli(argv=None):
     """python train.py: bad input ends in one line "error: ..." (exit status 1; 2 for bad options), no traceback."""
     try:
-        return main(config_from_args(argv))
+        cfg, study = parse_command_line(argv)
+        return main(cfg) if study is None else run_study(cfg, study)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         sys.exit(f"error: {error_line(e)}")
 

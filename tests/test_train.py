@@ -405,3 +405,98 @@ def test_generate_greedy_and_beam_scores():
         g, b = (sequence_score(model, x_R[i], t, 7, 8) for t in (greedy_out[i], beam_out[i]))
         assert b >= g - 1e-6
     assert beam_out != greedy_out  # beam search changes something here
+
+
+# ---- the study (issue 6) ----------------------------------------------------------------------------------
+
+
+def test_shuffle_visual_permutes_x_R(world, tmp_path):
+    """Every example gets another position's features, the same way each time for the same batch."""
+    x_R = torch.arange(6.0)[:, None, None].expand(6, 1, 3)  # (B, L, d): row i holds i
+    keys = [f"img{i}" for i in range(6)]
+    a = train.shuffle_rows(x_R, keys, seed=0)
+    rows = a[:, 0, 0].long().tolist()
+    assert sorted(rows) == list(range(6)) and all(r != i for i, r in enumerate(rows))
+    assert torch.equal(a, train.shuffle_rows(x_R, keys, seed=0))
+    assert not all(torch.equal(a, train.shuffle_rows(x_R, keys, seed=s)) for s in range(1, 4))
+    # Task.x_R (the one input of prefix and routes) applies it when shuffle_visual is on
+    vit = models.load_checkpoint(world.vit)
+    plain, shuffled = (train.Task(config(world, tmp_path, shuffle_visual=s), world.tokenizer, world.vit, vit,
+                                  torch.device("cpu")) for s in (False, True))
+    batch = {"image": sorted(set(plain.splits["train"]["image"]))[:8]}
+    x, y = plain.x_R(batch), shuffled.x_R(batch)
+    assert not torch.equal(x, y) and torch.equal(y, train.shuffle_rows(x, batch["image"], 0))
+
+
+def test_study(world, tmp_path, monkeypatch, capsys):
+    """The study with a tiny budget: the grid through the command line's own parsing, the table's shape, its
+    numbers = the runs' metrics.jsonl, params identical across routes, and a second call trains nothing."""
+    monkeypatch.setattr(train, "STUDY_ROUTES", ("none", "mul"))
+    monkeypatch.setattr(train, "STUDY_SEEDS", 1)
+    monkeypatch.setattr(train, "STUDY_EPOCHS", {"vqa": 2, "caption": 1})
+    monkeypatch.setattr(train, "backbone_path", lambda name, arch: {"vit": world.vit, "roberta": world.roberta,
+                                                                    "gpt2": world.gpt2}[arch])
+    out = tmp_path / "study"
+    args = ["--study", "--data", world.data, "--cache", world.cache, "--out", str(out), "--workers", "0",
+            "--batch-size", "16", "--lr", "1e-2", "--max-len", "12", "--answers", "20", "--rank", "4", "--alpha", "4",
+            "--beams", "2", "--max-new-tokens", "4"]
+    cfg, study = train.parse_command_line(args)
+    assert study == {"vqa": {"epochs": 2}, "caption": {"epochs": 1}} and cfg.text == "tiny"
+    assert train.parse_command_line(args + ["--epochs", "3"])[1] == {"vqa": {}, "caption": {}}
+    assert train.parse_command_line(["--study"])[0].out == train.STUDY_OUT
+    assert train.parse_command_line([])[1] is None
+    # an interrupted run (stopped after its first epoch, last.pt written) is resumed, not restarted
+    grid = train.study_grid(cfg, study, train.STUDY_ROUTES, train.STUDY_SEEDS)
+    train.main(dataclasses.replace(grid["vqa", "adapter", "full", "mul", 0], max_steps=9))
+    rows, table = train.run_study(cfg, study, train.STUDY_ROUTES, train.STUDY_SEEDS)
+    assert [(r["step"], r["split"]) for r in read_records(out / "vqa-adapter-mul-s0")[:2]] == [(9, "val"), (18, "val")]
+    folders = sorted(os.listdir(out))
+    runs = [f for f in folders if f != "study.md"]
+    expected = sorted([f"vqa-{p}-{r}-s0" for p in ("lora", "adapter") for r in ("none", "mul")] +
+                      [f"vqa-lora-{r}-{c}-s0" for r in ("none", "mul") for c in ("noprefix", "shuffled")] +
+                      [f"caption-{p}-{r}-s0" for p in ("lora", "adapter") for r in ("none", "mul")])
+    assert runs == expected and "study.md" in folders
+    with open(out / "study.md", encoding="utf-8") as f:
+        assert f.read() == table
+    lines = table.splitlines()
+    vqa = [ln for ln in lines if ln.startswith("| lora |") or ln.startswith("| adapter |")]
+    assert len(vqa) == 2 * 2 + 2 * 2 + 2 * 2  # vqa: 2 pefts x 2 routes + 2 controls x 2 routes; caption 2 x 2
+    headers = [ln for ln in lines if ln.startswith("| peft |")]
+    assert headers == ["| peft | control | route | vqa_accuracy | trainable params | gain vs none |",
+                       "| peft | control | route | CIDEr | Bleu_4 | trainable params | gain vs none |"]
+    assert sum(ln.startswith("| text-only baseline |") for ln in lines) == 2
+    for row in rows:
+        if row["peft"] is None:
+            continue
+        name = f"{row['task']}-{row['peft']}-{row['route']}{'' if row['control'] == 'full' else '-' + row['control']}-s0"
+        record = read_records(out / name)[-1]
+        assert record["split"] == "test" and record["final"] and record["epoch"] == (2 if row["task"] == "vqa" else 1)
+        scale = 1 if row["task"] == "vqa" else 100
+        for m in train.STUDY_METRICS[row["task"]]:
+            assert row[m] == (record[m], 0.0)
+        cells = f"| {row['peft']} | {row['control']} | {row['route']} | " + " | ".join(
+            f"{scale * record[m]:.2f} ± 0.00" for m in train.STUDY_METRICS[row["task"]])
+        assert any(ln.startswith(cells) for ln in lines), cells
+        assert read_json(os.path.join(out, name, "config.json"))["shuffle_visual"] == (row["control"] == "shuffled")
+    for task in ("vqa", "caption"):
+        for peft in ("lora", "adapter"):  # the same trainable parameters whatever the route
+            assert len({n for r in rows if (r["task"], r["peft"]) == (task, peft) for n in r["params"]}) == 1
+    gain = next(r for r in rows if (r["task"], r["peft"], r["control"], r["route"]) == ("vqa", "lora", "full", "mul"))
+    none = next(r for r in rows if (r["task"], r["peft"], r["control"], r["route"]) == ("vqa", "lora", "full", "none"))
+    if none["vqa_accuracy"][0]:
+        assert gain["gain"] == pytest.approx(gain["vqa_accuracy"][0] / none["vqa_accuracy"][0] - 1)
+    # a second call trains nothing and reads the runs' files: a changed final record shows in the table
+    path = out / "vqa-lora-mul-s0" / "metrics.jsonl"
+    records = read_records(path.parent)
+    records[-1]["vqa_accuracy"] = 12.34
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    monkeypatch.setattr(train, "main", lambda cfg: pytest.fail(f"re-trained {cfg.out}"))
+    capsys.readouterr()
+    rows, table = train.run_study(cfg, study, train.STUDY_ROUTES, train.STUDY_SEEDS)
+    assert capsys.readouterr().out.count("finished, skipped") == len(expected)
+    assert "| lora | full | mul | 12.34 ± 0.00 | " in table
+    # a folder holding a run with other options is an error, not a silent reuse
+    with pytest.raises(ValueError, match="holds a run with other options"):
+        train.run_study(dataclasses.replace(cfg, lr=0.5), study, train.STUDY_ROUTES, train.STUDY_SEEDS)
+    with pytest.raises(ValueError, match="no --max-steps"):
+        train.run_study(dataclasses.replace(cfg, max_steps=1), study, train.STUDY_ROUTES, train.STUDY_SEEDS)
