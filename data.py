@@ -324,7 +324,7 @@ def _read_json(path):
             raise ValueError(f"{path}: malformed JSON ({e})") from None
 
 
-def _atomic_write(path, write_fn, mode="wb"):
+def atomic_write(path, write_fn, mode="wb"):
     """write_fn(file) into a temp file next to path, then os.replace: never a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -340,7 +340,7 @@ def _atomic_write(path, write_fn, mode="wb"):
 
 
 def _write_json(path, obj):
-    _atomic_write(path, lambda f: json.dump(obj, f, ensure_ascii=False), mode="w")
+    atomic_write(path, lambda f: json.dump(obj, f, ensure_ascii=False), mode="w")
 
 
 def _cached(kind, sources, params, build, cache_dir):
@@ -356,7 +356,7 @@ def _cached(kind, sources, params, build, cache_dir):
     if os.path.isfile(path):
         return torch.load(path, weights_only=True)
     data = build()
-    _atomic_write(path, lambda f: torch.save(data, f))
+    atomic_write(path, lambda f: torch.save(data, f))
     return data
 
 
@@ -985,7 +985,7 @@ def make_shapes(out, n_images=3000, seed=0, questions_per_image=3):
         img, objects = draw_scene(rng, nprng)
         key = coco_image_key(subtype, image_id)
         buf = jpeg_bytes(img)
-        _atomic_write(os.path.join(out, key), lambda f: f.write(buf))
+        atomic_write(os.path.join(out, key), lambda f: f.write(buf))
         for k, (t, question, answer, possible) in enumerate(
                 _pick_questions(rng, objects, used, questions_per_image)):
             kind, _, qtype, atype = TEMPLATES[t]

@@ -30,7 +30,6 @@ import os
 import pickle
 import random
 import sys
-import tempfile
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -1018,16 +1017,8 @@ def run_study(base, study, routes=STUDY_ROUTES, seeds=STUDY_SEEDS):
 
 
 def write_text(text, path):
-    """Atomic write: a temporary file in the same folder, then os.replace."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Atomic write of a text file (data.atomic_write: a temporary file, then os.replace)."""
+    data.atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def mean_std(values):
