@@ -588,6 +588,7 @@ class Task:
             self.features = cached_features(cfg, vit_path, vit, self.images, keys, device)  # (n, L, d)
             self.row = {k: i for i, k in enumerate(keys)}
         self.d_visual = c.d_model
+        self._references = {}  # split -> tokenised references (captioning), see references()
 
     def dataset(self, split):
         return self.dataset_class(self.splits[split], None if self.features is not None else self.images)
@@ -634,7 +635,7 @@ class Task:
         """Predictions = argmax answer. A question's accuracy is its soft target for that answer,
         which data.py computed with eval.vqa_accuracy: the official per-question accuracy exactly."""
         ds = self.dataset(split)
-        batches = [list(range(i, min(i + batch_size, len(ds)))) for i in range(0, len(ds), batch_size)]
+        batches = eval_batches(len(ds), batch_size)
         results, acc = [], []
         for batch in tqdm(self.loader(ds, batches), desc=f"evaluate {split}", unit="batch", leave=False):
             with autocast(self.device):
@@ -650,7 +651,7 @@ class Task:
         """Beam search (cfg.beams) on every image of the split; CIDEr-D, BLEU, ROUGE-L against its references."""
         s = self.splits[split]
         keys, ids = s["image"], s["image_id"].tolist()
-        batches = [list(range(i, min(i + batch_size, len(keys)))) for i in range(0, len(keys), batch_size)]
+        batches = eval_batches(len(keys), batch_size)
         if self.features is None:  # images decoded by DataLoader workers, the ViT run per batch
             loader = self.loader(data.ImageDataset(keys, self.images), batches, collate=None)
         else:
@@ -661,9 +662,17 @@ class Task:
             with autocast(self.device):
                 out = generate(model, self.x_R(batch), self.cfg.beams, self.cfg.max_new_tokens, self.tokenizer.eos_id)
             captions.update({ids[j]: self.tokenizer.decode(t, skip_special=True).strip() for j, t in zip(b, out)})
-        gts = {image_id: [metrics.ptb_tokenize(r) for r in refs] for image_id, refs in zip(ids, s["refs"])}
+        gts = self.references(split)
         results = [{"image_id": k, "caption": c} for k, c in captions.items()]
         return metrics.caption_scores(gts, captions), results
+
+    def references(self, split):
+        """{image_id: PTB-tokenised reference captions} of a caption split, made once per split."""
+        if split not in self._references:
+            s = self.splits[split]
+            self._references[split] = {i: [metrics.ptb_tokenize(r) for r in refs]
+                                       for i, refs in zip(s["image_id"].tolist(), s["refs"])}
+        return self._references[split]
 
     def text_only_baseline(self, split):
         """A model that never sees the image. VQA: the best training answer per question type;
@@ -679,8 +688,13 @@ class Task:
         counts = Counter(r for refs in self.splits["train"]["refs"] for r in refs)
         caption = min(counts, key=lambda r: (-counts[r], r))
         s = self.splits[split]
-        gts = {i: [metrics.ptb_tokenize(r) for r in refs] for i, refs in zip(s["image_id"].tolist(), s["refs"])}
+        gts = self.references(split)
         return metrics.caption_scores(gts, {i: caption for i in gts})
+
+
+def eval_batches(n, batch_size):
+    """Indices 0..n-1 in order, cut into batches of batch_size (the last may be shorter)."""
+    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
 
 
 def shuffle_rows(x_R, keys, seed):
