@@ -2,7 +2,6 @@
 
     python eval.py vqa --results R.json --questions Q.json --annotations A.json [--out M.json]
     python eval.py caption --results R.json --karpathy dataset_coco.json --split test [--out M.json]
-    python eval.py --checkpoint OUT/last.pt --split test   # a train.py run: regenerate predictions, score them
 
 Pure standard library. The numbers equal the official tools to 1e-6, quirks included:
 VQA = GT-Vision-Lab/VQA PythonEvaluationTools/vqaEvaluation/vqaEval.py at HEAD (a013f00);
@@ -603,11 +602,7 @@ def default_out(results_path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a train.py run (OUT/last.pt or OUT): rebuild its model, write "
-                        "OUT/results_{split}.json and score it (needs torch; the subcommands do not)")
-    parser.add_argument("--split", dest="checkpoint_split", default="test",
-                        help="with --checkpoint: the split to predict (default: test)")
-    sub = parser.add_subparsers(dest="task")
+    sub = parser.add_subparsers(dest="task", required=True)
     p = sub.add_parser("vqa", help="official VQA accuracy of a results file")
     p.add_argument("--results", required=True, help='[{"question_id": int, "answer": str}]')
     p.add_argument("--questions", required=True, help="v2_OpenEnded_mscoco_{split}_questions.json")
@@ -619,13 +614,8 @@ def main(argv=None):
     p.add_argument("--split", default="test", choices=sorted(KARPATHY_SPLITS))
     p.add_argument("--out", help="metrics JSON (default: RESULTS with .metrics.json)")
     args = parser.parse_args(argv)
-    if (args.checkpoint is None) == (args.task is None):
-        parser.error("give either --checkpoint or one of the subcommands vqa, caption")
     try:
-        if args.checkpoint is not None:
-            import train  # only here: train.py needs torch, eval.py's scoring is pure standard library
-            metrics, args.results = train.evaluate_checkpoint(args.checkpoint, args.checkpoint_split)
-        elif args.task == "vqa":
+        if args.task == "vqa":
             metrics = score_vqa_files(args.results, args.questions, args.annotations)
         else:
             metrics = score_caption_files(args.results, args.karpathy, args.split)

@@ -18,6 +18,7 @@ eps, RoBERTa's position offset).
 import argparse
 import dataclasses
 import json
+import math
 import mmap
 import os
 import pickle
@@ -150,6 +151,76 @@ class Block(nn.Module):
             return x + self.drop(self.mlp(self.ln2(x)))
         x = self.ln1(x + self.drop(self.attn(x, mask, cache, layer)))
         return self.ln2(x + self.drop(self.mlp(x)))
+
+
+# ---- decoding: one beam search for every decoder ------------------------------------------------
+
+
+@torch.no_grad()
+def beam_search(step, batch_size, beams, max_new_tokens, eos_id):
+    """Beam search over a decoder given as a step function; beams = 1 is greedy argmax decoding.
+
+    step(tokens, index) -> logits (B * k, V) of the next token, B = batch_size, k = beams. The first
+    call is step(None, None): the logits after the prompt (a visual prefix, a decoder start token).
+    Every later call first reorders the decoder state (its KVCache) by index (B * k,): row j
+    continues beam index[j]; then it feeds tokens (B * k,), one new token per row.
+
+    The search of transformers' generate(num_beams=k, length_penalty=1.0, early_stopping=False,
+    do_sample=False): each step keeps the 2k best (beam, token) candidates by summed log p; of these,
+    EOS candidates ranked in the top k become finished hypotheses scored sum(log p) / (length incl.
+    EOS), and the first k others are the live beams. A row keeps its k best finished hypotheses and
+    stops when it has k of them and the best live beam, normalised by the current length, cannot
+    beat the worst. At max_new_tokens the live beams count as finished (score / max_new_tokens).
+    The best hypothesis is returned. Corners where transformers differs: it finalises the top-k
+    candidates at the limit rather than the live beams (the best hypothesis is the same: rank 0 is
+    in both), starts the other beams at -1e9 rather than -inf (differs only if the vocabulary has
+    fewer than 2k tokens), and ties in scores may break differently. The tests check equal outputs
+    against transformers on tiny random decoders. Returns B lists of token ids, without EOS."""
+    B, k = batch_size, beams
+    logits = step(None, None)  # (B * k, V)
+    device = logits.device
+    finished = [[] for _ in range(B)]  # (score, tokens)
+    done = [False] * B
+    tokens = [[[] for _ in range(k)] for _ in range(B)]
+    score = torch.full((B, k), -math.inf, device=device)
+    score[:, 0] = 0.0  # all beams start identical: expand only the first
+    for t in range(1, max_new_tokens + 1):
+        logp = F.log_softmax(logits.float(), dim=-1)
+        V = logp.shape[-1]
+        cand = (score[:, :, None] + logp.view(B, k, V)).view(B, k * V)  # (B, k, V) -> (B, k * V)
+        top_s, top_i = cand.topk(2 * k, dim=1)  # enough to refill k live beams after EOS picks
+        next_beam = torch.zeros(B, k, dtype=torch.long)
+        next_tok = torch.full((B, k), eos_id, dtype=torch.long)
+        new_score = torch.full((B, k), -math.inf, device=device)
+        new_tokens = [[[] for _ in range(k)] for _ in range(B)]
+        for b in range(B):
+            live = 0
+            for rank, (s, i) in enumerate(zip(top_s[b].tolist(), top_i[b].tolist())):
+                beam, tok = divmod(i, V)
+                if done[b] or live == k or s == -math.inf:
+                    break
+                if tok == eos_id:
+                    if rank < k:  # only the top k candidates may finish, as in HF
+                        finished[b].append((s / t, tokens[b][beam]))
+                    continue
+                next_beam[b, live], next_tok[b, live], new_score[b, live] = beam, tok, s
+                new_tokens[b][live] = tokens[b][beam] + [tok]
+                live += 1
+            if not done[b] and len(finished[b]) >= k:
+                finished[b] = sorted(finished[b], key=lambda h: -h[0])[:k]
+                done[b] = new_score[b, 0].item() / t <= finished[b][-1][0]
+        if all(done):
+            break
+        score, tokens = new_score, new_tokens
+        if t == max_new_tokens:
+            break
+        index = (torch.arange(B)[:, None] * k + next_beam).flatten()  # (B, k) -> (B * k,) rows to continue
+        logits = step(next_tok.flatten().to(device), index.to(device))
+    for b in range(B):
+        if not done[b]:  # the limit: live beams count as finished
+            finished[b] += [(score[b, j].item() / max_new_tokens, tokens[b][j]) for j in range(k)
+                            if score[b, j] > -math.inf]
+    return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
 
 
 # ---- the three backbones --------------------------------------------------------------------------

@@ -6,7 +6,7 @@
         --data DATA --images IMAGES          # the paper's VQAv2 setting (see README)
     python train.py --resume runs/demo       # continue a run exactly where it stopped
     python train.py --study                  # every route x LoRA/Adapter x 3 seeds + controls -> runs/study/study.md
-    python eval.py --checkpoint runs/demo/last.pt --split test   # regenerate its predictions and score them
+    python train.py --evaluate runs/demo --split test   # regenerate a run's predictions and score them
     torchrun --nproc_per_node 2 train.py ... # DDP: each process takes its share of every batch
     python train.py --help                   # every option with its default
 
@@ -151,6 +151,9 @@ def build_parser():
                         help=f"run the routing study (routes {', '.join(STUDY_ROUTES)} x lora/adapter x "
                              f"{STUDY_SEEDS} seeds, with controls) from these options; table in OUT/study.md "
                              f"(default OUT: {STUDY_OUT})")
+    parser.add_argument("--evaluate", metavar="RUN", help="evaluate a finished or interrupted run (its folder or "
+                        "last.pt) on --split: writes RUN/results_SPLIT.json and RUN/results_SPLIT.metrics.json")
+    parser.add_argument("--split", default=None, help="with --evaluate: the split to predict (default: test)")
     return parser
 
 
@@ -178,6 +181,7 @@ def parse_command_line(argv=None):
     """(Config, study): defaults < preset < explicit options. study is None without --study, else the
     per-task options the study sets itself ({task: {option: value}}: STUDY_EPOCHS, unless epochs were given)."""
     args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    args.pop("evaluate", None), args.pop("split", None)  # see cli
     study = None
     if args.pop("study", False):
         if args.get("resume"):
@@ -491,68 +495,19 @@ def build_task_model(cfg, text, d_visual, num_answers, tokenizer):
 
 @torch.no_grad()
 def generate(model, x_R, beams, max_new_tokens, eos_id):
-    """Captions for a batch of x_R (B, L, d): beam search with the KV cache (beams = 1: greedy argmax).
-
-    The search of transformers' generate(num_beams=k, length_penalty=1.0, early_stopping=False,
-    do_sample=False): each step keeps the 2k best (beam, token) candidates by summed log p; of these,
-    EOS candidates ranked in the top k become finished hypotheses scored sum(log p) / (length incl. EOS),
-    and the first k others are the live beams. A row keeps its k best finished hypotheses and stops when
-    it has k of them and the best live beam, normalised by the current length, cannot beat the worst.
-    At max_new_tokens the live beams count as finished (score / max_new_tokens). The best hypothesis
-    is returned. tests/test_train.py checks equal outputs against transformers on random tiny GPT-2s.
-    Corners where transformers differs: it finalises the top-k candidates at the limit rather than the
-    live beams (the best hypothesis is the same: rank 0 is in both), starts the other beams at -1e9
-    rather than -inf (differs only if the vocabulary has fewer than 2k tokens), and ties in scores may
-    break differently. Returns B lists of token ids, without EOS."""
+    """Captions for a batch of x_R (B, L, d): models.beam_search over GPT-2 with its KV cache."""
     B, k = x_R.shape[0], beams
-    x_R = x_R.repeat_interleave(k, dim=0)  # (B * k, L, d): routed layers need x_R per beam
-    x_R, prefix = model.start(x_R)
+    x_R, prefix = model.start(x_R.repeat_interleave(k, dim=0))  # (B * k, L, d): routed layers need x_R per beam
     cache = model.text.new_cache()
-    finished = [[] for _ in range(B)]  # (score, tokens)
-    done = [False] * B
-    tokens = [[[] for _ in range(k)] for _ in range(B)]
-    score = torch.full((B, k), -math.inf, device=x_R.device)
-    score[:, 0] = 0.0  # all beams start identical: expand only the first
+
+    def step(tokens, index):
+        if tokens is None:
+            return model.text(prefix=prefix, cache=cache)[:, -1]  # (B * k, V)
+        cache.reorder(index)
+        return model.text(tokens[:, None], cache=cache)[:, -1]
+
     with rp.visual_context(model.text, x_R):
-        logits = model.text(prefix=prefix, cache=cache)[:, -1]  # (B * k, V)
-        for t in range(1, max_new_tokens + 1):
-            logp = F.log_softmax(logits.float(), dim=-1)
-            V = logp.shape[-1]
-            cand = (score[:, :, None] + logp.view(B, k, V)).view(B, k * V)  # (B, k * V)
-            top_s, top_i = cand.topk(2 * k, dim=1)  # enough to refill k live beams after EOS picks
-            next_beam = torch.zeros(B, k, dtype=torch.long)
-            next_tok = torch.full((B, k), eos_id, dtype=torch.long)
-            new_score = torch.full((B, k), -math.inf, device=x_R.device)
-            new_tokens = [[[] for _ in range(k)] for _ in range(B)]
-            for b in range(B):
-                live = 0
-                for rank, (s, i) in enumerate(zip(top_s[b].tolist(), top_i[b].tolist())):
-                    beam, tok = divmod(i, V)
-                    if done[b] or live == k or s == -math.inf:
-                        break
-                    if tok == eos_id:
-                        if rank < k:  # only the top k candidates may finish, as in HF
-                            finished[b].append((s / t, tokens[b][beam]))
-                        continue
-                    next_beam[b, live], next_tok[b, live], new_score[b, live] = beam, tok, s
-                    new_tokens[b][live] = tokens[b][beam] + [tok]
-                    live += 1
-                if not done[b] and len(finished[b]) >= k:
-                    finished[b] = sorted(finished[b], key=lambda h: -h[0])[:k]
-                    done[b] = new_score[b, 0].item() / t <= finished[b][-1][0]
-            if all(done):
-                break
-            score, tokens = new_score, new_tokens
-            if t == max_new_tokens:
-                break
-            index = (torch.arange(B)[:, None] * k + next_beam).flatten().to(x_R.device)  # (B * k,)
-            cache.reorder(index)
-            logits = model.text(next_tok.flatten()[:, None].to(x_R.device), cache=cache)[:, -1]
-    for b in range(B):
-        if not done[b]:  # the limit: live beams count as finished
-            finished[b] += [(score[b, j].item() / max_new_tokens, tokens[b][j]) for j in range(k)
-                            if score[b, j] > -math.inf]
-    return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
+        return models.beam_search(step, B, k, max_new_tokens, eos_id)
 
 
 # ---- batches, evaluation --------------------------------------------------------------------------
@@ -1115,7 +1070,7 @@ def study_summary(rows):
 
 def evaluate_checkpoint(path, split, device="auto"):
     """Rebuild a run from its checkpoint (a file or run folder), regenerate the predictions for `split`
-    and score them (python eval.py --checkpoint). The results file goes next to the checkpoint.
+    and score them (python train.py --evaluate RUN --split SPLIT). The results file goes next to the checkpoint.
     Returns (metrics, path of results_{split}.json)."""
     ckpt = load_run(path)
     cfg = Config(**{**ckpt["config"], "device": device})
@@ -1141,6 +1096,13 @@ def error_line(e):
 def cli(argv=None):
     """python train.py: bad input ends in one line "error: ..." (exit status 1; 2 for bad options), no traceback."""
     try:
+        args = build_parser().parse_args(argv)
+        if args.evaluate:
+            m, path = evaluate_checkpoint(args.evaluate, args.split or "test", args.device or "auto")
+            out = path[:-len(".json")] + ".metrics.json"
+            metrics.write_json(m, out)
+            print(json.dumps(m, indent=1) + f"\nwrote {path} and {out}")
+            return m
         cfg, study = parse_command_line(argv)
         return main(cfg) if study is None else run_study(cfg, study)
     except (ValueError, FileNotFoundError, RuntimeError) as e:

@@ -316,14 +316,14 @@ def test_presets(tmp_path):
         train.config_from_args(["--preset", str(path)])
 
 
-# ---- eval.py --checkpoint -----------------------------------------------------------------------------
+# ---- train.py --evaluate -----------------------------------------------------------------------------
 
 
-def test_eval_py_checkpoint(world, tmp_path, capsys):
+def test_evaluate_a_run(world, tmp_path, capsys):
     cfg = config(world, tmp_path / "run", task="caption", beams=3)
     result = train.main(cfg)
     os.remove(os.path.join(cfg.out, "results_test.json"))
-    proc = subprocess.run([sys.executable, "eval.py", "--checkpoint", os.path.join(cfg.out, "last.pt"),
+    proc = subprocess.run([sys.executable, "train.py", "--evaluate", os.path.join(cfg.out, "last.pt"),
                            "--split", "test"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
@@ -331,9 +331,9 @@ def test_eval_py_checkpoint(world, tmp_path, capsys):
     assert metrics["CIDEr"] == pytest.approx(result["CIDEr"], abs=1e-12)
     assert os.path.isfile(os.path.join(cfg.out, "results_test.json"))
     capsys.readouterr()
-    with pytest.raises(SystemExit):
-        E.main(["--checkpoint", world.vit])
-    err = capsys.readouterr().err.strip()
+    with pytest.raises(SystemExit) as e:
+        train.cli(["--evaluate", world.vit])
+    err = e.value.code
     assert err.startswith("error: ") and "not a train.py checkpoint" in err and len(err.splitlines()) == 1
 
 
