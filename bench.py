@@ -264,10 +264,12 @@ def _train_steps_ours(with_vit):
     import torch.nn.functional as F
 
     import models
+    import routing_peft as rp
     import train
     cfg = train.Config(rank=128, alpha=128, route="mul", lr=3e-4)  # the paper's LoRA setting, routed
     text = _random_weights(lambda: models.build_model(models.PRESETS["roberta-large"]))
-    model = train.build_task_model(cfg, text, 1024, 3129, None)
+    train.add_peft(cfg, text)
+    model = rp.mark_trainable(train.VQAModel(text, 1024, 3129, prefix=True), ["head", "ln1", "ln2"])
     model.train()
     vit = _random_weights(lambda: models.build_model(models.PRESETS["vit-l16"])).eval() if with_vit else None
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
@@ -275,7 +277,7 @@ def _train_steps_ours(with_vit):
     x_cached = torch.randn(8, 1, 1024)
 
     def step(x_R):
-        loss = F.binary_cross_entropy_with_logits(model(ids, mask, x_R).float(), targets, reduction="sum") / len(ids)
+        loss = F.binary_cross_entropy_with_logits(model(ids, mask, x_R, x_R).float(), targets, reduction="sum") / len(ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -1,7 +1,7 @@
 """Data: byte-level BPE, VQAv2 and Karpathy COCO captions from the official files, image
-preprocessing with Pillow, collate functions, and a synthetic world written in the real formats.
+preprocessing with Pillow, collate functions, and a prepared-data cache. The real formats only:
+the demo's synthetic world, written in these formats, is in shapes.py.
 
-    python data.py shapes --out data/shapes [--n-images 3000] [--seed 0]   # the synthetic world
     python -m pytest -q tests/test_bpe.py tests/test_data.py                 # the tests
 
 Layout read by the loaders (the real datasets and the synthetic world alike):
@@ -22,24 +22,20 @@ Typical use (a trainer):
 
 Runtime imports: torch, numpy, PIL, tqdm, the standard library and eval.py.
 """
-import argparse
 import functools
 import hashlib
-import io
 import json
 import math
 import os
-import random
-import tempfile
 import unicodedata
 from collections import Counter
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
-from eval import normalize_answer, vqa_accuracy
+from eval import atomic_write, normalize_answer, vqa_accuracy
 
 # =============================================================================================
 # Byte-level BPE (GPT-2, RoBERTa, BART)
@@ -324,29 +320,11 @@ def _read_json(path):
             raise ValueError(f"{path}: malformed JSON ({e})") from None
 
 
-def atomic_write(path, write_fn, mode="wb"):
-    """write_fn(file) into a temp file next to path, then os.replace: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write_fn(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _write_json(path, obj):
-    atomic_write(path, lambda f: json.dump(obj, f, ensure_ascii=False), mode="w")
-
-
-def _cached(kind, sources, params, build, cache_dir):
+def cached(kind, sources, params, build, cache_dir):
     """build() once; later calls load the result. The file name is a hash of the source files'
-    absolute paths, sizes and modification times, the parameters (tokenizer fingerprint, lengths)
-    and CACHE_VERSION, so a changed source or option gives a new file, never a stale one."""
+    absolute paths, sizes and modification times, the parameters (tokenizer fingerprint, lengths,
+    a feature-code version) and CACHE_VERSION, so a changed source or option gives a new file,
+    never a stale one."""
     key = {"kind": kind, "version": CACHE_VERSION, "params": params, "sources": []}
     for path in sources:
         st = os.stat(path)
@@ -356,7 +334,7 @@ def _cached(kind, sources, params, build, cache_dir):
     if os.path.isfile(path):
         return torch.load(path, weights_only=True)
     data = build()
-    atomic_write(path, lambda f: torch.save(data, f))
+    atomic_write(path, lambda f: torch.save(data, f), "wb")
     return data
 
 
@@ -540,7 +518,7 @@ def prepare_vqa(data_dir, tokenizer, karpathy=None, num_answers=3129, max_len=20
                 "splits": {name: _vqa_columns(recs, tokenizer, vocab, max_len, f"prepare VQA {name}")
                            for name, recs in splits.items()}}
 
-    return _cached("vqa", sources, params, build, cache_dir or os.path.join(data_dir, "prepared"))
+    return cached("vqa", sources, params, build, cache_dir or os.path.join(data_dir, "prepared"))
 
 
 class VQADataset(torch.utils.data.Dataset):
@@ -642,7 +620,7 @@ def prepare_captions(karpathy, tokenizer, max_len=40, cache_dir=None):
         return {"splits": out}
 
     folder = os.path.join(os.path.dirname(os.path.abspath(karpathy)), "prepared")
-    return _cached("captions", [karpathy], params, build, cache_dir or folder)
+    return cached("captions", [karpathy], params, build, cache_dir or folder)
 
 
 class CaptionDataset(torch.utils.data.Dataset):
@@ -750,298 +728,3 @@ class ImageDataset(torch.utils.data.Dataset):
         return {"index": i, "image": self.keys[i], "pixel_values": self.images(self.keys[i])}
 
 
-# =============================================================================================
-# The synthetic world: coloured shapes, written as VQAv2 + COCO + Karpathy files
-# =============================================================================================
-
-SHAPES_SIZE = 64          # image side in pixels
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 90, 230),
-          "yellow": (240, 210, 40), "purple": (150, 60, 200), "orange": (245, 140, 30)}
-SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": (5, 7), "large": (10, 13)}   # half-extent range in pixels (64 px image)
-QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
-NUMBER_WORDS = ["zero", "one", "two", "three", "four"]
-
-
-def draw_scene(rng, nprng):
-    """A 64x64 scene: a grey noisy background and 1-4 shapes, one per quadrant, with distinct
-    (colour, shape) pairs. Drawn at 2x and downsampled (smooth edges). Returns (image, objects)."""
-    n = rng.randint(1, 4)
-    quads = rng.sample(range(4), n)
-    pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
-    scale, half = 2, SHAPES_SIZE // 2
-    bg = rng.randint(80, 150)
-    img = Image.new("RGB", (SHAPES_SIZE * scale, SHAPES_SIZE * scale), (bg, bg, bg))
-    draw = ImageDraw.Draw(img)
-    objects = []
-    for q, (color, shape) in zip(quads, pairs):
-        size = rng.choice(sorted(SIZES))
-        r = rng.randint(*SIZES[size])
-        cx = (q % 2) * half + half // 2 + rng.randint(-(half // 2 - r - 1), half // 2 - r - 1)
-        cy = (q // 2) * half + half // 2 + rng.randint(-(half // 2 - r - 1), half // 2 - r - 1)
-        fill = tuple(min(255, max(0, v + rng.randint(-15, 15))) for v in COLORS[color])
-        box = [(cx - r) * scale, (cy - r) * scale, (cx + r) * scale, (cy + r) * scale]
-        if shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif shape == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(cx * scale, (cy - r) * scale), ((cx - r) * scale, (cy + r) * scale),
-                          ((cx + r) * scale, (cy + r) * scale)], fill=fill)
-        objects.append({"color": color, "shape": shape, "size": size, "quadrant": QUADRANTS[q],
-                        "x": cx, "y": cy, "r": r})
-    img = img.resize((SHAPES_SIZE, SHAPES_SIZE), Image.BOX)
-    noise = nprng.normal(0.0, 5.0, size=(SHAPES_SIZE, SHAPES_SIZE, 3))           # (H, W, 3)
-    pixels = np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).round().astype(np.uint8)
-    return Image.fromarray(pixels), objects
-
-
-def _name(o):
-    return f"{o['color']} {o['shape']}"
-
-
-def _a(words):
-    """The indefinite article for words: "a red circle", "an orange square"."""
-    return ("an " if words[0] in "aeiou" else "a ") + words
-
-
-# Question templates: (kind, template, question_type, answer_type). Templates with {s}/{c}/{o} name
-# a shape, a colour or an object ("red circle"); {sa} is "a"/"an" + colour + shape.
-TEMPLATES = [
-    ("color", "What color is the {s}?", "what color is the", "other"),
-    ("color", "What is the color of the {s}?", "what is the color of the", "other"),
-    ("color", "Which colour does the {s} have?", "which", "other"),
-    ("shape", "What shape is the {c} object?", "what shape is the", "other"),
-    ("shape", "What is the {c} thing?", "what is the", "other"),
-    ("shape", "Which shape is {c}?", "which", "other"),
-    ("side", "Is the {o} on the left or on the right?", "is the", "other"),
-    ("side", "Is the {o} at the top or at the bottom?", "is the", "other"),
-    ("side", "Where is the {o}?", "where is the", "other"),
-    ("size", "Is the {o} big or small?", "is the", "other"),
-    ("size", "What size is the {o}?", "what size is the", "other"),
-    ("yesno", "Is the {o} on the left?", "is the", "yes/no"),
-    ("yesno", "Is the {o} on the right?", "is the", "yes/no"),
-    ("yesno", "Are there any {s}s?", "are there any", "yes/no"),
-    ("yesno", "Is there anything {c}?", "is there", "yes/no"),
-    ("yesno", "Is there {sa}?", "is there a", "yes/no"),
-    ("count", "How many shapes are there?", "how many", "number"),
-    ("count", "How many objects are in the picture?", "how many", "number"),
-    ("count", "How many {s}s are there?", "how many", "number"),
-    ("count", "How many {c} shapes are there?", "how many", "number"),
-]
-
-
-def _question_candidates(objects):
-    """Every (template index, question, answer, possible answers) this scene supports. An object
-    is named by its shape or colour only where that is unique in the scene; colour + shape always
-    is (pairs are distinct)."""
-    n_shape = Counter(o["shape"] for o in objects)
-    n_color = Counter(o["color"] for o in objects)
-    present = {(o["color"], o["shape"]) for o in objects}
-    yes_no, numbers = ["no", "yes"], [str(k) for k in range(5)]
-    out = []
-    for t, (kind, template, _, _) in enumerate(TEMPLATES):
-        if kind == "color":
-            out += [(t, template.format(s=o["shape"]), o["color"], sorted(COLORS))
-                    for o in objects if n_shape[o["shape"]] == 1]
-        elif kind == "shape":
-            out += [(t, template.format(c=o["color"]), o["shape"], list(SHAPES))
-                    for o in objects if n_color[o["color"]] == 1]
-        elif kind == "count" and "{" not in template:
-            out.append((t, template, str(len(objects)), numbers))
-        elif kind == "count":
-            out += [(t, template.format(s=s), str(n_shape[s]), numbers) for s in SHAPES if "{s}" in template]
-            out += [(t, template.format(c=c), str(n_color[c]), numbers) for c in COLORS if "{c}" in template]
-        elif "{o}" in template:
-            for o in objects:
-                vertical, horizontal = o["quadrant"].split()
-                answer, possible = {
-                    "Is the {o} on the left or on the right?": (horizontal, ["left", "right"]),
-                    "Is the {o} at the top or at the bottom?": (vertical, ["bottom", "top"]),
-                    "Where is the {o}?": (o["quadrant"], list(QUADRANTS)),
-                    "Is the {o} big or small?": ("big" if o["size"] == "large" else "small", ["big", "small"]),
-                    "What size is the {o}?": (o["size"], ["large", "small"]),
-                    "Is the {o} on the left?": (yes_no[horizontal == "left"], yes_no),
-                    "Is the {o} on the right?": (yes_no[horizontal == "right"], yes_no),
-                }[template]
-                out.append((t, template.format(o=_name(o)), answer, possible))
-        elif "{s}" in template:
-            out += [(t, template.format(s=s), yes_no[n_shape[s] > 0], yes_no) for s in SHAPES]
-        elif "{c}" in template:
-            out += [(t, template.format(c=c), yes_no[n_color[c] > 0], yes_no) for c in COLORS]
-        else:  # "Is there {sa}?"
-            out += [(t, template.format(sa=_a(f"{c} {s}")), yes_no[(c, s) in present], yes_no)
-                    for c in COLORS for s in SHAPES]
-    return out
-
-
-def _pick_questions(rng, objects, used, per_image):
-    """per_image questions of distinct kinds: a kind, then one of its templates that this scene
-    supports, at random; then the answer used least so far with that template in the whole world
-    (ties at random), then a question with that answer. Answers come out nearly uniform per
-    template, so the question text alone says little."""
-    by_template = {}
-    for cand in _question_candidates(objects):
-        by_template.setdefault(cand[0], []).append(cand)
-    kinds = sorted({TEMPLATES[t][0] for t in by_template})
-    picked = []
-    for kind in rng.sample(kinds, min(per_image, len(kinds))):
-        t = rng.choice([t for t in sorted(by_template) if TEMPLATES[t][0] == kind])
-        answers = sorted({c[2] for c in by_template[t]})
-        least = min(used[(t, a)] for a in answers)
-        answer = rng.choice([a for a in answers if used[(t, a)] == least])
-        used[(t, answer)] += 1
-        picked.append(rng.choice([c for c in by_template[t] if c[2] == answer]))
-    return picked
-
-
-_SYNONYMS = {"large": ["big"], "big": ["large"], "small": ["little", "tiny"], "circle": ["round", "oval"],
-             "square": ["rectangle"], "triangle": ["triangular"], "purple": ["violet"],
-             "top left": ["upper left", "left"], "top right": ["upper right", "right"],
-             "bottom left": ["lower left", "left"], "bottom right": ["lower right", "right"]}
-
-
-def _human_answers(rng, kind, answer, possible):
-    """10 annotators: most give the answer, written in various ways that the official normaliser
-    maps back ("Red", "red.", "a circle", "two", "zero"); some give a synonym it does not map ("big"
-    for "large"); some are wrong (another possible answer). The error rate varies per question."""
-    p_wrong = rng.choice([0.0, 0.0, 0.0, 0.05, 0.05, 0.1, 0.1, 0.2, 0.3])
-    p_synonym = 0.1 if answer in _SYNONYMS else 0.0
-    out = []
-    for _ in range(10):
-        u = rng.random()
-        if u < p_wrong:
-            a = rng.choice([x for x in possible if x != answer])
-        elif u < p_wrong + p_synonym:
-            a = rng.choice(_SYNONYMS[answer])
-        else:
-            a = answer
-        v = rng.random()
-        if kind == "count" and v < 0.3:
-            a = NUMBER_WORDS[int(a)]
-        elif v < 0.06:
-            a = a.capitalize()
-        elif v < 0.09:
-            a = a + "."
-        elif v < 0.12 and kind == "shape":
-            a = "a " + a
-        out.append(a)
-    return out
-
-
-def _captions(rng, objects):
-    """5 varied captions of a scene (raw sentences)."""
-    n = len(objects)
-    objs = objects[:]
-    rng.shuffle(objs)
-
-    def listing(with_size):
-        parts = [_a(f"{o['size'] + ' ' if with_size else ''}{_name(o)}") for o in objs]
-        return parts[0] if n == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-    count = f"{NUMBER_WORDS[n]} {'shape' if n == 1 else 'shapes'}"
-    where = "; ".join(f"{_a(_name(o))} in the {o['quadrant']}" for o in objs)
-    colors = sorted({o["color"] for o in objs})
-    color_text = colors[0] if len(colors) == 1 else ", ".join(colors[:-1]) + " and " + colors[-1]
-    options = [
-        f"{listing(False)} on a gray background.",
-        f"{listing(True)}.",
-        f"There {'is' if n == 1 else 'are'} {count} in the picture: {listing(False)}.",
-        f"An image with {where}.",
-        f"{count.capitalize()} on a plain background, colored {color_text}.",
-        f"A picture showing {listing(rng.random() < 0.5)}.",
-        f"{where}.",
-    ]
-    picked = rng.sample(options, 5)
-    return [p[0].upper() + p[1:] for p in picked]
-
-
-def _caption_tokens(raw):
-    """Karpathy's "tokens": lower-cased words without punctuation."""
-    return "".join(ch if ch.isalnum() or ch.isspace() else " " for ch in raw.lower()).split()
-
-
-def make_shapes(out, n_images=3000, seed=0, questions_per_image=3):
-    """Write the synthetic world under `out` in the real formats (see the module docstring).
-    Two thirds of the images are train2014, one third val2014; of val2014, 30 % are Karpathy val,
-    30 % test, the rest restval. Also writes shapes_scenes.json: every image's objects and every
-    question's true answer (for attribute pretraining and oracle checks). Deterministic: the same
-    seed gives byte-identical files."""
-    if n_images < 10:
-        raise ValueError("make_shapes: n_images must be at least 10")
-    rng = random.Random(seed)
-    nprng = np.random.default_rng(seed)
-    n_train = round(n_images * 2 / 3)
-    n_val = n_images - n_train
-    n_kval = n_ktest = n_val * 3 // 10
-    used = Counter()  # (template, answer) -> questions so far
-
-    vqa = {s: ([], []) for s in ("train2014", "val2014")}
-    karpathy, scenes, truths = [], [], []
-    sentid = 0
-    for i in tqdm(range(n_images), desc="shapes", unit="img", mininterval=1.0):
-        subtype = "train2014" if i < n_train else "val2014"
-        image_id = 9 + 7 * i  # sparse ids, different from the Karpathy imgid, like COCO
-        img, objects = draw_scene(rng, nprng)
-        key = coco_image_key(subtype, image_id)
-        buf = jpeg_bytes(img)
-        atomic_write(os.path.join(out, key), lambda f: f.write(buf))
-        for k, (t, question, answer, possible) in enumerate(
-                _pick_questions(rng, objects, used, questions_per_image)):
-            kind, _, qtype, atype = TEMPLATES[t]
-            qid = image_id * 1000 + k
-            answers = _human_answers(rng, kind, answer, possible)
-            norm = Counter(normalize_answer(a) for a in answers)
-            mc = min(norm, key=lambda a: (-norm[a], a))
-            vqa[subtype][0].append({"image_id": image_id, "question": question, "question_id": qid})
-            vqa[subtype][1].append({
-                "question_type": qtype, "multiple_choice_answer": mc,
-                "answers": [{"answer": a, "answer_confidence": rng.choice(["yes", "yes", "yes", "maybe"]),
-                             "answer_id": j + 1} for j, a in enumerate(answers)],
-                "image_id": image_id, "answer_type": atype, "question_id": qid})
-            truths.append({"question_id": qid, "image_id": image_id, "kind": kind, "answer": answer})
-        j = i - n_train
-        split = "train" if j < 0 else "val" if j < n_kval else "test" if j < n_kval + n_ktest else "restval"
-        sentences = []
-        for raw in _captions(rng, objects):
-            sentences.append({"tokens": _caption_tokens(raw), "raw": raw, "imgid": i, "sentid": sentid})
-            sentid += 1
-        karpathy.append({"filepath": subtype, "sentids": [s["sentid"] for s in sentences],
-                         "filename": os.path.basename(key), "imgid": i, "split": split,
-                         "sentences": sentences, "cocoid": image_id})
-        scenes.append({"image_id": image_id, "image": key, "objects": objects})
-
-    info = {"description": "Synthetic shapes world in the VQAv2 format (routing-peft data.py)",
-            "url": "", "version": "2.0", "year": 2024, "contributor": "routing-peft data.py",
-            "date_created": "2024-01-01 00:00:00"}
-    license_ = {"url": "https://creativecommons.org/publicdomain/zero/1.0/", "name": "CC0 1.0"}
-    for subtype, (questions, annotations) in vqa.items():
-        q_path, a_path = vqa_files(out, subtype)
-        _write_json(q_path, {"info": info, "task_type": "Open-Ended", "data_type": "mscoco",
-                             "license": license_, "data_subtype": subtype, "questions": questions})
-        _write_json(a_path, {"info": info, "license": license_, "data_subtype": subtype,
-                             "annotations": annotations, "data_type": "mscoco"})
-    _write_json(os.path.join(out, KARPATHY), {"images": karpathy, "dataset": "coco"})
-    _write_json(os.path.join(out, "shapes_scenes.json"), {"images": scenes, "questions": truths})
-
-
-def jpeg_bytes(img):
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("shapes", help="write the synthetic world (VQAv2 + COCO + Karpathy formats)")
-    p.add_argument("--out", required=True, help="output folder (data and images)")
-    p.add_argument("--n-images", type=int, default=3000, help="number of images (2/3 train2014, 1/3 val2014)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
-    args = parser.parse_args(argv)
-    make_shapes(args.out, n_images=args.n_images, seed=args.seed)
-    print(f"wrote {args.n_images} images with questions and captions to {args.out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -186,23 +186,28 @@ def _percent(values, digits=2):
     return round(100 * float(sum(values)) / len(values), digits)
 
 
+def vqa_aggregate(accs, answer_types, question_types=None):
+    """L157-163: the official aggregation of per-question accuracies (0..1): overall, per answer type
+    and (if given) per question type, each round(100 * mean, 2) over unrounded values."""
+    if not accs:
+        raise ValueError("no questions to score")
+    groups = {"perAnswerType": answer_types, "perQuestionType": question_types}
+    out = {"overall": _percent(accs)}
+    for name, types in groups.items():
+        if types is not None:
+            by_type = {}
+            for acc, t in zip(accs, types):
+                by_type.setdefault(t, []).append(acc)
+            out[name] = {t: _percent(v) for t, v in sorted(by_type.items())}
+    out["n_questions"] = len(accs)
+    return out
+
+
 def vqa_scores(preds, annotations):
     """Official aggregate accuracy x100 for {question_id: answer} over a list of official
     annotations (every annotation needs a prediction): overall, per answer type, per question type."""
-    overall, per_answer_type, per_question_type = [], {}, {}
-    for ann in annotations:
-        acc = vqa_accuracy(preds[ann["question_id"]], [a["answer"] for a in ann["answers"]])
-        overall.append(acc)
-        per_answer_type.setdefault(ann["answer_type"], []).append(acc)
-        per_question_type.setdefault(ann["question_type"], []).append(acc)
-    if not overall:
-        raise ValueError("no questions to score")
-    return {
-        "overall": _percent(overall),
-        "perAnswerType": {t: _percent(v) for t, v in sorted(per_answer_type.items())},
-        "perQuestionType": {t: _percent(v) for t, v in sorted(per_question_type.items())},
-        "n_questions": len(overall),
-    }
+    accs = [vqa_accuracy(preds[a["question_id"]], [x["answer"] for x in a["answers"]]) for a in annotations]
+    return vqa_aggregate(accs, [a["answer_type"] for a in annotations], [a["question_type"] for a in annotations])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -581,17 +586,29 @@ def score_caption_files(results_path, karpathy_path, split):
     return caption_scores(gts, captions)
 
 
-def write_json(obj, path):
-    """Atomic write: a temporary file in the same folder, then os.replace."""
+def atomic_write(path, write, mode="w"):
+    """The project's one file writer (data.py, models.py and train.py use it too): write(f) into a
+    temporary file beside `path`, then os.replace, so a crash never leaves a half-written file. The
+    file gets the permissions open() would give it (0666 minus the umask), not mkstemp's 0600."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            write(f)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.remove(tmp)
         raise
+
+
+def write_json(obj, path, indent=2):
+    """Atomic write of a JSON file (atomic_write)."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=indent, ensure_ascii=False))
 
 
 def default_out(results_path):

@@ -23,12 +23,13 @@ import mmap
 import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from eval import atomic_write  # the project's one atomic file writer (pure standard library)
 
 
 @dataclass
@@ -49,6 +50,12 @@ class Config:
     image_std: tuple = (0.5, 0.5, 0.5)
     dropout: float = 0.0       # train-mode dropout on embeddings, attention probabilities and residual
                                # branches, as in Hugging Face (RoBERTa/GPT-2 checkpoints: 0.1, ViT: 0.0)
+
+    @property
+    def gelu(self):
+        """The backbone's GELU, for its FFN and for anything inserted into it (an Adapter's activation):
+        "tanh" (GPT-2's gelu_new) or "none" (the exact erf GELU of ViT and RoBERTa)."""
+        return "tanh" if self.arch == "gpt2" else "none"
 
 
 PRESETS = {
@@ -237,7 +244,7 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.d_model))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n_patches, c.d_model))
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c, pre_ln=True, causal=False, gelu="none") for _ in range(c.n_layers))
+        self.blocks = nn.ModuleList(Block(c, pre_ln=True, causal=False, gelu=c.gelu) for _ in range(c.n_layers))
         self.ln_f = nn.LayerNorm(c.d_model, eps=c.ln_eps)
         self.pooler = nn.Linear(c.d_model, c.d_model)
 
@@ -267,7 +274,7 @@ class RoBERTa(nn.Module):
         self.wtt = nn.Embedding(c.type_vocab_size, c.d_model)
         self.ln_emb = nn.LayerNorm(c.d_model, eps=c.ln_eps)
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c, pre_ln=False, causal=False, gelu="none") for _ in range(c.n_layers))
+        self.blocks = nn.ModuleList(Block(c, pre_ln=False, causal=False, gelu=c.gelu) for _ in range(c.n_layers))
 
     def position_ids(self, input_ids, n_prefix):
         """RoBERTa positions: pad_id + 1, pad_id + 2, ... skipping padding tokens (which get pad_id).
@@ -314,7 +321,7 @@ class GPT2(nn.Module):
         self.wte = nn.Embedding(c.vocab_size, c.d_model)
         self.wpe = nn.Embedding(c.max_positions, c.d_model)
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c, pre_ln=True, causal=True, gelu="tanh") for _ in range(c.n_layers))
+        self.blocks = nn.ModuleList(Block(c, pre_ln=True, causal=True, gelu=c.gelu) for _ in range(c.n_layers))
         self.ln_f = nn.LayerNorm(c.d_model, eps=c.ln_eps)
 
     def new_cache(self):
@@ -596,16 +603,17 @@ def read_image_preprocessing(src_dir, config):
 
 
 def atomic_save(obj, path):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """torch.save, atomically (eval.atomic_write: a temporary file, then os.replace)."""
+    atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def save_checkpoint(model, path, tokenizer=None):
+    """A backbone in the converted format that load_checkpoint reads: {"arch", "config", "model"}, plus
+    "tokenizer" ({"vocab", "merges"}, data.BPETokenizer.to_data()) for text models."""
+    ckpt = {"arch": model.config.arch, "config": dataclasses.asdict(model.config), "model": model.state_dict()}
+    if tokenizer is not None:
+        ckpt["tokenizer"] = tokenizer
+    atomic_save(ckpt, path)
 
 
 def convert(src_dir, out_path):

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 import data
+import shapes
 from eval import normalize_answer, vqa_accuracy
 
 N_IMAGES = 240  # 160 train2014 + 80 val2014 (24 val, 24 test, 32 restval): 720 questions
@@ -23,7 +24,7 @@ N_IMAGES = 240  # 160 train2014 + 80 val2014 (24 val, 24 test, 32 restval): 720 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("shapes"))
-    data.make_shapes(out, n_images=N_IMAGES, seed=0)
+    shapes.make_world(out, n_images=N_IMAGES, seed=0)
     return out
 
 
@@ -73,8 +74,8 @@ def test_world_has_the_real_formats(world):
 
 def test_world_is_deterministic(world, tmp_path):
     again, other = str(tmp_path / "again"), str(tmp_path / "other")
-    data.main(["shapes", "--out", again, "--n-images", str(N_IMAGES), "--seed", "0"])
-    data.make_shapes(other, n_images=N_IMAGES, seed=1)
+    shapes.main(["world", "--out", again, "--n-images", str(N_IMAGES), "--seed", "0"])
+    shapes.make_world(other, n_images=N_IMAGES, seed=1)
     files = sorted(os.path.relpath(os.path.join(d, f), world)
                    for d, _, fs in os.walk(world) if "prepared" not in d for f in fs)
     assert len(files) == N_IMAGES + 6

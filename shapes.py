@@ -1,0 +1,494 @@
+"""The demo's synthetic world and its tiny pretrained backbones: no part of the method.
+
+    python shapes.py world [--out data/shapes] [--n-images 3000] [--seed 0]   # the world, in the real formats
+    python shapes.py backbones                                               # the tiny ViT, RoBERTa, GPT-2
+    python train.py                                                          # builds both on first use
+
+The world: 64-px images of coloured shapes (1-4 per image, one per quadrant) written as VQAv2
+questions with 10 human answers each, COCO captions (5 per image) and a Karpathy split, in exactly
+the files and fields of the real datasets (data.py reads them), plus shapes_scenes.json with every
+image's objects and every question's true answer. Deterministic: the same seed gives the same bytes.
+
+The tiny backbones have the real architectures (models.py), tiny (d = 128, 4 layers), in the
+converted-checkpoint format: a ViT trained briefly to name the colour, shape and size in each
+quadrant of freshly drawn scenes (a stand-in for ImageNet-21k pretraining: none of the demo's
+images), a RoBERTa trained with masked-LM and a GPT-2 with next-token LM on the world's text, with
+a byte-level BPE learned on the same text. Both live next to this file (data/shapes, data/tiny),
+wherever train.py is run from.
+"""
+import argparse
+import dataclasses
+import io
+import math
+import os
+import random
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import data
+import models
+from eval import atomic_write, normalize_answer, write_json
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORLD = os.path.join(HERE, "data", "shapes")  # the demo's world and tiny backbones, beside this file
+TINY_DIR = os.path.join(HERE, "data", "tiny")
+
+
+# ---- the synthetic world: coloured shapes, written as VQAv2 + COCO + Karpathy files ---------------
+
+SHAPES_SIZE = 64          # image side in pixels
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 90, 230),
+          "yellow": (240, 210, 40), "purple": (150, 60, 200), "orange": (245, 140, 30)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = {"small": (5, 7), "large": (10, 13)}   # half-extent range in pixels (64 px image)
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+NUMBER_WORDS = ["zero", "one", "two", "three", "four"]
+
+
+def draw_scene(rng, nprng):
+    """A 64x64 scene: a grey noisy background and 1-4 shapes, one per quadrant, with distinct
+    (colour, shape) pairs. Drawn at 2x and downsampled (smooth edges). Returns (image, objects)."""
+    n = rng.randint(1, 4)
+    quads = rng.sample(range(4), n)
+    pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
+    scale, half = 2, SHAPES_SIZE // 2
+    bg = rng.randint(80, 150)
+    img = Image.new("RGB", (SHAPES_SIZE * scale, SHAPES_SIZE * scale), (bg, bg, bg))
+    draw = ImageDraw.Draw(img)
+    objects = []
+    for q, (color, shape) in zip(quads, pairs):
+        size = rng.choice(sorted(SIZES))
+        r = rng.randint(*SIZES[size])
+        cx = (q % 2) * half + half // 2 + rng.randint(-(half // 2 - r - 1), half // 2 - r - 1)
+        cy = (q // 2) * half + half // 2 + rng.randint(-(half // 2 - r - 1), half // 2 - r - 1)
+        fill = tuple(min(255, max(0, v + rng.randint(-15, 15))) for v in COLORS[color])
+        box = [(cx - r) * scale, (cy - r) * scale, (cx + r) * scale, (cy + r) * scale]
+        if shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(cx * scale, (cy - r) * scale), ((cx - r) * scale, (cy + r) * scale),
+                          ((cx + r) * scale, (cy + r) * scale)], fill=fill)
+        objects.append({"color": color, "shape": shape, "size": size, "quadrant": QUADRANTS[q],
+                        "x": cx, "y": cy, "r": r})
+    img = img.resize((SHAPES_SIZE, SHAPES_SIZE), Image.BOX)
+    noise = nprng.normal(0.0, 5.0, size=(SHAPES_SIZE, SHAPES_SIZE, 3))           # (H, W, 3)
+    pixels = np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(pixels), objects
+
+
+def _name(o):
+    return f"{o['color']} {o['shape']}"
+
+
+def _a(words):
+    """The indefinite article for words: "a red circle", "an orange square"."""
+    return ("an " if words[0] in "aeiou" else "a ") + words
+
+
+# Question templates: (kind, template, question_type, answer_type). Templates with {s}/{c}/{o} name
+# a shape, a colour or an object ("red circle"); {sa} is "a"/"an" + colour + shape.
+TEMPLATES = [
+    ("color", "What color is the {s}?", "what color is the", "other"),
+    ("color", "What is the color of the {s}?", "what is the color of the", "other"),
+    ("color", "Which colour does the {s} have?", "which", "other"),
+    ("shape", "What shape is the {c} object?", "what shape is the", "other"),
+    ("shape", "What is the {c} thing?", "what is the", "other"),
+    ("shape", "Which shape is {c}?", "which", "other"),
+    ("side", "Is the {o} on the left or on the right?", "is the", "other"),
+    ("side", "Is the {o} at the top or at the bottom?", "is the", "other"),
+    ("side", "Where is the {o}?", "where is the", "other"),
+    ("size", "Is the {o} big or small?", "is the", "other"),
+    ("size", "What size is the {o}?", "what size is the", "other"),
+    ("yesno", "Is the {o} on the left?", "is the", "yes/no"),
+    ("yesno", "Is the {o} on the right?", "is the", "yes/no"),
+    ("yesno", "Are there any {s}s?", "are there any", "yes/no"),
+    ("yesno", "Is there anything {c}?", "is there", "yes/no"),
+    ("yesno", "Is there {sa}?", "is there a", "yes/no"),
+    ("count", "How many shapes are there?", "how many", "number"),
+    ("count", "How many objects are in the picture?", "how many", "number"),
+    ("count", "How many {s}s are there?", "how many", "number"),
+    ("count", "How many {c} shapes are there?", "how many", "number"),
+]
+
+
+def _question_candidates(objects):
+    """Every (template index, question, answer, possible answers) this scene supports. An object
+    is named by its shape or colour only where that is unique in the scene; colour + shape always
+    is (pairs are distinct)."""
+    n_shape = Counter(o["shape"] for o in objects)
+    n_color = Counter(o["color"] for o in objects)
+    present = {(o["color"], o["shape"]) for o in objects}
+    yes_no, numbers = ["no", "yes"], [str(k) for k in range(5)]
+    out = []
+    for t, (kind, template, _, _) in enumerate(TEMPLATES):
+        if kind == "color":
+            out += [(t, template.format(s=o["shape"]), o["color"], sorted(COLORS))
+                    for o in objects if n_shape[o["shape"]] == 1]
+        elif kind == "shape":
+            out += [(t, template.format(c=o["color"]), o["shape"], list(SHAPES))
+                    for o in objects if n_color[o["color"]] == 1]
+        elif kind == "count" and "{" not in template:
+            out.append((t, template, str(len(objects)), numbers))
+        elif kind == "count":
+            out += [(t, template.format(s=s), str(n_shape[s]), numbers) for s in SHAPES if "{s}" in template]
+            out += [(t, template.format(c=c), str(n_color[c]), numbers) for c in COLORS if "{c}" in template]
+        elif "{o}" in template:
+            for o in objects:
+                vertical, horizontal = o["quadrant"].split()
+                answer, possible = {
+                    "Is the {o} on the left or on the right?": (horizontal, ["left", "right"]),
+                    "Is the {o} at the top or at the bottom?": (vertical, ["bottom", "top"]),
+                    "Where is the {o}?": (o["quadrant"], list(QUADRANTS)),
+                    "Is the {o} big or small?": ("big" if o["size"] == "large" else "small", ["big", "small"]),
+                    "What size is the {o}?": (o["size"], ["large", "small"]),
+                    "Is the {o} on the left?": (yes_no[horizontal == "left"], yes_no),
+                    "Is the {o} on the right?": (yes_no[horizontal == "right"], yes_no),
+                }[template]
+                out.append((t, template.format(o=_name(o)), answer, possible))
+        elif "{s}" in template:
+            out += [(t, template.format(s=s), yes_no[n_shape[s] > 0], yes_no) for s in SHAPES]
+        elif "{c}" in template:
+            out += [(t, template.format(c=c), yes_no[n_color[c] > 0], yes_no) for c in COLORS]
+        else:  # "Is there {sa}?"
+            out += [(t, template.format(sa=_a(f"{c} {s}")), yes_no[(c, s) in present], yes_no)
+                    for c in COLORS for s in SHAPES]
+    return out
+
+
+def _pick_questions(rng, objects, used, per_image):
+    """per_image questions of distinct kinds: a kind, then one of its templates that this scene
+    supports, at random; then the answer used least so far with that template in the whole world
+    (ties at random), then a question with that answer. Answers come out nearly uniform per
+    template, so the question text alone says little."""
+    by_template = {}
+    for cand in _question_candidates(objects):
+        by_template.setdefault(cand[0], []).append(cand)
+    kinds = sorted({TEMPLATES[t][0] for t in by_template})
+    picked = []
+    for kind in rng.sample(kinds, min(per_image, len(kinds))):
+        t = rng.choice([t for t in sorted(by_template) if TEMPLATES[t][0] == kind])
+        answers = sorted({c[2] for c in by_template[t]})
+        least = min(used[(t, a)] for a in answers)
+        answer = rng.choice([a for a in answers if used[(t, a)] == least])
+        used[(t, answer)] += 1
+        picked.append(rng.choice([c for c in by_template[t] if c[2] == answer]))
+    return picked
+
+
+_SYNONYMS = {"large": ["big"], "big": ["large"], "small": ["little", "tiny"], "circle": ["round", "oval"],
+             "square": ["rectangle"], "triangle": ["triangular"], "purple": ["violet"],
+             "top left": ["upper left", "left"], "top right": ["upper right", "right"],
+             "bottom left": ["lower left", "left"], "bottom right": ["lower right", "right"]}
+
+
+def _human_answers(rng, kind, answer, possible):
+    """10 annotators: most give the answer, written in various ways that the official normaliser
+    maps back ("Red", "red.", "a circle", "two", "zero"); some give a synonym it does not map ("big"
+    for "large"); some are wrong (another possible answer). The error rate varies per question."""
+    p_wrong = rng.choice([0.0, 0.0, 0.0, 0.05, 0.05, 0.1, 0.1, 0.2, 0.3])
+    p_synonym = 0.1 if answer in _SYNONYMS else 0.0
+    out = []
+    for _ in range(10):
+        u = rng.random()
+        if u < p_wrong:
+            a = rng.choice([x for x in possible if x != answer])
+        elif u < p_wrong + p_synonym:
+            a = rng.choice(_SYNONYMS[answer])
+        else:
+            a = answer
+        v = rng.random()
+        if kind == "count" and v < 0.3:
+            a = NUMBER_WORDS[int(a)]
+        elif v < 0.06:
+            a = a.capitalize()
+        elif v < 0.09:
+            a = a + "."
+        elif v < 0.12 and kind == "shape":
+            a = "a " + a
+        out.append(a)
+    return out
+
+
+def _captions(rng, objects):
+    """5 varied captions of a scene (raw sentences)."""
+    n = len(objects)
+    objs = objects[:]
+    rng.shuffle(objs)
+
+    def listing(with_size):
+        parts = [_a(f"{o['size'] + ' ' if with_size else ''}{_name(o)}") for o in objs]
+        return parts[0] if n == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+    count = f"{NUMBER_WORDS[n]} {'shape' if n == 1 else 'shapes'}"
+    where = "; ".join(f"{_a(_name(o))} in the {o['quadrant']}" for o in objs)
+    colors = sorted({o["color"] for o in objs})
+    color_text = colors[0] if len(colors) == 1 else ", ".join(colors[:-1]) + " and " + colors[-1]
+    options = [
+        f"{listing(False)} on a gray background.",
+        f"{listing(True)}.",
+        f"There {'is' if n == 1 else 'are'} {count} in the picture: {listing(False)}.",
+        f"An image with {where}.",
+        f"{count.capitalize()} on a plain background, colored {color_text}.",
+        f"A picture showing {listing(rng.random() < 0.5)}.",
+        f"{where}.",
+    ]
+    picked = rng.sample(options, 5)
+    return [p[0].upper() + p[1:] for p in picked]
+
+
+def _caption_tokens(raw):
+    """Karpathy's "tokens": lower-cased words without punctuation."""
+    return "".join(ch if ch.isalnum() or ch.isspace() else " " for ch in raw.lower()).split()
+
+
+def make_world(out, n_images=3000, seed=0, questions_per_image=3):
+    """Write the synthetic world under `out` in the real formats (see the module docstring).
+    Two thirds of the images are train2014, one third val2014; of val2014, 30 % are Karpathy val,
+    30 % test, the rest restval. Also writes shapes_scenes.json: every image's objects and every
+    question's true answer (for attribute pretraining and oracle checks). Deterministic: the same
+    seed gives byte-identical files."""
+    if n_images < 10:
+        raise ValueError("make_shapes: n_images must be at least 10")
+    rng = random.Random(seed)
+    nprng = np.random.default_rng(seed)
+    n_train = round(n_images * 2 / 3)
+    n_val = n_images - n_train
+    n_kval = n_ktest = n_val * 3 // 10
+    used = Counter()  # (template, answer) -> questions so far
+
+    vqa = {s: ([], []) for s in ("train2014", "val2014")}
+    karpathy, scenes, truths = [], [], []
+    sentid = 0
+    for i in tqdm(range(n_images), desc="shapes", unit="img", mininterval=1.0):
+        subtype = "train2014" if i < n_train else "val2014"
+        image_id = 9 + 7 * i  # sparse ids, different from the Karpathy imgid, like COCO
+        img, objects = draw_scene(rng, nprng)
+        key = data.coco_image_key(subtype, image_id)
+        buf = jpeg_bytes(img)
+        atomic_write(os.path.join(out, key), lambda f: f.write(buf), "wb")
+        for k, (t, question, answer, possible) in enumerate(
+                _pick_questions(rng, objects, used, questions_per_image)):
+            kind, _, qtype, atype = TEMPLATES[t]
+            qid = image_id * 1000 + k
+            answers = _human_answers(rng, kind, answer, possible)
+            norm = Counter(normalize_answer(a) for a in answers)
+            mc = min(norm, key=lambda a: (-norm[a], a))
+            vqa[subtype][0].append({"image_id": image_id, "question": question, "question_id": qid})
+            vqa[subtype][1].append({
+                "question_type": qtype, "multiple_choice_answer": mc,
+                "answers": [{"answer": a, "answer_confidence": rng.choice(["yes", "yes", "yes", "maybe"]),
+                             "answer_id": j + 1} for j, a in enumerate(answers)],
+                "image_id": image_id, "answer_type": atype, "question_id": qid})
+            truths.append({"question_id": qid, "image_id": image_id, "kind": kind, "answer": answer})
+        j = i - n_train
+        split = "train" if j < 0 else "val" if j < n_kval else "test" if j < n_kval + n_ktest else "restval"
+        sentences = []
+        for raw in _captions(rng, objects):
+            sentences.append({"tokens": _caption_tokens(raw), "raw": raw, "imgid": i, "sentid": sentid})
+            sentid += 1
+        karpathy.append({"filepath": subtype, "sentids": [s["sentid"] for s in sentences],
+                         "filename": os.path.basename(key), "imgid": i, "split": split,
+                         "sentences": sentences, "cocoid": image_id})
+        scenes.append({"image_id": image_id, "image": key, "objects": objects})
+
+    info = {"description": "Synthetic shapes world in the VQAv2 format (routing-peft shapes.py)",
+            "url": "", "version": "2.0", "year": 2024, "contributor": "routing-peft shapes.py",
+            "date_created": "2024-01-01 00:00:00"}
+    license_ = {"url": "https://creativecommons.org/publicdomain/zero/1.0/", "name": "CC0 1.0"}
+    for subtype, (questions, annotations) in vqa.items():
+        q_path, a_path = data.vqa_files(out, subtype)
+        write_json({"info": info, "task_type": "Open-Ended", "data_type": "mscoco",
+                             "license": license_, "data_subtype": subtype, "questions": questions}, q_path, indent=None)
+        write_json({"info": info, "license": license_, "data_subtype": subtype,
+                             "annotations": annotations, "data_type": "mscoco"}, a_path, indent=None)
+    write_json({"images": karpathy, "dataset": "coco"}, os.path.join(out, data.KARPATHY), indent=None)
+    write_json({"images": scenes, "questions": truths}, os.path.join(out, "shapes_scenes.json"), indent=None)
+
+
+def jpeg_bytes(img):
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def ensure_world(path=WORLD):
+    """The synthetic world at `path`: generated once (python shapes.py world). Returns path."""
+    if not os.path.isfile(os.path.join(path, data.KARPATHY)):
+        print(f"creating the synthetic world in {path} (once)")
+        make_world(path)
+    return path
+
+
+def world_texts(world):
+    """Questions and captions of the synthetic world's training images (the tiny models' corpus)."""
+    karpathy = data.read_karpathy(os.path.join(world, data.KARPATHY))
+    train_ids = {img["cocoid"] for img in karpathy if data.karpathy_split(img["split"]) == "train"}
+    captions = [s["raw"] for img in karpathy if img["cocoid"] in train_ids for s in img["sentences"]]
+    questions = [r["question"] for r in data.read_vqa(world, "train2014") if r["image_id"] in train_ids]
+    return questions, captions
+
+
+# ---- the demo's tiny pretrained backbones --------------------------------------------------------
+
+TINY = {  # the same architectures as the real backbones, tiny; d = 128 everywhere, so no projection
+    "vit": models.Config("vit", 128, 4, 4, 512, 1e-12, image_size=64, patch_size=16),
+    "roberta": models.Config("roberta", 128, 4, 4, 512, 1e-5, max_positions=66, dropout=0.1),
+    "gpt2": models.Config("gpt2", 128, 4, 4, 512, 1e-5, max_positions=64, dropout=0.1),
+}
+TINY_VOCAB = 1000
+VIT_STEPS, VIT_LR, VIT_SCENES = 700, 2e-3, 8000
+TEXT_STEPS, TEXT_LR = 400, 1e-3  # per text backbone
+PRETRAIN_WARMUP = 50
+
+
+def pretrain(model, head, batches, steps, lr, desc):
+    """AdamW on model + head over `batches` (a function step -> loss): linear warm-up over
+    PRETRAIN_WARMUP steps, then cosine decay (without warm-up the post-LN RoBERTa stalls at the
+    unigram loss and gives the same hidden state for every input)."""
+    params = list(model.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    model.train()
+    bar = tqdm(range(steps), desc=desc, unit="step")
+    for step in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr * min(1.0, (step + 1) / PRETRAIN_WARMUP) * 0.5 * (1 + math.cos(math.pi * step / steps))
+        loss = batches(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return model.eval()
+
+
+# The ViT's pretraining targets: per quadrant (top left, top right, bottom left, bottom right) its
+# colour, shape and size, with class 0 = empty quadrant; then the number of objects (0-4).
+ATTRIBUTE_CLASSES = [1 + len(COLORS), 1 + len(SHAPES), 1 + len(SIZES)] * 4 + [5]
+
+
+def scene_attributes(objects):
+    """Class labels (13,) of one scene's attributes, in the order of ATTRIBUTE_CLASSES."""
+    colors, shapes, sizes = sorted(COLORS), list(SHAPES), sorted(SIZES)
+    y = torch.zeros(len(ATTRIBUTE_CLASSES), dtype=torch.long)
+    for o in objects:
+        q = 3 * QUADRANTS.index(o["quadrant"])
+        y[q:q + 3] = torch.tensor([1 + colors.index(o["color"]), 1 + shapes.index(o["shape"]),
+                                   1 + sizes.index(o["size"])])
+    y[-1] = len(objects)
+    return y
+
+
+def attribute_loss(logits, labels):
+    """Mean cross-entropy over the 13 attribute groups: logits (B, sum(ATTRIBUTE_CLASSES)), labels (B, 13)."""
+    groups = logits.split(ATTRIBUTE_CLASSES, dim=-1)
+    return sum(F.cross_entropy(z, labels[:, j]) for j, z in enumerate(groups)) / len(groups)
+
+
+def draw_scenes(n, seed, config):
+    """n new scenes from the synthetic world's generator (not its stored images), JPEG round-tripped
+    like the stored ones: (pixels (n, 3, S, S) normalised for the ViT, labels (n, 13))."""
+    rng, nprng = random.Random(seed), np.random.default_rng(seed)
+    pixels, labels = [], []
+    for _ in tqdm(range(n), desc="draw scenes", unit="img", mininterval=1.0):
+        img, objects = draw_scene(rng, nprng)
+        with Image.open(io.BytesIO(jpeg_bytes(img))) as im:
+            pixels.append(data.preprocess(im.convert("RGB"), config.image_size, config.image_mean, config.image_std))
+        labels.append(scene_attributes(objects))
+    return torch.stack(pixels), torch.stack(labels)
+
+
+def pretrain_vit():
+    """The tiny ViT, trained briefly to name the attributes of freshly drawn scenes (a stand-in for
+    ImageNet-21k pretraining: no image, question or caption of the demo's data is used)."""
+    c = TINY["vit"]
+    pixels, labels = draw_scenes(VIT_SCENES, seed=1, config=c)
+    model, head = models.build_model(c), nn.Linear(c.d_model, sum(ATTRIBUTE_CLASSES))
+    with torch.no_grad():  # distinct positions from the first step: learning starts much faster than from 0
+        model.pos_embed.normal_(0.0, 0.5)
+        model.cls_token.normal_(0.0, 0.5)
+    g = torch.Generator().manual_seed(0)
+
+    def loss(step):
+        i = torch.randint(len(pixels), (64,), generator=g)
+        return attribute_loss(head(model(pixels[i])[1]), labels[i])
+
+    return pretrain(model, head, loss, VIT_STEPS, VIT_LR, "pretrain tiny ViT (scene attributes)")
+
+
+def pretrain_text(arch, tokenizer, texts):
+    """The tiny RoBERTa (masked LM) or GPT-2 (next-token LM) on the synthetic world's text."""
+    c = dataclasses.replace(TINY[arch], vocab_size=len(tokenizer), pad_id=tokenizer.pad_id)
+    model = models.build_model(c)
+    seqs = [torch.tensor(tokenizer.wrap(tokenizer.encode(t))[:c.max_positions - 4]) for t in texts]
+    g = torch.Generator().manual_seed(0)
+    if arch == "roberta":
+        head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(), nn.LayerNorm(c.d_model))
+    else:
+        head = nn.Identity()
+
+    def loss(step):
+        i = torch.randint(len(seqs), (64,), generator=g).tolist()
+        ids, mask = data.pad_sequences([seqs[j] for j in i], tokenizer.pad_id)  # (B, N)
+        if arch == "gpt2":
+            labels = ids.masked_fill(mask == 0, -100)
+            logits = model(ids)  # (B, N, V)
+            return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        special = (ids == tokenizer.bos_id) | (ids == tokenizer.eos_id) | (mask == 0)
+        chosen = (torch.rand(ids.shape, generator=g) < 0.15) & ~special  # (B, N)
+        labels = ids.masked_fill(~chosen, -100)
+        u = torch.rand(ids.shape, generator=g)
+        noisy = torch.where(chosen & (u < 0.8), tokenizer.mask_id, ids)  # 80 % <mask>, 10 % random, 10 % kept
+        noisy = torch.where(chosen & (u >= 0.8) & (u < 0.9), torch.randint(len(tokenizer), ids.shape, generator=g), noisy)
+        h = head(model(noisy, mask))  # (B, N, d)
+        return F.cross_entropy((h @ model.wte.weight.T).flatten(0, 1), labels.flatten())
+
+    return pretrain(model, head, loss, TEXT_STEPS, TEXT_LR, f"pretrain tiny {arch} ({'masked' if arch == 'roberta' else 'next-token'} LM)")
+
+
+def tiny_backbone(arch):
+    """Path of the demo's tiny pretrained `arch` backbone (vit, roberta, gpt2), pretrained on first use
+    (about a minute each) from a fixed seed: the same weights whatever ran before."""
+    path = os.path.join(TINY_DIR, f"{arch}.pt")
+    if os.path.isfile(path):
+        return path
+    if arch not in TINY:
+        raise ValueError(f"no tiny demo backbone for arch {arch!r}; there are {sorted(TINY)}")
+    torch.manual_seed(0)
+    ensure_world()
+    if arch == "vit":
+        models.save_checkpoint(pretrain_vit(), path)
+    else:
+        questions, captions = world_texts(WORLD)
+        tokenizer = data.BPETokenizer(**data.learn_bpe(questions + captions, TINY_VOCAB))
+        model = pretrain_text(arch, tokenizer, questions + captions if arch == "roberta" else captions)
+        models.save_checkpoint(model, path, tokenizer.to_data())
+    print(f"saved the tiny pretrained {arch} to {path}")
+    return path
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("world", help="write the synthetic world (VQAv2 + COCO + Karpathy formats)")
+    p.add_argument("--out", default=WORLD, help=f"output folder, data and images (default: {WORLD})")
+    p.add_argument("--n-images", type=int, default=3000, help="number of images (2/3 train2014, 1/3 val2014)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
+    sub.add_parser("backbones", help=f"pretrain the tiny ViT, RoBERTa and GPT-2 into {TINY_DIR} (once)")
+    args = parser.parse_args(argv)
+    if args.command == "world":
+        make_world(args.out, n_images=args.n_images, seed=args.seed)
+        print(f"wrote {args.n_images} images with questions and captions to {args.out}")
+    else:
+        for arch in TINY:
+            print(tiny_backbone(arch))
+
+
+if __name__ == "__main__":
+    main()
