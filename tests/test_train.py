@@ -540,3 +540,87 @@ def test_study(world, tmp_path, monkeypatch, capsys):
         train.run_study(dataclasses.replace(cfg, lr=0.5), False, train.STUDY_ROUTES, train.STUDY_SEEDS)
     with pytest.raises(ValueError, match="no --max-steps"):
         train.run_study(dataclasses.replace(cfg, max_steps=1), False, train.STUDY_ROUTES, train.STUDY_SEEDS)
+
+
+# ---- defects found in review: each test failed before its fix ----------------------------------------------
+
+
+def test_warmup_never_exceeds_the_peak_lr():
+    """The warm-up reaches cfg.lr and never passes it, also when warmup * total is fractional (30 steps at
+    5 % once gave 1.33 x lr)."""
+    for total in (7, 30, 100, 361, 5000):
+        for warmup in (0.0, 0.01, 0.05, 0.1, 0.5, 1, 3, 10):
+            cfg = train.Config(lr=2.0, warmup=warmup)
+            lrs = [train.get_lr(s, total, cfg) for s in range(total)]
+            peak = lrs.index(max(lrs))
+            assert max(lrs) <= 2.0 and (max(lrs) == 2.0 or warmup > total), (total, warmup)
+            assert lrs[:peak + 1] == sorted(lrs[:peak + 1]) and lrs[peak:] == sorted(lrs[peak:], reverse=True)
+            assert lrs[-1] > 0
+
+
+def test_new_weights_depend_on_the_seed_only(world, tmp_path, monkeypatch):
+    """The demo's first run pretrains the tiny backbones (random draws) before the model is built: its new
+    weights must still be those of every later run with the same seed."""
+    cfg = config(world, tmp_path / "run")
+    before = train.trainable_state(train.build(cfg)[1])
+    real = train.backbone
+    monkeypatch.setattr(train, "backbone", lambda name, arch: (torch.randn(1000), real(name, arch))[1])
+    after = train.trainable_state(train.build(cfg)[1])
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_checks_the_answer_vocabulary(world, tmp_path):
+    """A run resumed on data whose answer vocabulary changed is refused, as evaluation refuses it."""
+    folder = tmp_path / "world"
+    shutil.copytree(world.data, folder, ignore=shutil.ignore_patterns("prepared"))
+    cfg = config(world, tmp_path / "run", data=str(folder), max_steps=1)
+    train.main(cfg)
+    path = data.vqa_files(str(folder), "train2014")[1]
+    annotations = read_json(path)
+    for a in annotations["annotations"]:
+        for x in a["answers"]:
+            x["answer"] = "purple " + x["answer"]
+    E.write_json(annotations, path)
+    for call in (lambda: train.main(train.run_config(cfg.out, max_steps=2), resume=True),
+                 lambda: train.evaluate_run(cfg.out, "val")):
+        with pytest.raises(ValueError, match="answer vocabulary"):
+            call()
+
+
+def test_caption_preset_keeps_long_captions():
+    assert train.config_from_args(["--preset", "caption-lora"]).max_len == 50  # the release's length, not 20
+
+
+def dropout_free_backbones(world, tmp_path):
+    """The world's text backbones with dropout 0: each process draws its own dropout masks."""
+    paths = {}
+    for arch in ("roberta", "gpt2"):
+        model = models.load_checkpoint(getattr(world, arch))
+        model.config = dataclasses.replace(model.config, dropout=0.0)
+        paths[arch] = str(tmp_path / f"{arch}.pt")
+        models.save_checkpoint(model, paths[arch], world.tokenizer.to_data())
+    return paths
+
+
+@pytest.mark.parametrize("task,procs,accum", [("vqa", 3, 1), ("caption", 2, 2)])
+def test_ddp_matches_one_process(world, tmp_path, task, procs, accum):
+    """torchrun with 3 or 2 CPU processes (gloo) against one process: batches of 16 split 6 + 5 + 5, or 8 split
+    4 + 4 with gradient accumulation (captions: the processes hold different numbers of tokens). The gradient is normalised by the global number of examples
+    (VQA) or tokens (captions), so the weights after 4 steps and the logged train loss agree to 1e-6."""
+    text = dropout_free_backbones(world, tmp_path)[{"vqa": "roberta", "caption": "gpt2"}[task]]
+    args = ["--task", task, "--vit", world.vit, "--text", text, "--data", world.data, "--cache", world.cache,
+            "--batch-size", str(16 // accum), "--grad-accum", str(accum), "--max-steps", "4", "--max-len", "12",
+            "--answers", "20", "--rank", "4", "--alpha", "4", "--lr", "1e-2", "--beams", "1", "--max-new-tokens", "4",
+            "--workers", "0", "--device", "cpu"]
+    one = tmp_path / "one"
+    train.main(train.config_from_args(args + ["--out", str(one)]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(procs), "train.py", *args, "--out", str(tmp_path / "ddp")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = train.load_run(str(one)), train.load_run(str(tmp_path / "ddp"))
+    assert a["step"] == b["step"] == 4 and a["trainable"].keys() == b["trainable"].keys()
+    for name in a["trainable"]:
+        torch.testing.assert_close(a["trainable"][name], b["trainable"][name], rtol=0, atol=1e-6)
+    assert a["records"][0]["train_loss"] == pytest.approx(b["records"][0]["train_loss"], abs=1e-6)
+    assert all(t.abs().sum() > 0 for n, t in a["trainable"].items() if n.endswith(".B.weight"))  # LoRA B left 0
