@@ -35,7 +35,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from eval import atomic_write, normalize_answer, vqa_accuracy
+from eval import atomic_write, nlvr2_identifier, normalize_answer, read_nlvr2_lines, vqa_accuracy
 
 # =============================================================================================
 # Byte-level BPE (GPT-2, RoBERTa, BART)
@@ -666,6 +666,102 @@ def collate_caption(batch, eos_id):
     if "pixel_values" in batch[0]:
         out["pixel_values"] = torch.stack([b["pixel_values"] for b in batch])  # (B, 3, S, S)
     return out
+
+
+# =============================================================================================
+# GQA and NLVR2 (the CLIP-BART setting), from the official files
+# =============================================================================================
+#
+# GQA (https://cs.stanford.edu/people/dorarad/gqa/download.html): questions1.2.zip holds
+# {train,val,testdev}_balanced_questions.json (also test/challenge files without answers, scored by
+# the server, and *_all_questions files, train's in chunks); images.zip holds images/{imageId}.jpg.
+# A questions file is one JSON object {questionId: {"imageId", "question", "answer", "fullAnswer",
+# "isBalanced", "types": {"structural", "semantic", "detailed"}, "groups": {"global", "local"},
+# "entailed", "equivalent", "semantic": [{"operation", "argument", "dependencies"}], "semanticStr",
+# "annotations"}}, the fields the official eval.py reads (eval.read_gqa_questions).
+#
+# NLVR2 (lil-lab/nlvr, nlvr2/README.md): nlvr2/data/{train,dev,test1,test2}.json, one JSON object a
+# line with "identifier" (split-set_id-pair_id-sentence_id, e.g. "dev-850-2-0"), "sentence",
+# "label" ("True" / "False"), "left_url", "right_url", "writer", "validation", "synset", "query",
+# "extra_validations" (dev and test) and "directory" (train only: one of 100 folders). The README
+# names the images of an identifier split-set_id-pair_id-sentence_id split-set_id-pair_id-img0.png
+# (left) and -img1.png (right); some are not PNGs inside, which Pillow does not mind. The archives of
+# the direct download extract to images/train/{directory}/, dev/ and test1/ (as read by the Hugging
+# Face NLVR2 loading script and the public fine-tuning codes, e.g. DaVinci's documented layout).
+
+GQA_QUESTIONS = "{}_balanced_questions.json"  # train, val, testdev
+
+
+def gqa_image_key(image_id):
+    """GQA image path relative to the images folder (images.zip's images/): '2354786.jpg'."""
+    return f"{image_id}.jpg"
+
+
+def read_gqa(questions_path, images_dir=None):
+    """The questions of an official GQA questions file, in file order: [{"question_id": str,
+    "image_id": str, "image": key (gqa_image_key), "question": str, "answer": str, "types":
+    {"structural", "semantic", "detailed"}}]. A missing field or a file without answers (test,
+    challenge) is a ValueError naming the file and the question; with images_dir, a question whose
+    image file is missing is a FileNotFoundError naming both."""
+    questions = _read_json(questions_path)
+    if not isinstance(questions, dict) or not questions:
+        raise ValueError(f"{questions_path}: not a GQA questions file (a JSON object {{questionId: question}})")
+    records = []
+    for qid, q in questions.items():
+        for field in ("imageId", "question", "answer"):
+            if not isinstance(q, dict) or not isinstance(q.get(field), str):
+                raise ValueError(f"{questions_path}: question {qid} has no string field {field!r}")
+        types = q.get("types")
+        if not isinstance(types, dict) or not all(isinstance(types.get(t), str) for t in ("structural", "semantic")):
+            raise ValueError(f"{questions_path}: question {qid} has no 'types' with 'structural' and 'semantic'")
+        records.append({"question_id": qid, "image_id": q["imageId"], "image": gqa_image_key(q["imageId"]),
+                        "question": q["question"], "answer": q["answer"], "types": types})
+    if images_dir is not None:
+        _check_images(questions_path, images_dir, ((f"question {r['question_id']}", r["image"]) for r in records))
+    return records
+
+
+def _check_images(source, images_dir, items):
+    """FileNotFoundError for the first (what, image key) whose file is not under images_dir."""
+    seen = set()
+    for what, key in items:
+        if key not in seen:
+            seen.add(key)
+            path = os.path.join(images_dir, key)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{source}: {what}: image not found: {path}")
+
+
+def nlvr2_image_keys(identifier, directory=None):
+    """The (left, right) image paths of an NLVR2 example relative to the folder holding the extracted
+    archives: train -> images/train/{directory}/train-10171-0-img0.png, dev -> dev/dev-850-2-img0.png,
+    test1 -> test1/test1-0-1-img0.png (the identifier without its sentence id, then -img0 / -img1)."""
+    split, set_id, pair_id, _ = nlvr2_identifier(identifier)
+    folder = f"images/train/{directory}" if split == "train" else split
+    return [f"{folder}/{split}-{set_id}-{pair_id}-img{k}.png" for k in (0, 1)]
+
+
+def read_nlvr2(path, images_dir=None):
+    """The examples of an official NLVR2 JSON-lines file, in file order: [{"identifier": str,
+    "sentence": str, "label": bool, "images": [left key, right key] (nlvr2_image_keys)}]. A malformed
+    line is a ValueError naming the file and the line number; with images_dir, a missing image file is
+    a FileNotFoundError naming the example and the image."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"NLVR2 file not found: {path}")
+    records = []
+    for where, obj in read_nlvr2_lines(path):  # identifier and label checked
+        if not isinstance(obj.get("sentence"), str):
+            raise ValueError(f"{where}: no string field 'sentence'")
+        directory = obj.get("directory")
+        if obj["identifier"].startswith("train-") and not (
+                type(directory) is int or (isinstance(directory, str) and directory.isdigit())):
+            raise ValueError(f"{where}: a train example needs its image folder number 'directory', "
+                             f"got {directory!r:.50}")
+        records.append({"identifier": obj["identifier"], "sentence": obj["sentence"],
+                        "label": obj["label"] == "True", "images": nlvr2_image_keys(obj["identifier"], directory)})
+    if images_dir is not None:
+        _check_images(path, images_dir, ((f"example {r['identifier']}", key) for r in records for key in r["images"]))
+    return records
 
 
 # =============================================================================================

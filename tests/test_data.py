@@ -7,6 +7,7 @@ import filecmp
 import functools
 import json
 import os
+import re
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -365,3 +366,121 @@ def test_missing_and_malformed_files_name_the_file(tmp_path, tok, world):
         g.write(f.read())
     with pytest.raises(ValueError, match="240 questions but .* 239 annotations"):
         data.read_vqa(str(tmp_path), "val2014")
+
+
+# ---- GQA and NLVR2 readers on hand-written official-format snippets ---------------------------
+
+
+def gqa_question(image_id, question, answer, structural="query", semantic="attr", **extra):
+    """One question as in questions1.2's *_balanced_questions.json (the fields the readers see)."""
+    return dict({"imageId": image_id, "question": question, "answer": answer, "fullAnswer": f"It is {answer}.",
+                 "isBalanced": True, "groups": {"global": None, "local": "10c-cup_color"},
+                 "types": {"structural": structural, "semantic": semantic, "detailed": "typeVerifyC"},
+                 "entailed": [], "equivalent": [], "semanticStr": "select: cup ->query: color",
+                 "semantic": [{"operation": "select", "argument": "cup (5)", "dependencies": []},
+                              {"operation": "query", "argument": "color", "dependencies": [0]}],
+                 "annotations": {"answer": {}, "question": {}, "fullAnswer": {}}}, **extra)
+
+
+def test_read_gqa_records_and_image_keys(tmp_path):
+    questions = {"07333408": gqa_question("2375429", "What color is the cup?", "white"),
+                 "201307251": gqa_question("n161313", "Is the plate round?", "yes", "verify", "attr")}
+    path = tmp_path / "testdev_balanced_questions.json"
+    path.write_text(json.dumps(questions))
+    (tmp_path / "images").mkdir()
+    for image_id in ("2375429", "n161313"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / f"{image_id}.jpg")
+    records = data.read_gqa(str(path), str(tmp_path / "images"))
+    assert records == [
+        {"question_id": "07333408", "image_id": "2375429", "image": "2375429.jpg", "question": "What color is the cup?",
+         "answer": "white", "types": {"structural": "query", "semantic": "attr", "detailed": "typeVerifyC"}},
+        {"question_id": "201307251", "image_id": "n161313", "image": "n161313.jpg", "question": "Is the plate round?",
+         "answer": "yes", "types": {"structural": "verify", "semantic": "attr", "detailed": "typeVerifyC"}}]
+    assert data.read_gqa(str(path)) == records  # without images_dir nothing is looked up
+    assert data.GQA_QUESTIONS.format("testdev") == path.name
+
+
+def test_read_gqa_errors(tmp_path):
+    path = tmp_path / "q.json"
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "1.jpg")
+    cases = [
+        ({"a": gqa_question("1", "Q?", "x"), "b": gqa_question("2", "Q?", "y")}, FileNotFoundError,
+         r"question b: image not found: .*images/2\.jpg"),
+        ({"a": {k: v for k, v in gqa_question("1", "Q?", "x").items() if k != "answer"}}, ValueError,
+         "question a has no string field 'answer'"),  # e.g. test_balanced_questions.json
+        ({"a": gqa_question(1, "Q?", "x")}, ValueError, "question a has no string field 'imageId'"),
+        ({"a": gqa_question("1", "Q?", "x", types={"detailed": "x"})}, ValueError, "question a has no 'types'"),
+        ([gqa_question("1", "Q?", "x")], ValueError, "not a GQA questions file"),
+        ({}, ValueError, "not a GQA questions file"),
+    ]
+    for questions, error, message in cases:
+        path.write_text(json.dumps(questions))
+        with pytest.raises(error, match=message):
+            data.read_gqa(str(path), str(tmp_path / "images"))
+    path.write_text("{")
+    with pytest.raises(ValueError, match="q.json: malformed JSON"):
+        data.read_gqa(str(path))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        data.read_gqa(str(tmp_path / "missing.json"))
+
+
+def nlvr2_line(identifier, label="True", sentence="The left image has more dogs.", **extra):
+    """One line of nlvr2/data/{train,dev,test1}.json (a subset of the real fields, plus extra)."""
+    return json.dumps(dict({"validation": {"77": label}, "sentence": sentence, "left_url": "http://a/l.jpg",
+                            "writer": "103", "label": label, "right_url": "http://a/r.jpg", "synset": "dog",
+                            "query": "dogs12", "identifier": identifier}, **extra))
+
+
+def test_read_nlvr2_records_and_image_layout(tmp_path):
+    lines = {"train.json": [nlvr2_line("train-10171-0-0", "False", directory=11),
+                            nlvr2_line("train-10171-0-1", directory="11")],
+             "dev.json": [nlvr2_line("dev-850-2-0"), "", nlvr2_line("dev-850-3-0", "False")],
+             "test1.json": [nlvr2_line("test1-0-1-1")]}
+    for name, rows in lines.items():
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+    train = data.read_nlvr2(str(tmp_path / "train.json"))
+    assert train == [
+        {"identifier": "train-10171-0-0", "sentence": "The left image has more dogs.", "label": False,
+         "images": ["images/train/11/train-10171-0-img0.png", "images/train/11/train-10171-0-img1.png"]},
+        {"identifier": "train-10171-0-1", "sentence": "The left image has more dogs.", "label": True,
+         "images": ["images/train/11/train-10171-0-img0.png", "images/train/11/train-10171-0-img1.png"]}]
+    dev = data.read_nlvr2(str(tmp_path / "dev.json"))
+    assert [(r["label"], r["images"]) for r in dev] == [
+        (True, ["dev/dev-850-2-img0.png", "dev/dev-850-2-img1.png"]),
+        (False, ["dev/dev-850-3-img0.png", "dev/dev-850-3-img1.png"])]
+    assert data.read_nlvr2(str(tmp_path / "test1.json"))[0]["images"] == ["test1/test1-0-1-img0.png",
+                                                                          "test1/test1-0-1-img1.png"]
+    # with the images folder: every image must be there
+    for key in dev[0]["images"] + dev[1]["images"]:
+        (tmp_path / "nlvr2" / key).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "nlvr2" / key, format="JPEG")  # not a PNG inside, as some are
+    assert data.read_nlvr2(str(tmp_path / "dev.json"), str(tmp_path / "nlvr2")) == dev
+    os.remove(tmp_path / "nlvr2" / "dev" / "dev-850-3-img1.png")
+    with pytest.raises(FileNotFoundError, match=r"dev.json: example dev-850-3-0: image not found: .*dev-850-3-img1.png"):
+        data.read_nlvr2(str(tmp_path / "dev.json"), str(tmp_path / "nlvr2"))
+
+
+@pytest.mark.parametrize("bad,message", [
+    ('{"identifier": "dev-1-0-0", "sentence": "x", "label": "True"', "line 2: not valid JSON"),
+    ('["dev-1-0-0", "True"]', "line 2: not a JSON object"),
+    (nlvr2_line("dev-1-0"), "line 2: identifier must look like split-set_id-pair_id-sentence_id"),
+    (nlvr2_line("dev-850-2-0"), "line 2: identifier dev-850-2-0 repeats an earlier line"),
+    (nlvr2_line("dev-1-0-0", "true"), "line 2: label must be \"True\" or \"False\""),
+    (nlvr2_line("dev-1-0-0", sentence=None), "line 2: no string field 'sentence'"),
+    (nlvr2_line("train-1-0-0"), "line 2: a train example needs its image folder number 'directory'"),
+    (nlvr2_line("train-1-0-0", directory="../x"), "line 2: a train example needs"),
+])
+def test_read_nlvr2_malformed_line_names_file_and_line(tmp_path, bad, message):
+    path = tmp_path / "dev.json"
+    path.write_text(nlvr2_line("dev-850-2-0") + "\n" + bad + "\n" + nlvr2_line("dev-850-3-0") + "\n")
+    with pytest.raises(ValueError, match=f"dev.json, {re.escape(message)}"):
+        data.read_nlvr2(str(path))
+
+
+def test_read_nlvr2_missing_or_empty_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="NLVR2 file not found: .*test1.json"):
+        data.read_nlvr2(str(tmp_path / "test1.json"))
+    (tmp_path / "test1.json").write_text("\n")
+    with pytest.raises(ValueError, match="test1.json has no lines"):
+        data.read_nlvr2(str(tmp_path / "test1.json"))
