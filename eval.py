@@ -477,15 +477,20 @@ def rouge_l(gts, res, beta=1.2):
 # -preserveLines -lowerCase), in pure Python.
 #
 # Where ptb_tokenize can differ from the Java tokenizer (measured in tests/test_eval.py):
-# - it is a set of rules fitted to CoreNLP's observed output (EVAL_NOTES.md 2.5), not a port of its
-#   JFlex grammar: rare constructs can split differently, e.g. "us$5" (Java "us$ 5", ours "us $ 5"),
-#   "<3", "-5", "a–b", Unicode symbols other than those mapped below, "'tis"-like apostrophe words
-#   outside the few listed, abbreviations missing from the tables below;
+# - it is a set of rules fitted to CoreNLP's observed output (EVAL_NOTES.md 2.5) and checked against
+#   its JFlex grammar (PTBLexer.flex at v3.4.1), not a port of it: rare constructs can split
+#   differently, e.g. "red@x", "3 1/2street", "a1.5-b", "AT&T., x", "x'em", Unicode symbols other
+#   than those mapped below, apostrophe words outside the few listed, abbreviations missing from the
+#   tables below;
 # - the abbreviation tables are case-insensitive except for the few Java only knows capitalised;
+# - a caption's end counts as a line break. Java sees none after the very last caption of a call, so
+#   there a one-letter initial before a sentence start ("plan B. The") keeps its period (Java "b.");
 # - line breaks (\r, \v, \f, \x85, \u2028, \u2029) become spaces. The Java wrapper joins captions
 #   with '\n', so there they silently shift every following caption by one line (not reproduced);
-# - Java drops characters it cannot tokenise (emoji, some currency signs); we drop characters outside
-#   the Basic Multilingual Plane, control characters and the signs listed in _PTB_DROP.
+# - Java drops characters it cannot tokenise (emoji, Roman numerals, some currency signs) and ends
+#   the token there; we replace by a space the characters outside the Basic Multilingual Plane,
+#   control characters, the signs listed in _PTB_DROP and the number characters of _ptb_clean. That
+#   space matters only after a one-letter initial: "B. The😀" (Java "b. the", ours "b the").
 # ---------------------------------------------------------------------------------------------
 
 # ptbtokenizer.py L21-22, verbatim. Applied to LOWER-CASED tokens, so "-LRB-" etc. never match and
@@ -493,12 +498,19 @@ def rouge_l(gts, res, beta=1.2):
 PTB_PUNCTUATIONS = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-",
                     ".", "?", "!", ",", ":", "-", "--", "...", ";"}
 _PTB_CHARS = {"\u201c": '"', "\u201d": '"', "\u201e": '"', "\u2018": "'", "\u2019": "'", "\u201a": "'",
-              "\u2026": "...", "\u2014": "--", "\u2013": "--", "\u00a3": "#", "\u20ac": "$",
+              "\u2014": "--", "\u2013": "--", "\u00a3": "#", "\u20ac": "$",
               "\u00a2": " cents ", "\u00a0": " ", "\r": " ", "\x0b": " ", "\x0c": " ", "\x85": " ",
               "\u2028": " ", "\u2029": " ", "\n": " ", "\t": " "}
 _PTB_DROP = {"\u20b9"}
-_PTB_FRACTIONS = {"\u00bd": "1/2", "\u00bc": "1/4", "\u00be": "3/4"}
+_PTB_FRACTIONS = {"\u00bd": "1/2", "\u00bc": "1/4", "\u00be": "3/4", "\u2153": "1/3", "\u2154": "2/3"}
 _PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+# Superscript or subscript digits, with an optional sign: one token of their own ("x²" -> x ²).
+_PTB_SUBSUP = re.compile("[\u207a\u207b\u208a\u208b]?"
+                         "(?:[\u00b9\u00b2\u00b3\u2070\u2074-\u2079]+|[\u2080-\u2089]+)")
+# An SGML tag, attributes and all; Java turns its spaces into no-break spaces ("<b x>" one token).
+_PTB_SGML = re.compile(
+    r"""<(?:[!?][A-Za-z-][^>]*|{n}(?:{s}+{n}(?:{s}*={s}*(?:'[^']*'|"[^"]*"))?)*{s}*/?|/{n}){s}*>"""
+    .format(n="[A-Za-z][A-Za-z0-9_:.-]*", s="[ \xa0]"))
 # A period after these stays on the word (measured on CoreNLP 3.4.1, any case) ...
 _ABBREV_ALWAYS = set("""adm al ala apr ariz assn atty aug ave bancorp bhd blvd brig bros calif capt cf
     cmdr co col colo comdr conn corp cos cpl ct dak dec dept det dr drs esq est etc feb fla fri ft ga
@@ -508,22 +520,30 @@ _ABBREV_ALWAYS = set("""adm al ala apr ariz assn atty aug ave bancorp bhd blvd b
     vs vt wed wis wisc wyo""".split())
 # ... only when capitalised ("Wash." but "wash.") ...
 _ABBREV_CAPITALISED = set("ark az del ill la mass miss ore pa tex wash".split())
-# ... only before a number ("No. 5", but "the answer is no.").
+# ... only before a number, at most one space away ("No. 5", but "the answer is no.").
 _ABBREV_BEFORE_NUMBER = set("art ca fig no nos op pp".split())
 _ACRONYM = re.compile(r"(?:[^\W\d_]\.)*[^\W\d_]")  # a / u.s / p.m / e.g: single letters
+# A one-letter initial loses its period before these capitalised words ("plan B. The end").
+_SENTENCE_STARTERS = set("""about according additionally after an a as at but earlier he her here however
+    if in it last many more mr. ms. now once one other our she since so some such that the their then
+    there these they this we when while what yet you""".split())
+# Any word, number-free hyphenated compound or "a_b" keeps a period that precedes , ; : ("dog., x").
+_PTB_THING = re.compile(r"(?!\d+(?:\.\d+)+$)[^\W_]+(?:[-_.][^\W_]+)*")
 # Token shapes; at each position the LONGEST match wins, ties to the earlier entry (as in JFlex).
 _PTB_TOKENS = [re.compile(p) for p in (
     r"(?:https?://|www\.)[^\s\"'<>()\[\]{}]*[\w/]",  # URLs
     r"[\w.+-]+@\w+(?:\.\w+)+",                          # e-mail addresses
     r"[@#][^\W\d_]\w*",                                 # @home, #hashtag (but "#1" -> "# 1")
-    r"</?[^\W\d_]\w*>",                                 # <tag>
-    r"'\d0s", r"'t(?=is\b)", r"'n'",                    # '90s, 'tis -> 't is, rock 'n' roll
-    r"[A-Z]+&[A-Z]+",                                   # AT&T (but at&t -> at & t)
+    _PTB_SGML.pattern, _PTB_SUBSUP.pattern,             # <b x="1">, x⁻²
+    r"'[2-9]0s", r"'\d\d(?!\S)", r"'t(?=is\b)",         # '90s, '90, 'tis -> 't is
+    r"(?i)'(?:[msd]|re|ve|ll)(?![a-z])|'(?:em|till?|cause|n')|'n(?!\S)",  # man 's, 'em, rock 'n' roll
+    r"[A-Z]+&[A-Z]+", r"[A-Z]+\$",                      # AT&T, US$ (but at&t -> at & t, us$ -> us $)
     r"[^\W\d_]\+\+",                                    # c++
-    r"\w+(?:[-./]\w+|'[^\W\d_]+)*",                    # words, hyphenated, 3.5-inch, red/white, o'clock
+    r"[^\W\d_]\w*(?:[-/]\w+|\.[^\W\d_]\w*|'[^\W\d_]+)*",  # words: t-shirt, red/white, o'clock, hello.world
+    r"[-+]?\d*(?:[.:,]\d+)+|[-+]?\d+",                  # numbers: 5.00, 1,000, 3:30, .5, -10; 3.5 mm
+    r"\d+(?:[.,]\d+)*(?:[-/]\w+)+",                     # 3.5-inch, 1/2, 3-4, 5-year-old
+    r"\d\w*(?:[-/]\w+|'[^\W\d_]+)*",                    # words starting with a digit: 10am, 2x4, 1920's
     r"\d+\xa0\d+/\d+",                                  # 3 1/2 (joined below with a no-break space)
-    r"\d+(?::\d+)+",                                    # 3:30
-    r"\d{1,3}(?:,\d{3})+(?:\.\d+)?", r"\.\d+",          # 2,000,000  .5
     r"[?!]+", r"\.{2,}", r"-{2,}", r"''|``",            # ?! !!! ... -- as one token
     r"[^\s]",                                           # anything else: one character
 )]
@@ -535,16 +555,26 @@ _SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got
 
 
 def _ptb_clean(caption):
-    """Character-level normalisation: quotes, dashes, ellipsis, currency, line breaks, fractions."""
+    """Character-level normalisation: quotes, dashes, currency, line breaks, number characters,
+    fractions, spaces inside SGML tags."""
     chars = []
     for ch in caption:
         if ch in _PTB_CHARS:
             chars.append(_PTB_CHARS[ch])
-        elif ord(ch) > 0xFFFF or ch in _PTB_DROP or (ord(ch) < 32 and ch not in " "):
-            continue  # Java: "Untokenizable", dropped
+        elif ord(ch) > 0xFFFF or ch in _PTB_DROP or ord(ch) < 32:
+            chars.append(" ")  # Java: "Untokenizable", dropped; the token ends there
+        elif ch.isalnum() and not (ch.isalpha() or ch.isdecimal()):
+            # a number character (Unicode No, Nl): \w to Python, but never inside a Java word
+            if ch in _PTB_FRACTIONS or _PTB_SUBSUP.match(ch):
+                chars.append(ch)  # ½ -> " 1/2 ", x²³ -> "x ²³ " below
+            elif "\u2155" <= ch <= "\u215e" or "\u2200" <= ch <= "\u2bff":
+                chars.append(f" {ch} ")  # ⅕-⅞ and the circled digits ① ⑴ ❶: tokens of their own
+            else:
+                chars.append(" ")  # Roman numerals Ⅻ, 〇, ...: untokenisable
         else:
             chars.append(ch)
-    text = "".join(chars)
+    text = _PTB_SUBSUP.sub(" \\g<0> ", "".join(chars))
+    text = _PTB_SGML.sub(lambda m: m.group().replace(" ", "\xa0"), text)
     # "3 1/2" is ONE token with a no-break space; a Unicode fraction ("3 ½") is not joined
     text = re.sub(r"(?<![\w.,/])(\d+) (\d+/\d+)(?![\w/])", "\\1\xa0\\2", text)
     for ch, frac in _PTB_FRACTIONS.items():
@@ -571,48 +601,50 @@ def _split_clitics(word):
         word, tail = m.group(1), [m.group(2)] + tail
 
 
-def _ptb_lex(chunk):
-    """Tokens of one whitespace-free chunk by longest match over _PTB_TOKENS."""
-    tokens, pos = [], 0
-    while pos < len(chunk):
-        best = ""
-        for pattern in _PTB_TOKENS:
-            m = pattern.match(chunk, pos)
-            if m and len(m.group()) > len(best):
-                best = m.group()
-        tokens.extend(_split_clitics(best) if "'" in best[1:] or best.lower() in _SPLIT_WORDS else [best])
-        pos += len(best)
+def _ptb_lex(text):
+    """Tokens of the cleaned text: in each whitespace-free chunk the longest match over _PTB_TOKENS,
+    clitics split off; a "." right after a token stays on it where _keeps_period says so."""
+    tokens = []
+    for chunk in re.finditer(r"(?:\S|\xa0)+", text):
+        pos, end = chunk.span()
+        while pos < end:
+            if text[pos] == "." and pos > chunk.start() and _keeps_period(tokens[-1], text, pos):
+                tokens[-1] += "."  # "p.m." keeps its period; lexing goes on after it ("p.m.." -> p.m. .)
+                pos += 1
+                continue
+            best = ""
+            for pattern in _PTB_TOKENS:
+                m = pattern.match(text, pos, end)
+                if m and len(m.group()) > len(best):
+                    best = m.group()
+            tokens.extend(_split_clitics(best) if "'" in best[1:] or best.lower() in _SPLIT_WORDS else [best])
+            pos += len(best)
     return tokens
 
 
-def _keeps_period(word, next_token):
-    """Whether CoreNLP leaves a following "." on `word` (abbreviations and acronyms)."""
-    low = word.lower()
+def _keeps_period(word, text, i):
+    """Whether CoreNLP leaves the "." at text[i], directly after `word`, on the word."""
+    after, low = text[i + 1:], word.lower()
+    if after[:1] in (",", ";", ":", "\u3001") and _PTB_THING.fullmatch(word):
+        return True
+    start = re.match(r"\s+(\S+)\s", after + " ")  # the caption's end counts as a line break
+    if len(word) == 1 and start and start[1][:1].isupper() and start[1].lower() in _SENTENCE_STARTERS:
+        return False
     return (low in _ABBREV_ALWAYS or _ACRONYM.fullmatch(word) is not None
             or (low in _ABBREV_CAPITALISED and word[:1].isupper())
-            or (low in _ABBREV_BEFORE_NUMBER and next_token[:1].isdigit()))
+            or (low in _ABBREV_BEFORE_NUMBER and re.match(r"\s?\d", after) is not None))
 
 
 def ptb_tokenize(caption):
     """One caption as coco-caption tokenises it: CoreNLP PTBTokenizer (-lowerCase) followed by the
     punctuation filter of ptbtokenizer.py, tokens joined by single spaces ("" for no tokens)."""
-    tokens = []
-    for chunk in re.split(r"[^\S\xa0]+", _ptb_clean(caption)):
-        if chunk:
-            tokens.extend(_ptb_lex(chunk))
-    merged = []
-    for i, tok in enumerate(tokens):
-        if tok == "." and merged and _keeps_period(merged[-1], tokens[i + 1] if i + 1 < len(tokens) else ""):
-            merged[-1] += "."
-        else:
-            merged.append(tok)
     out = []
-    for tok in merged:
+    for tok in _ptb_lex(_ptb_clean(caption)):
         tok = _PTB_BRACKETS.get(tok, tok).lower()
         if tok == '"':
             tok = "''"  # a double quote becomes `` or '', both filtered
-        elif tok.startswith(".."):
-            tok = "..."  # runs of periods: "..." plus leftover "." tokens, all filtered
+        elif tok.startswith("..") or tok == "\u2026":
+            tok = "..."  # "…" and runs of periods: "..." plus leftover "." tokens, all filtered
         if tok not in PTB_PUNCTUATIONS:
             out.append(tok)
     return " ".join(out)
