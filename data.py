@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import unicodedata
 from collections import Counter
 
@@ -320,6 +321,12 @@ def _read_json(path):
             raise ValueError(f"{path}: malformed JSON ({e})") from None
 
 
+def progress(iterable, desc, unit, total=None, disable=False):
+    """A progress bar (tqdm) on a terminal; nothing in a redirected log, where train.py prints a line per epoch."""
+    return tqdm(iterable, desc=desc, unit=unit, total=total, leave=False, mininterval=1.0,
+                disable=disable or not sys.stderr.isatty())
+
+
 def cached(kind, sources, params, build, cache_dir):
     """build() once; later calls load the result. The file name is a hash of the source files'
     absolute paths, sizes and modification times, the parameters (tokenizer fingerprint, lengths,
@@ -332,7 +339,10 @@ def cached(kind, sources, params, build, cache_dir):
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = os.path.join(cache_dir, f"{kind}-{digest}.pt")
     if os.path.isfile(path):
-        return torch.load(path, weights_only=True)
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as e:  # a cache: an entry cut short (a killed writer, a full disk) is made again
+            print(f"cache entry {path} is damaged ({type(e).__name__}); rebuilding it")
     data = build()
     atomic_write(path, lambda f: torch.save(data, f), "wb")
     return data
@@ -464,7 +474,7 @@ def encode_question(tokenizer, question, max_len):
 def _vqa_columns(records, tokenizer, vocab, max_len, desc):
     """The prepared form of one split: columns (lists / tensors) instead of a list of dicts."""
     input_ids, t_ids, t_scores = [], [], []
-    for r in tqdm(records, desc=desc, unit="q", mininterval=1.0, disable=len(records) < 20000):
+    for r in progress(records, desc, "q", disable=len(records) < 20000):
         input_ids.append(encode_question(tokenizer, r["question"], max_len))
         i, s = vocab.targets(r["answers"])
         t_ids.append(i)
@@ -604,8 +614,7 @@ def prepare_captions(karpathy, tokenizer, max_len=40, cache_dir=None):
         out = {}
         for name, imgs in splits.items():
             cap_image, cap_ids = [], []
-            for i, img in enumerate(tqdm(imgs, desc=f"prepare captions {name}", unit="img",
-                                         mininterval=1.0, disable=len(imgs) < 5000)):
+            for i, img in enumerate(progress(imgs, f"prepare captions {name}", "img", disable=len(imgs) < 5000)):
                 for sent in img["sentences"]:
                     cap_image.append(i)
                     cap_ids.append(tokenizer.encode(sent["raw"].strip())[:max_len - 1])

@@ -23,6 +23,7 @@ import mmap
 import os
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass
 
 import torch
@@ -656,18 +657,31 @@ def print_report(r):
         print(f"  {note}")
 
 
+def read_torch_file(path, what, mmap=False):
+    """torch.load(path, weights_only=True) on the CPU, with one clear error that names the file and the
+    problem: missing, empty, truncated or not a torch file, or a pickle of other objects (which could
+    run code: weights_only loading never runs it). `what` names the expected kind of file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut one has no central directory
+        size = os.path.getsize(path)
+        raise ValueError(f"{path} is not a {what}: " + ("an empty file" if size == 0 else
+                         f"{size:,} bytes that are not the zip archive torch.save writes (truncated, or another kind of file)"))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} is not a {what}: it holds pickled Python objects other than tensors and plain "
+                         f"values (they could run code; weights_only loading refuses them)") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable {what} (damaged archive: {type(e).__name__})") from None
+
+
 def load_checkpoint(path, arch=None):
     """The backbone stored in a converted file, in eval mode (strict load, weights_only=True)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise ValueError(f"{path} is not a converted checkpoint (torch.load failed: {e}); "
-                         f"make one with: python models.py convert --src DIR --out FILE.pt") from None
+    hint = "make one with: python models.py convert --src DIR --out FILE.pt"
+    ckpt = read_torch_file(path, "converted checkpoint", mmap=True)
     if not isinstance(ckpt, dict) or not {"arch", "config", "model"} <= set(ckpt):
-        raise ValueError(f"{path} is not a converted checkpoint (expected a dict with arch, config, model); "
-                         f"make one with: python models.py convert --src DIR --out FILE.pt")
+        raise ValueError(f"{path} is not a converted checkpoint (expected a dict with arch, config, model); {hint}")
     if arch is not None and ckpt["arch"] != arch:
         raise ValueError(f"{path} is a {ckpt['arch']} checkpoint, expected {arch}")
     try:

@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 import data
 import models
@@ -267,7 +266,7 @@ def make_world(out, n_images=3000, seed=0, questions_per_image=3):
     vqa = {s: ([], []) for s in ("train2014", "val2014")}
     karpathy, scenes, truths = [], [], []
     sentid = 0
-    for i in tqdm(range(n_images), desc="shapes", unit="img", mininterval=1.0):
+    for i in data.progress(range(n_images), "shapes", "img"):
         subtype = "train2014" if i < n_train else "val2014"
         image_id = 9 + 7 * i  # sparse ids, different from the Karpathy imgid, like COCO
         img, objects = draw_scene(rng, nprng)
@@ -356,7 +355,7 @@ def pretrain(model, head, batches, steps, lr, desc):
     params = list(model.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     model.train()
-    bar = tqdm(range(steps), desc=desc, unit="step")
+    bar = data.progress(range(steps), desc, "step")
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = lr * min(1.0, (step + 1) / PRETRAIN_WARMUP) * 0.5 * (1 + math.cos(math.pi * step / steps))
@@ -396,7 +395,7 @@ def draw_scenes(n, seed, config):
     like the stored ones: (pixels (n, 3, S, S) normalised for the ViT, labels (n, 13))."""
     rng, nprng = random.Random(seed), np.random.default_rng(seed)
     pixels, labels = [], []
-    for _ in tqdm(range(n), desc="draw scenes", unit="img", mininterval=1.0):
+    for _ in data.progress(range(n), "draw scenes", "img"):
         img, objects = draw_scene(rng, nprng)
         with Image.open(io.BytesIO(jpeg_bytes(img))) as im:
             pixels.append(data.preprocess(im.convert("RGB"), config.image_size, config.image_mean, config.image_std))

@@ -26,10 +26,10 @@ import contextlib
 import dataclasses
 import datetime
 import functools
+import glob
 import itertools
 import json
 import os
-import pickle
 import random
 import sys
 import time
@@ -40,7 +40,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import data
 import eval as metrics
@@ -101,7 +100,7 @@ CHOICES = {"task": ("vqa", "caption"), "vqa_split": ("auto", "karpathy", "offici
            "device": ("auto", "cpu", "cuda", "mps")}
 LORA_ONLY = ("alpha", "dropout")
 RESUME_OVERRIDES = ("max_steps", "device", "workers")  # what --resume may change: not the math
-META = ("preset", "resume", "evaluate", "split", "study")  # command-line options that are not Config fields
+META = ("preset", "resume", "overwrite", "evaluate", "split", "study")  # command-line options that are not Config fields
 
 
 # ---- options: dataclass -> argparse, presets, checks ---------------------------------------------------
@@ -135,6 +134,8 @@ def build_parser():
             parser.add_argument(flag, type=f.type, default=None, choices=CHOICES.get(f.name), help=text)
     parser.add_argument("--preset", help=f"one of {', '.join(PRESETS)}, or a JSON file of options; explicit options win")
     parser.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN exactly, with its own options")
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="train into --out even if it holds another run: that run's files are deleted first")
     parser.add_argument("--evaluate", metavar="RUN", help="rebuild the run in RUN (its folder or last.pt), predict "
                         "--split and score it: RUN/results_TASK_SPLIT.json and RUN/metrics_SPLIT.json")
     parser.add_argument("--split", help="with --evaluate: the split to predict (default: test)")
@@ -185,9 +186,13 @@ def check_config(cfg):
     if cfg.visual == "patches" and cfg.route not in ("none", "matmul", "matmul_relu"):
         raise ValueError(f"--visual patches gives many visual tokens; only route 'matmul' handles them "
                          f"(route {cfg.route!r} needs one vector per image)")
-    for name in ("rank", "epochs", "batch_size", "grad_accum", "max_len", "answers", "beams", "max_new_tokens"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for names, ok, need in ((("rank", "epochs", "batch_size", "grad_accum", "max_len", "answers", "beams", "max_new_tokens"),
+                             lambda v: v >= 1, "at least 1"), (("lr", "alpha"), lambda v: v > 0, "> 0"),
+                            (("max_steps", "warmup", "weight_decay", "workers"), lambda v: v >= 0, ">= 0"),
+                            (("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")):
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be {need}, got {getattr(cfg, name)}")
     changed = [n for n in LORA_ONLY if getattr(cfg, n) != Config.__dataclass_fields__[n].default]
     if cfg.peft != "lora" and changed:
         raise ValueError(f"--{changed[0]} applies to LoRA only; --peft {cfg.peft} would ignore it")
@@ -247,7 +252,7 @@ class ViTFeatures:
         """The features of every image key: (n, L, d) float32 on the CPU."""
         loader = torch.utils.data.DataLoader(data.ImageDataset(keys, self.images), batch_size=64,
                                              num_workers=self.cfg.workers)
-        out = [self.encode(batch["pixel_values"]).cpu() for batch in progress(loader, "ViT features", "batch")]
+        out = [self.encode(batch["pixel_values"]).cpu() for batch in data.progress(loader, "ViT features", "batch")]
         return torch.cat(out)
 
     def encode(self, pixel_values):
@@ -363,7 +368,7 @@ class VQA(Task):
         with eval.vqa_accuracy: the official per-question accuracy exactly."""
         ds = self.dataset(split)
         results, acc = [], []
-        for batch in progress(self.loader(ds, eval_batches(len(ds), self.cfg.batch_size)), f"evaluate {split}", "batch"):
+        for batch in data.progress(self.loader(ds, eval_batches(len(ds), self.cfg.batch_size)), f"evaluate {split}", "batch"):
             device = self.features.device
             with autocast(device):
                 logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), *self.features(batch))
@@ -426,7 +431,7 @@ class Captioning(Task):
         else:  # images decoded by DataLoader workers, the ViT run per batch
             loader = self.loader(data.ImageDataset(keys, self.features.pixels), batches, collate=torch.utils.data.default_collate)
         captions = {}
-        for b, batch in zip(batches, progress(loader, f"evaluate {split}", "batch", total=len(batches))):
+        for b, batch in zip(batches, data.progress(loader, f"evaluate {split}", "batch", total=len(batches))):
             with autocast(self.features.device):
                 out = model.generate(*self.features(batch), self.cfg.beams, self.cfg.max_new_tokens, self.tokenizer.eos_id)
             captions.update({ids[j]: self.tokenizer.decode(t, skip_special=True).strip() for j, t in zip(b, out)})
@@ -689,11 +694,6 @@ def pick_device(name):
     return torch.device(name)
 
 
-def progress(iterable, desc, unit, total=None):
-    """A progress bar (tqdm) when it goes to a terminal; nothing in a redirected log."""
-    return tqdm(iterable, desc=desc, unit=unit, total=total, leave=False, disable=not sys.stderr.isatty())
-
-
 def start_distributed(cfg):
     """torchrun: one process per GPU (or CPU process, gloo); rank 0 evaluates and writes. (rank, world)."""
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
@@ -713,20 +713,35 @@ def rank_zero_first(rank, world):
         torch.distributed.barrier()
 
 
-def main(cfg, resume=False):
-    """Train (resume: continue the run in cfg.out from its last.pt), evaluate on val after every epoch, and at
-    the end on test next to the text-only baseline. Returns the last record (see evaluate_and_save)."""
+def main(cfg, resume=False, overwrite=False):
+    """Train (resume: continue the run in cfg.out; overwrite: replace the run there), evaluate on val after every
+    epoch, and at the end on test next to the text-only baseline. Returns the last record (evaluate_and_save)."""
     cfg = dataclasses.replace(cfg, out=cfg.out or os.path.join("runs", cfg.task))
+    check_config(cfg)
     rank, world = start_distributed(cfg)
+    try:
+        with run_folder(cfg, rank, resume, overwrite):
+            return train(cfg, rank, world, resume)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def train(cfg, rank, world, resume):
+    """The loop: build, restore, then steps, an evaluation and a checkpoint after every epoch, the final report."""
     if cfg.batch_size < world:
         raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the number of processes ({world})")
     with rank_zero_first(rank, world):
         tasks, model, device = build(cfg)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    step, records = restore(load_run(cfg.out), model, opt, tasks, cfg.out) if resume else (0, [])
+    saved = resume and os.path.isfile(os.path.join(cfg.out, "last.pt"))  # a run killed before it saved starts over
+    step, records = restore(load_run(cfg.out), model, opt, tasks, cfg.out) if saved else (0, [])
+    if rank == 0 and saved:
+        write_records(cfg.out, records)  # a kill between last.pt and metrics.jsonl left the log one record short
     if records and records[-1].get("final"):
         print(f"{cfg.out}: finished already; its final record is in {os.path.join(cfg.out, 'metrics.jsonl')}")
         return records[-1]
+    model.train()  # dropout on, in the frozen backbone too (load_checkpoint returns it in eval mode)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     steps_per_epoch = len(epoch_plan(tasks, cfg, 0))
     total = steps_per_epoch * cfg.epochs
@@ -736,7 +751,9 @@ def main(cfg, resume=False):
     while step < last:
         epoch, offset = divmod(step, steps_per_epoch)
         plan, losses, t0 = epoch_plan(tasks, cfg, epoch)[offset:], defaultdict(list), time.time()
-        for task, batches in progress(plan_batches(tasks, plan, rank, world), f"epoch {epoch + 1}/{cfg.epochs}", "step", len(plan)):
+        bar = data.progress(plan_batches(tasks, plan, rank, world), f"epoch {epoch + 1}/{cfg.epochs}", "step", len(plan),
+                            disable=rank != 0)
+        for task, batches in bar:
             for g in opt.param_groups:
                 g["lr"] = get_lr(step, total, cfg)
             losses[task.name].append(train_step(ddp, task, batches, cfg, step, rank, world))
@@ -755,9 +772,52 @@ def main(cfg, resume=False):
             torch.distributed.barrier()
     if rank == 0 and step >= total:
         final_report(cfg, tasks, model, opt, step, records)
-    if world > 1:
-        torch.distributed.destroy_process_group()
     return records[-1] if records else {}
+
+
+RUN_FILES = ("config.json", "last.pt", "metrics.jsonl", "results_*", "metrics_*.json", "gallery.png")  # what a run writes
+
+
+@contextlib.contextmanager
+def run_folder(cfg, rank, resume, overwrite):
+    """The run folder, made ready before any expensive step (by rank 0): created and writable; locked (an
+    exclusive lock on OUT/.lock, which the OS releases when the process ends, kill -9 included), so that two
+    processes never train into one folder; holding no other run unless resume or overwrite says so (overwrite
+    deletes that run's files); cleared of the temporary files of writes a kill cut short. Ctrl-C ends the run
+    with one line: what last.pt holds and how to continue."""
+    if rank > 0:
+        yield
+        return
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, ".lock"), "a") as lock:
+        try:
+            lock_file(lock)
+        except OSError:
+            raise RuntimeError(f"{cfg.out} is in use by another train.py process") from None
+        held = os.path.isfile(os.path.join(cfg.out, "config.json"))
+        if held and not (resume or overwrite):
+            raise ValueError(f"{cfg.out} holds a run already: continue it with --resume {cfg.out}, replace it with "
+                             f"--overwrite, or choose another --out")
+        for pattern in (RUN_FILES if overwrite else ()) + (".tmp-*",):
+            for path in glob.glob(os.path.join(glob.escape(cfg.out), pattern)):
+                os.remove(path)
+        try:
+            yield
+        except KeyboardInterrupt:
+            record = final_record(cfg.out, final=False)
+            saved = f"last.pt holds step {record['step']}" if record else "nothing was saved yet"
+            raise KeyboardInterrupt(f"interrupted: {saved}; continue with: python train.py --resume {cfg.out}") from None
+
+
+def lock_file(f):
+    """An exclusive, non-blocking lock on an open file (OSError if another process holds it)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def mean(values):
@@ -826,8 +886,13 @@ def save_checkpoint(cfg, model, opt, step, tasks, records):
     ckpt = {"config": dataclasses.asdict(cfg), "trainable": trainable_state(model), "optimizer": opt.state_dict(),
             "step": step, "vocab": {t.name: t.vocab for t in tasks}, "records": records}
     models.atomic_save(ckpt, os.path.join(cfg.out, "last.pt"))
+    write_records(cfg.out, records)
+
+
+def write_records(out, records):
+    """OUT/metrics.jsonl, a record a line: always rewritten whole from the records last.pt holds."""
     lines = "".join(json.dumps(r) + "\n" for r in records)
-    metrics.atomic_write(os.path.join(cfg.out, "metrics.jsonl"), lambda f: f.write(lines))
+    metrics.atomic_write(os.path.join(out, "metrics.jsonl"), lambda f: f.write(lines))
 
 
 def run_file(path):
@@ -838,24 +903,25 @@ def run_file(path):
 def load_run(path):
     """The dict save_checkpoint wrote (path: the file or its run folder); a clear error for anything else."""
     file = run_file(path)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no run checkpoint at {file}")
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
-        raise ValueError(f"{file} is not a train.py checkpoint (torch.load failed: {str(e).splitlines()[0]})") from None
+    ckpt = models.read_torch_file(file, "train.py checkpoint")
     if not isinstance(ckpt, dict) or not {"config", "trainable", "optimizer", "step", "vocab", "records"} <= set(ckpt):
         raise ValueError(f"{file} is not a train.py checkpoint (models.py checkpoints are backbones)")
-    unknown = sorted(set(ckpt["config"]) - set(Config.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"{file}: its config has options this train.py does not know: {unknown}")
     return ckpt
 
 
 def run_config(path, **overrides):
-    """The Config of a saved run, with its folder as out and the given overrides (RESUME_OVERRIDES)."""
-    ckpt = load_run(path)
-    return Config(**{**ckpt["config"], **overrides, "out": os.path.dirname(os.path.abspath(run_file(path)))})
+    """The Config of a saved run: from RUN/config.json for a run folder (written first, so also for a run killed
+    before its first checkpoint), else from the checkpoint file; out = the run's folder, plus the overrides."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no run at {path}")
+    if os.path.isdir(path):
+        options = metrics.load_json(os.path.join(path, "config.json"), f"run config of {path} (no run there?)")
+    else:
+        options = load_run(path)["config"]
+    unknown = sorted(set(options) - set(Config.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"{path}: the run has options this train.py does not know: {unknown}")
+    return Config(**{**options, **overrides, "out": os.path.dirname(os.path.abspath(run_file(path)))})
 
 
 def restore(ckpt, model, opt, tasks, source):
@@ -928,15 +994,15 @@ def study_grid(base, epochs_given, routes=STUDY_ROUTES, seeds=STUDY_SEEDS):
     return grid
 
 
-def final_record(out):
-    """The final evaluation a run wrote (the last line of OUT/metrics.jsonl, marked final), or None."""
+def final_record(out, final=True):
+    """The last record of OUT/metrics.jsonl (final: only if it is the final evaluation), or None."""
     path = os.path.join(out, "metrics.jsonl")
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
         lines = [ln for ln in f if ln.strip()]
-    record = json.loads(lines[-1]) if lines else {}
-    return record if record.get("final") else None
+    record = json.loads(lines[-1]) if lines else None
+    return record if record and (record.get("final") or not final) else None
 
 
 def check_same_run(cfg):
@@ -1068,7 +1134,8 @@ def error_line(e):
 
 
 def cli(argv=None):
-    """python train.py: bad input ends in one line "error: ..." (exit status 1; 2 for bad options), no traceback."""
+    """python train.py: bad input ends in one line "error: ..." (exit status 1; 2 for bad options), Ctrl-C in one
+    line saying how to continue (exit status 130); no traceback."""
     try:
         cfg, meta = parse_command_line(argv)
         if meta.get("evaluate"):
@@ -1079,9 +1146,12 @@ def cli(argv=None):
             return main(run_config(meta["resume"], **{o: getattr(cfg, o) for o in RESUME_OVERRIDES}), resume=True)
         if meta.get("study"):
             return run_study(cfg, epochs_given="epochs" in meta["given"])
-        return main(cfg)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        return main(cfg, overwrite=meta.get("overwrite", False))
+    except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {error_line(e)}")
+    except KeyboardInterrupt as e:
+        print(f"\n{e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -239,7 +240,7 @@ def test_feature_cache_hits_and_invalidates(world, tmp_path, monkeypatch):
 
     def run(**kw):
         calls.clear()
-        train.main(config(world, tmp_path / "run", cache=cache, max_steps=1, **kw))
+        train.main(config(world, tmp_path / "run", cache=cache, max_steps=1, **kw), overwrite=True)
         return len(calls), len([f for f in os.listdir(cache) if f.startswith("features-")])
 
     assert run() == (1, 1)
@@ -283,6 +284,10 @@ def error_cases(world, tmp_path):
     preset.write_text(json.dumps({"rank": 8, "ranks": 9}))
     empty = tmp_path / "empty"
     empty.mkdir()
+    evil, noise, broken = tmp_path / "evil.pt", tmp_path / "noise.pt", tmp_path / "broken.json"
+    torch.save({"x": Exploit()}, evil)
+    noise.write_bytes(bytes(range(256)) * 40)
+    broken.write_text('{"rank": 8,')
     base = ["--vit", world.vit, "--text", world.roberta, "--data", world.data, "--cache", str(tmp_path / "c"),
             "--out", str(tmp_path / "out"), "--workers", "0", "--max-steps", "1"]
     return {
@@ -299,12 +304,29 @@ def error_cases(world, tmp_path):
         "unknown preset key": (base + ["--preset", str(preset)], "unknown options ['ranks']"),
         "unknown preset": (base + ["--preset", "vqa-huge"], "unknown preset"),
         "resume changes math": (["--resume", str(tmp_path / "out"), "--lr", "1"], "--lr"),
-        "resume nothing": (["--resume", str(tmp_path / "nothing")], "no run checkpoint"),
+        "resume nothing": (["--resume", str(tmp_path / "nothing")], "no run at"),
         "resume a backbone": (["--resume", world.vit], "not a train.py checkpoint"),
         "corrupt image, worker": (base + ["--data", str(corrupt), "--workers", "1"], "corrupt image"),
         "alpha with adapters": (base + ["--peft", "adapter", "--alpha", "8"], "--alpha applies to LoRA only"),
+        "negative max steps": (base + ["--max-steps", "-1"], "--max-steps must be >= 0"),
+        "negative warm-up": (base + ["--warmup", "-5"], "--warmup must be >= 0"),
+        "alpha 0": (base + ["--alpha", "0"], "--alpha must be > 0"),
+        "negative lr": (base + ["--lr", "-1"], "--lr must be > 0"),
+        "dropout 2": (base + ["--dropout", "2"], "--dropout must be in [0, 1)"),
+        "negative workers": (base + ["--workers", "-1"], "--workers must be >= 0"),
+        "out under a file": (base + ["--out", str(preset / "run")], "Not a directory"),
+        "pickle with code": (base + ["--vit", str(evil)], "pickled Python objects"),
+        "random bytes": (base + ["--vit", str(noise)], "not the zip archive torch.save writes"),
+        "malformed preset": (base + ["--preset", str(broken)], str(broken)),
         "dropout with adapters": (base + ["--peft", "adapter", "--dropout", "0.1"], "--dropout applies to LoRA only"),
     }
+
+
+class Exploit:
+    """Unpickling it would run a shell command: weights_only loading must refuse it, never run it."""
+
+    def __reduce__(self):
+        return os.system, ("touch pwned",)
 
 
 def test_command_line_errors(world, tmp_path, capsys):
@@ -321,7 +343,8 @@ def test_command_line_errors_in_a_process(world, tmp_path):
     """python train.py itself: non-zero exit, one stderr line (besides progress bars), no traceback."""
     cases = error_cases(world, tmp_path)
     names = ["unknown route", "wrong architecture", "corrupt image, worker"]  # argparse, main, a worker
-    procs = {name: subprocess.Popen([sys.executable, "train.py", *cases[name][0]], cwd=ROOT, stdout=subprocess.PIPE,
+    procs = {name: subprocess.Popen([sys.executable, "train.py", *cases[name][0], "--out", str(tmp_path / name)],
+                                    cwd=ROOT, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
              for name in names}
     for name, proc in procs.items():
@@ -624,3 +647,150 @@ def test_ddp_matches_one_process(world, tmp_path, task, procs, accum):
         torch.testing.assert_close(a["trainable"][name], b["trainable"][name], rtol=0, atol=1e-6)
     assert a["records"][0]["train_loss"] == pytest.approx(b["records"][0]["train_loss"], abs=1e-6)
     assert all(t.abs().sum() > 0 for n, t in a["trainable"].items() if n.endswith(".B.weight"))  # LoRA B left 0
+
+
+# ---- losing no work: run folders, early checks, truncated files, kills, Ctrl-C ------------------------------
+
+
+def test_run_folders_are_not_shared(world, tmp_path, monkeypatch, capsys):
+    """Each demo has its own default folder; a folder holding a run is refused unless --resume or --overwrite;
+    two processes cannot train into one folder; a finished run resumed is not evaluated again."""
+    monkeypatch.chdir(tmp_path)
+    for task in ("vqa", "caption"):
+        train.main(config(world, "", task=task, max_steps=1))
+    assert sorted(os.listdir("runs")) == ["caption", "vqa"]
+    assert read_json("runs/vqa/config.json")["task"] == "vqa" and read_json("runs/caption/config.json")["task"] == "caption"
+    cfg = config(world, tmp_path / "run", epochs=1)
+    first = train.main(cfg)
+    with pytest.raises(ValueError, match="holds a run already: continue it with --resume"):
+        train.main(dataclasses.replace(cfg, lr=0.5))
+    capsys.readouterr()
+    assert train.main(train.run_config(cfg.out), resume=True) == first and "finished already" in capsys.readouterr().out
+    assert read_records(cfg.out) == train.load_run(cfg.out)["records"] and sum(r.get("final", False) for r in read_records(cfg.out)) == 1
+    again = train.main(dataclasses.replace(cfg, lr=0.5), overwrite=True)
+    assert read_json(os.path.join(cfg.out, "config.json"))["lr"] == 0.5 and len(read_records(cfg.out)) == 2 and again != first
+    with open(os.path.join(cfg.out, ".lock"), "a") as lock:  # another process holds the folder
+        train.lock_file(lock)
+        proc = subprocess.run([sys.executable, "-c", "import sys, train; train.cli(sys.argv[1:])", "--resume", cfg.out],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().endswith("is in use by another train.py process"), proc.stderr
+
+
+def test_bad_options_fail_before_any_work(world, tmp_path, monkeypatch):
+    """Options, the output folder and empty splits are errors before training (and before the features)."""
+    monkeypatch.setattr(train, "build", lambda cfg: pytest.fail("built before checking the options"))
+    for bad in (dict(max_steps=-1), dict(warmup=-5), dict(alpha=0), dict(lr=-1), dict(dropout=2), dict(workers=-1)):
+        with pytest.raises(ValueError, match="must be"):
+            train.main(config(world, tmp_path / "run", **bad))
+    monkeypatch.undo()
+    for split, moved in (("test", "restval"), ("val", "restval"), ("train", "val")):
+        folder = tmp_path / f"no_{split}"
+        shutil.copytree(world.data, folder, ignore=shutil.ignore_patterns("prepared"))
+        karpathy = read_json(folder / data.KARPATHY)
+        for img in karpathy["images"]:
+            if data.karpathy_split(img["split"]) == split:
+                img["split"] = moved
+        E.write_json(karpathy, str(folder / data.KARPATHY))
+        for task in ("vqa", "caption"):
+            with pytest.raises(ValueError, match=f"the {split} split of .* is empty"):
+                train.main(config(world, tmp_path / f"run_{split}_{task}", task=task, data=str(folder)))
+
+
+@pytest.mark.parametrize("size", [0, 5_000, 50_000])
+def test_truncated_checkpoint_names_the_file(world, tmp_path, size):
+    cfg = config(world, tmp_path / "run", max_steps=1)
+    train.main(cfg)
+    path = os.path.join(cfg.out, "last.pt")
+    with open(path, "r+b") as f:
+        f.truncate(min(size, os.path.getsize(path) - 1))
+    for args in (["--resume", cfg.out], ["--evaluate", cfg.out]):
+        with pytest.raises(SystemExit) as e:
+            train.cli(args)
+        assert e.value.code.startswith(f"error: {path} is not a train.py checkpoint") and "\n" not in e.value.code
+
+
+def test_damaged_feature_cache_is_rebuilt(world, tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    train.main(config(world, tmp_path / "a", cache=cache, max_steps=1))
+    entry = next(os.path.join(cache, f) for f in os.listdir(cache) if f.startswith("features-"))
+    with open(entry, "r+b") as f:
+        f.truncate(os.path.getsize(entry) // 2)
+    capsys.readouterr()
+    train.main(config(world, tmp_path / "b", cache=cache, max_steps=1))
+    assert f"cache entry {entry} is damaged" in capsys.readouterr().out and torch.load(entry, weights_only=True) is not None
+
+
+KILLER = """import os, sys, train
+n, die = 0, int(sys.argv[1])
+real = os.replace
+def replace(src, dst):  # the die-th rename of last.pt: a kill -9 in the middle of writing it
+    global n
+    n += dst.endswith("last.pt")
+    if dst.endswith("last.pt") and n == die:
+        os._exit(9)
+    real(src, dst)
+os.replace = replace
+train.cli(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("die", [1, 2, 3])
+def test_killed_runs_resume_exactly(world, tmp_path, die):
+    """A run killed while it writes its 1st, 2nd or 3rd (final) last.pt, then --resume: the same weights, bit
+    for bit, and the same records as a run never killed, without duplicates, and no temporary file left."""
+    straight = config(world, tmp_path / "straight", epochs=2)
+    train.main(straight)
+    out = str(tmp_path / "killed")
+    args = ["--vit", world.vit, "--text", world.roberta, "--data", world.data, "--cache", world.cache, "--epochs", "2",
+            "--batch-size", "16", "--max-len", "12", "--answers", "20", "--rank", "4", "--alpha", "4", "--lr", "1e-2",
+            "--workers", "0", "--out", out]
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(die), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    assert any(f.startswith(".tmp-") for f in os.listdir(out))  # the cut write's temporary file
+    train.cli(["--resume", out])
+    a, b = train.load_run(straight.out), train.load_run(out)
+    assert a["step"] == b["step"] and all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])
+    assert read_records(straight.out) == read_records(out) == b["records"] and len(b["records"]) == 3
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+def test_ctrl_c_says_how_to_continue(world, tmp_path):
+    out = str(tmp_path / "run")
+    args = ["--vit", world.vit, "--text", world.roberta, "--data", world.data, "--cache", world.cache, "--epochs", "500",
+            "--batch-size", "16", "--max-len", "12", "--answers", "20", "--workers", "0", "--out", out]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("epoch 1.00"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    step = train.load_run(out)["step"]
+    assert err.strip().splitlines()[-1] == f"interrupted: last.pt holds step {step}; continue with: python train.py --resume {out}"
+
+
+def test_logs_have_no_progress_bars_and_files_follow_the_umask(world, tmp_path):
+    """Redirected output: one line per epoch, no progress bars; files get 0666 minus the umask, not 0600."""
+    proc = subprocess.run([sys.executable, "train.py", "--vit", world.vit, "--text", world.roberta, "--data", world.data,
+                           "--cache", world.cache, "--epochs", "1", "--batch-size", "16", "--max-len", "12", "--answers", "20",
+                           "--workers", "0", "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    assert "epoch 1.00" in proc.stdout and len(proc.stdout) < 2000
+    old = os.umask(0o027)
+    try:
+        E.write_json({}, str(tmp_path / "m.json"))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "m.json").st_mode & 0o777 == 0o640
+    assert os.stat(tmp_path / "run" / "last.pt").st_mode & 0o777 == 0o666 & ~old
+
+
+def test_help_and_defaults_need_no_repository_files():
+    """--help cites what users have (the README), lists the presets; the demo's world and backbones live beside
+    shapes.py wherever train.py runs from."""
+    text = train.build_parser().format_help()
+    assert "SPEC" not in text and "EVAL_NOTES" not in text and all(name in text for name in train.PRESETS)
+    assert all(os.path.dirname(p) == os.path.join(ROOT, "data") for p in (shapes.WORLD, shapes.TINY_DIR))
