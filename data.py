@@ -327,17 +327,21 @@ def progress(iterable, desc, unit, total=None, disable=False):
                 disable=disable or not sys.stderr.isatty())
 
 
-def cached(kind, sources, params, build, cache_dir):
-    """build() once; later calls load the result. The file name is a hash of the source files'
-    absolute paths, sizes and modification times, the parameters (tokenizer fingerprint, lengths,
-    a feature-code version) and CACHE_VERSION, so a changed source or option gives a new file,
-    never a stale one."""
+def cache_file(kind, sources, params, cache_dir, ext=".pt"):
+    """The path of a cache entry: a hash of the source files' absolute paths, sizes and modification times,
+    the parameters (tokenizer fingerprint, lengths, a feature-code version) and CACHE_VERSION, so that a
+    changed source or option gives a new file, never a stale one."""
     key = {"kind": kind, "version": CACHE_VERSION, "params": params, "sources": []}
     for path in sources:
         st = os.stat(path)
         key["sources"].append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    path = os.path.join(cache_dir, f"{kind}-{digest}.pt")
+    return os.path.join(cache_dir, f"{kind}-{digest}{ext}")
+
+
+def cached(kind, sources, params, build, cache_dir):
+    """build() once; later calls load the result from its cache_file."""
+    path = cache_file(kind, sources, params, cache_dir)
     if os.path.isfile(path):
         try:
             return torch.load(path, weights_only=True)
@@ -833,3 +837,76 @@ class ImageDataset(torch.utils.data.Dataset):
         return {"index": i, "image": self.keys[i], "pixel_values": self.images(self.keys[i])}
 
 
+
+
+class ImageFeatures:
+    """Features of a frozen image encoder by image key: computed once per image and kept on disk as one
+    memory-mapped .npy array (rows in key order; dtype float32, or float16 for large grids), or, without a
+    cache folder, computed on every batch from the pixels the DataLoader loads (see `pixels`).
+
+    encode(pixel_values (B, 3, S, S)) -> (B, L, d) tensor. The cache key (cache_file) covers the encoder's
+    checkpoint file `source`, every image file, the preprocessing, `params` (what encode keeps, a version of
+    its code: change it when encode changes) and the keys. An example may have several images (an NLVR2
+    pair): its features are those of its images one after the other, (B, n_images * L, d)."""
+
+    def __init__(self, images, encode, source, params, cache_dir=None, dtype="float32", workers=0):
+        self.images, self.encode, self.source, self.params = images, encode, source, params
+        self.cache_dir, self.dtype, self.workers = cache_dir, dtype, workers
+        self.table, self.row = None, None
+
+    @property
+    def pixels(self):
+        """What a dataset must load per image: the Images when the features are computed per batch, else None."""
+        return self.images if self.table is None else None
+
+    def prepare(self, keys):
+        """Compute (or load) the cached features of these image keys (without a cache folder: nothing)."""
+        if self.cache_dir is None:
+            return
+        missing = next((k for k in keys if not os.path.isfile(self.images.path(k))), None)
+        if missing:
+            raise FileNotFoundError(f"image not found: {self.images.path(missing)} (images folder {self.images.images_dir})")
+        params = {**self.params, "dtype": self.dtype, "size": self.images.size, "mean": self.images.mean,
+                  "std": self.images.std, "keys": keys}
+        path = cache_file("features", [self.source] + [self.images.path(k) for k in keys], params, self.cache_dir, ".npy")
+        self.table = self.load(path, len(keys))
+        if self.table is None:
+            atomic_write(path, functools.partial(self.write, keys), "wb")
+            self.table = self.load(path, len(keys))
+        self.row = {k: i for i, k in enumerate(keys)}
+
+    def load(self, path, n):
+        """The memory-mapped (n, L, d) array at path, or None if there is none; a damaged one is made again."""
+        if not os.path.isfile(path):
+            return None
+        try:
+            table = np.load(path, mmap_mode="r")
+            if table.shape[0] != n or table.dtype != self.dtype:
+                raise ValueError(f"shape {table.shape}, dtype {table.dtype}")
+            return table
+        except (ValueError, OSError) as e:  # a cache: an entry cut short by a kill or a full disk is made again
+            print(f"cache entry {path} is damaged ({e}); rebuilding it")
+            return None
+
+    @torch.no_grad()
+    def write(self, keys, f):
+        """Stream the features of every key into an open .npy file: the header (with the shape, known from the
+        first batch), then the rows in key order."""
+        loader = torch.utils.data.DataLoader(ImageDataset(keys, self.images), batch_size=64, num_workers=self.workers)
+        for i, batch in enumerate(progress(loader, "image features", "batch")):
+            x = self.encode(batch["pixel_values"]).float().cpu().numpy().astype(self.dtype)  # (B, L, d)
+            if i == 0:
+                np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(self.dtype).str, "fortran_order": False,
+                                                         "shape": (len(keys), *x.shape[1:])})
+            f.write(np.ascontiguousarray(x).tobytes())
+
+    def __call__(self, batch):
+        """The features of a batch's examples, float32 on the CPU: (B, n_images * L, d)."""
+        images = [k if isinstance(k, (tuple, list)) else (k,) for k in batch["image"]]
+        if self.table is not None:
+            rows = self.table[[self.row[k] for ks in images for k in ks]]  # (B * n_images, L, d)
+            x = torch.from_numpy(np.ascontiguousarray(rows)).float()
+        else:
+            pixels = batch["pixel_values"]  # (B, 3, S, S) or, for pairs, (B, n_images, 3, S, S)
+            x = self.encode(pixels.flatten(0, pixels.dim() - 4)).float().cpu()  # (B * n_images, L, d)
+        return x.reshape(len(images), -1, x.shape[-1])  # (B, n_images * L, d)

@@ -213,59 +213,38 @@ def select_visual(last_hidden, pooler, visual):
 
 
 class ViTFeatures:
-    """The frozen ViT's input to the task model for a batch: (visual tokens (B, L, d) for the prefix,
-    x_R (B, L, d) for the routes); in the two ViT settings both are the same feature (cfg.visual).
-    With cfg.feature_cache the feature of every image is computed once and kept on disk (keyed by the
-    checkpoint, every image file, the preprocessing and VERSION); else the ViT runs on every batch."""
+    """The frozen ViT's input to the task model for a batch: (visual tokens (B, L, d) for the prefix, x_R
+    (B, L, d) for the routes); in the two ViT settings both are the same feature (cfg.visual). Computed once
+    per image and cached on disk (data.ImageFeatures), or with --no-feature-cache by the ViT on every batch."""
 
     VERSION = 2  # of the feature code (select_visual, the pooler, data.preprocess): bump when it changes
 
     def __init__(self, cfg, vit_path, images_dir, device):
-        self.cfg, self.path, self.device = cfg, vit_path, device
+        self.cfg, self.device = cfg, device
         self.vit = models.load_checkpoint(vit_path, arch="vit").to(device)
         c = self.vit.config
-        self.images = data.Images(images_dir, c.image_size, c.image_mean, c.image_std)
         self.d = c.d_model
-        self.table, self.row = None, None
+        images = data.Images(images_dir, c.image_size, c.image_mean, c.image_std)
+        self.store = data.ImageFeatures(images, self.encode, vit_path, {"version": self.VERSION, "visual": cfg.visual},
+                                        cfg.cache if cfg.feature_cache else None, "float32", cfg.workers)
 
     @property
     def pixels(self):
-        """What a dataset must load per image: None when the features are cached, else the Images."""
-        return None if self.table is not None else self.images
+        return self.store.pixels
 
     def prepare(self, keys):
-        """Cache (or load) the features of these image keys; afterwards the ViT is not needed."""
-        if not self.cfg.feature_cache:
-            return
-        missing = next((k for k in keys if not os.path.isfile(self.images.path(k))), None)
-        if missing:
-            raise FileNotFoundError(f"image not found: {self.images.path(missing)} (--images {self.images.images_dir})")
-        params = {"version": self.VERSION, "visual": self.cfg.visual, "size": self.images.size,
-                  "mean": self.images.mean, "std": self.images.std, "keys": keys}
-        sources = [self.path] + [self.images.path(k) for k in keys]
-        self.table = data.cached("features", sources, params, functools.partial(self.compute, keys), self.cfg.cache)
-        self.row = {k: i for i, k in enumerate(keys)}
-        self.vit = None
+        self.store.prepare(keys)
+        if self.store.pixels is None:
+            self.vit = None  # cached: not needed again
 
     @torch.no_grad()
-    def compute(self, keys):
-        """The features of every image key: (n, L, d) float32 on the CPU."""
-        loader = torch.utils.data.DataLoader(data.ImageDataset(keys, self.images), batch_size=64,
-                                             num_workers=self.cfg.workers)
-        out = [self.encode(batch["pixel_values"]).cpu() for batch in data.progress(loader, "ViT features", "batch")]
-        return torch.cat(out)
-
     def encode(self, pixel_values):
         with autocast(self.device):
             last_hidden, pooler = self.vit(pixel_values.to(self.device))
         return select_visual(last_hidden, pooler, self.cfg.visual).float()
 
     def __call__(self, batch):
-        if self.table is not None:
-            x = self.table[[self.row[k] for k in batch["image"]]].to(self.device)
-        else:
-            with torch.no_grad():
-                x = self.encode(batch["pixel_values"])
+        x = self.store(batch).to(self.device)
         return x, x  # (visual tokens, x_R)
 
 
