@@ -475,11 +475,11 @@ def encode_question(tokenizer, question, max_len):
     return tokenizer.wrap(tokenizer.encode(question)[:room])
 
 
-def _vqa_columns(records, tokenizer, vocab, max_len, desc):
+def _vqa_columns(records, tokenizer, vocab, max_len, desc, prompt=""):
     """The prepared form of one split: columns (lists / tensors) instead of a list of dicts."""
     input_ids, t_ids, t_scores = [], [], []
     for r in progress(records, desc, "q", disable=len(records) < 20000):
-        input_ids.append(encode_question(tokenizer, r["question"], max_len))
+        input_ids.append(encode_question(tokenizer, prompt + r["question"], max_len))
         i, s = vocab.targets(r["answers"])
         t_ids.append(i)
         t_scores.append(s)
@@ -493,13 +493,15 @@ def _vqa_columns(records, tokenizer, vocab, max_len, desc):
         "question": [r["question"] for r in records],
         "answer_type": [r["answer_type"] for r in records],
         "question_type": [r["question_type"] for r in records],
+        "answers": [r["answers"] for r in records],             # the 10 raw human answers (generative scoring)
         "input_ids": ids_flat, "input_offsets": ids_off,        # ragged: question m = flat[off[m]:off[m+1]]
         "target_ids": tid_flat, "target_scores": ts_flat, "target_offsets": t_off,
     }
 
 
-def prepare_vqa(data_dir, tokenizer, karpathy=None, num_answers=3129, max_len=20, cache_dir=None):
-    """Parse, build the answer vocabulary, tokenise and compute soft targets once; cached on disk.
+def prepare_vqa(data_dir, tokenizer, karpathy=None, num_answers=3129, max_len=20, cache_dir=None, prompt=""):
+    """Parse, build the answer vocabulary, tokenise (<s> prompt + question </s>) and compute soft targets
+    once; cached on disk.
 
     Without karpathy: splits "train" (train2014) and "val" (val2014). With karpathy (path to
     dataset_coco.json): the questions of train2014 and val2014 together, split by their image's
@@ -513,7 +515,7 @@ def prepare_vqa(data_dir, tokenizer, karpathy=None, num_answers=3129, max_len=20
         if not os.path.isfile(p):
             raise FileNotFoundError(f"VQAv2 file not found: {p}")
     params = {"tokenizer": tokenizer.fingerprint, "num_answers": num_answers, "max_len": max_len,
-              "karpathy": bool(karpathy)}
+              "karpathy": bool(karpathy), "prompt": prompt}
 
     def build():
         records = {s: read_vqa(data_dir, s) for s in subtypes}
@@ -529,7 +531,7 @@ def prepare_vqa(data_dir, tokenizer, karpathy=None, num_answers=3129, max_len=20
             splits = {"train": records["train2014"], "val": records["val2014"]}
         vocab = AnswerVocab(answer_vocab((r["answers"] for r in splits["train"]), num_answers))
         return {"answers": vocab.answers,
-                "splits": {name: _vqa_columns(recs, tokenizer, vocab, max_len, f"prepare VQA {name}")
+                "splits": {name: _vqa_columns(recs, tokenizer, vocab, max_len, f"prepare VQA {name}", prompt)
                            for name, recs in splits.items()}}
 
     return cached("vqa", sources, params, build, cache_dir or os.path.join(data_dir, "prepared"))
@@ -775,6 +777,107 @@ def read_nlvr2(path, images_dir=None):
     if images_dir is not None:
         _check_images(path, images_dir, ((f"example {r['identifier']}", key) for r in records for key in r["images"]))
     return records
+
+
+def prepare_gqa(gqa_dir, tokenizer, prompt="gqa: ", max_len=20, cache_dir=None):
+    """GQA for a generative model, tokenised once and cached (cache_dir defaults to GQA_DIR/prepared): the
+    inputs <s> prompt + question </s> (at most max_len tokens) and the targets <s> answer </s>. Splits as
+    VL-Adapter and VL-PET use them: "train" = the train and val balanced questions, "testdev" = testdev.
+    Columns: question_id [str], image [key under GQA_DIR/images], answer [str], input_ids / input_offsets and
+    target_ids / target_offsets (ragged)."""
+    files = {s: os.path.join(gqa_dir, "questions1.2", GQA_QUESTIONS.format(s)) for s in ("train", "val", "testdev")}
+    for path in files.values():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"GQA file not found: {path}")
+    params = {"tokenizer": tokenizer.fingerprint, "prompt": prompt, "max_len": max_len}
+
+    def build():
+        parts = {"train": read_gqa(files["train"]) + read_gqa(files["val"]), "testdev": read_gqa(files["testdev"])}
+        return {name: {"question_id": [r["question_id"] for r in rs], "image": [r["image"] for r in rs],
+                       "answer": [r["answer"] for r in rs],
+                       **_prompted(tokenizer, prompt, [r["question"] for r in rs], [r["answer"] for r in rs], max_len)}
+                for name, rs in parts.items()}
+
+    return cached("gqa", list(files.values()), params, build, cache_dir or os.path.join(gqa_dir, "prepared"))
+
+
+def prepare_nlvr2(nlvr2_dir, tokenizer, prompt="nlvr: ", cache_dir=None):
+    """NLVR2 for a generative model, tokenised once and cached (cache_dir defaults to NLVR2_DIR/prepared): the
+    inputs <s> prompt + sentence </s> (not cut, as VL-Adapter) and the targets <s> true </s> or <s> false </s>.
+    Splits "train", "dev", "test1" from NLVR2_DIR/data/{split}.json. Columns: identifier [str], image [(left,
+    right) keys under NLVR2_DIR], label (BoolTensor), input_ids / input_offsets, target_ids / target_offsets."""
+    files = {s: os.path.join(nlvr2_dir, "data", f"{s}.json") for s in ("train", "dev", "test1")}
+    for path in files.values():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"NLVR2 file not found: {path}")
+    params = {"tokenizer": tokenizer.fingerprint, "prompt": prompt}
+
+    def build():
+        out = {}
+        for name, path in files.items():
+            rs = read_nlvr2(path)
+            out[name] = {"identifier": [r["identifier"] for r in rs], "image": [tuple(r["images"]) for r in rs],
+                         "label": torch.tensor([r["label"] for r in rs], dtype=torch.bool),
+                         **_prompted(tokenizer, prompt, [r["sentence"] for r in rs],
+                                     ["true" if r["label"] else "false" for r in rs], None)}
+        return out
+
+    return cached("nlvr2", list(files.values()), params, build, cache_dir or os.path.join(nlvr2_dir, "prepared"))
+
+
+def _prompted(tokenizer, prompt, texts, targets, max_len):
+    """Ragged columns of <s> prompt + text </s> (cut to max_len tokens unless None) and <s> target </s>."""
+    inputs = [tokenizer.wrap(tokenizer.encode(prompt + t)) if max_len is None else
+              encode_question(tokenizer, prompt + t, max_len) for t in texts]
+    ids, off = _ragged(inputs)
+    tids, toff = _ragged([tokenizer.wrap(tokenizer.encode(t)) for t in targets])
+    return {"input_ids": ids, "input_offsets": off, "target_ids": tids, "target_offsets": toff}
+
+
+class PromptDataset(torch.utils.data.Dataset):
+    """One item per row of a prepared generative split (prepare_gqa, prepare_nlvr2): {"index", "image" (a key,
+    or a pair of keys), "input_ids" (n,), "target_ids" (t,)} plus "pixel_values" ((3, S, S), or (2, 3, S, S)
+    for a pair) when images (an Images) is given."""
+
+    def __init__(self, split, images=None):
+        self.split, self.images = split, images
+
+    def __len__(self):
+        return len(self.split["image"])
+
+    def __getitem__(self, m):
+        s = self.split
+        a, b = s["input_offsets"][m].item(), s["input_offsets"][m + 1].item()
+        c, d = s["target_offsets"][m].item(), s["target_offsets"][m + 1].item()
+        item = {"index": m, "image": s["image"][m], "input_ids": s["input_ids"][a:b], "target_ids": s["target_ids"][c:d]}
+        if self.images is not None:
+            keys = s["image"][m]
+            item["pixel_values"] = (torch.stack([self.images(k) for k in keys]) if isinstance(keys, tuple)
+                                    else self.images(keys))
+        return item
+
+
+def seq2seq_targets(targets, start_id, pad_id):
+    """Decoder inputs and labels of an encoder-decoder from B target sequences (<s> ... </s>, lists or 1-D
+    tensors): decoder_input_ids (B, T) = the targets shifted right behind start_id (BART starts from </s>),
+    padded with pad_id; labels (B, T) = the targets, padded with -100 (never supervised)."""
+    targets = [torch.as_tensor(t, dtype=torch.long) for t in targets]
+    labels, mask = pad_sequences(targets, -100)
+    shifted = [torch.cat([torch.tensor([start_id]), t[:-1]]) for t in targets]
+    decoder_input_ids, _ = pad_sequences(shifted, pad_id)
+    return decoder_input_ids, labels
+
+
+def collate_prompted(batch, pad_id, start_id):
+    """PromptDataset items -> {"input_ids" (B, N) padded with pad_id, "attention_mask" (B, N), "decoder_input_ids"
+    and "labels" (B, T) (seq2seq_targets), "index" (B,), "image" [B keys or pairs], "pixel_values" if present}."""
+    input_ids, attention_mask = pad_sequences([b["input_ids"] for b in batch], pad_id)
+    decoder_input_ids, labels = seq2seq_targets([b["target_ids"] for b in batch], start_id, pad_id)
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_input_ids": decoder_input_ids,
+           "labels": labels, "index": torch.tensor([b["index"] for b in batch]), "image": [b["image"] for b in batch]}
+    if "pixel_values" in batch[0]:
+        out["pixel_values"] = torch.stack([b["pixel_values"] for b in batch])  # (B, [2,] 3, S, S)
+    return out
 
 
 # =============================================================================================
