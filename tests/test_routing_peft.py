@@ -397,9 +397,15 @@ def test_hf_gpt2_conv1d_lora_merge_and_beam_search():
     rp.add_adapters(model, ["c_proj"], 4, "add", nn.GELU(approximate="tanh"))  # attn.c_proj and mlp.c_proj
     assert torch.equal(run(model, ids, x_R).logits, want)
     randomize_up(model)
-    with rp.visual_context(model, x_R.repeat_interleave(3, 0)):  # beam search expands the batch 3 times
-        beams = model.generate(ids, num_beams=3, max_new_tokens=3, do_sample=False, min_new_tokens=3)
-    assert beams.shape == (2, 9)
+
+    def beam_search(ids, x_R):
+        with rp.visual_context(model, x_R.repeat_interleave(3, 0)):  # beam search expands the batch 3 times
+            return model.generate(ids, num_beams=3, max_new_tokens=5, do_sample=False).tolist()
+
+    strong = x_R * 30  # a visual feature large enough to change the decoded tokens
+    both = beam_search(ids, strong)  # each example's beams see its own x_R: as if it were decoded alone
+    assert both == [beam_search(ids[i:i + 1], strong[i:i + 1])[0] for i in range(2)]
+    assert both != beam_search(ids, strong.flip(0))  # and x_R steers the routed decoder
 
     plain = randomize_up(rp.add_lora(copy.deepcopy(base), ["c_attn"], 4, 4, "none"))
     want = plain(ids).logits
