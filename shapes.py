@@ -515,7 +515,7 @@ def wrap(text, fnt, width):
 
 
 def nice_axis(top):
-    """(axis maximum, tick step) for values up to `top`: 4-8 ticks of 1, 2 or 5 x 10^k, 5 % headroom."""
+    """(axis maximum, tick step) for values up to `top`: at most 8 steps of 1, 2 or 5 x 10^k, 5 % headroom."""
     top = max(top * 1.05, 1e-9)
     mag = 10 ** math.floor(math.log10(top / 5))
     step = next(m * mag for m in (1, 2, 5, 10) if top / (m * mag) <= 8)
@@ -612,10 +612,9 @@ def chart_panel(rows, task, name, k, colors):
     if min([k * r[name][0] for r in bars] + [baseline or 0]) < 0:
         raise ValueError(f"study_chart: a negative {name} in task {task}: bars start at 0")
     y_max, step = nice_axis(top)
-    ticks = [i * step for i in range(round(y_max / step) + 1)]
-    tick_text = [f"{t:g}" for t in ticks]
+    ticks = [(i * step, f"{i * step:g}") for i in range(round(y_max / step) + 1)]
     widths = [max(len(colors) * BAR, *(text_width(s, small) + 6 for s in lab)) for lab in labels]
-    left = 14 + max(text_width(s, small) for s in tick_text)
+    left = 14 + max(text_width(s, small) for _, s in ticks)
     right = 10 + (text_width(f"{baseline:.1f}", small) if baseline is not None else 0)
     plot_w = sum(widths) + GROUP_GAP * (len(groups) + 1)
     y0 = 50 + PLOT_H  # the zero line: title and axis label above, group labels below
@@ -623,10 +622,9 @@ def chart_panel(rows, task, name, k, colors):
     draw = ImageDraw.Draw(img)
     draw.text((left, 4), task, font=bold, fill=INK)
     draw.text((left, 26), f"{name} " + (f"x{k:g}" if k != 1 else "(%)"), font=small, fill=FAINT)
-    for t, s in zip(ticks, tick_text):
-        y = y0 - round(t / y_max * PLOT_H)
-        draw.line([(left, y), (left + plot_w, y)], fill=GRID)
-        draw.text((left - 6, y), s, font=small, fill=INK, anchor="rm")
+    for t, s in ticks:
+        draw.line([(left, value_row(t, y0, y_max)), (left + plot_w, value_row(t, y0, y_max))], fill=GRID)
+        draw.text((left - 6, value_row(t, y0, y_max)), s, font=small, fill=INK, anchor="rm")
     x = left + GROUP_GAP
     for (peft, control), lab, w in zip(groups, labels, widths):
         x_bar = x + (w - len(colors) * BAR) // 2
@@ -639,20 +637,25 @@ def chart_panel(rows, task, name, k, colors):
         x += w + GROUP_GAP
     draw.line([(left, y0), (left + plot_w, y0)], fill=INK)
     if baseline is not None:
-        y = y0 - round(baseline / y_max * PLOT_H)
+        y = value_row(baseline, y0, y_max)
         dashed_line(draw, left, left + plot_w, y)
         draw.text((left + plot_w + 4, y), f"{baseline:.1f}", font=small, fill=INK, anchor="lm")
     return img
 
 
+def value_row(value, y0, y_max):
+    """The pixel row of `value` on an axis from 0 (row y0) to y_max (PLOT_H rows higher)."""
+    return y0 - round(value / y_max * PLOT_H)
+
+
 def draw_bar(draw, x, y0, mean, std, y_max, color):
     """A bar of height mean (a pixel narrower than its slot) and, if std > 0, an error bar mean ± std."""
-    to_y = lambda v: y0 - round(v / y_max * PLOT_H)  # noqa: E731  (value -> pixel row)
-    if to_y(mean) < y0:
-        draw.rectangle([x, to_y(mean), x + BAR - 2, y0 - 1], fill=color)
+    top = value_row(mean, y0, y_max)
+    if top < y0:
+        draw.rectangle([x, top, x + BAR - 2, y0 - 1], fill=color)
     if std > 0:
         c = x + (BAR - 2) // 2
-        lo, hi = to_y(max(mean - std, 0)), to_y(mean + std)
+        lo, hi = value_row(max(mean - std, 0), y0, y_max), value_row(mean + std, y0, y_max)
         draw.line([(c, lo), (c, hi)], fill=ERROR_BAR)
         draw.line([(c - 2, hi), (c + 2, hi)], fill=ERROR_BAR)
         draw.line([(c - 2, lo), (c + 2, lo)], fill=ERROR_BAR)
@@ -687,8 +690,11 @@ def gallery(examples, path, title, columns=4, box=128):
 
 def same_text(a, b):
     """Equal up to case, spacing and a final period: 'A red circle.' == 'a red  circle'."""
-    norm = lambda s: " ".join(str(s).lower().rstrip().rstrip(".").split())  # noqa: E731
-    return norm(a) == norm(b)
+    return normal_text(a) == normal_text(b)
+
+
+def normal_text(s):
+    return " ".join(str(s).lower().rstrip().rstrip(".").split())
 
 
 def gallery_cell(example, width, box, fnt):
