@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 import data
 import models
@@ -470,6 +470,264 @@ def tiny_backbone(arch):
         models.save_checkpoint(model, path, tokenizer.to_data())
     print(f"saved the tiny pretrained {arch} to {path}")
     return path
+
+
+# ---- pictures: the study's chart and the demos' galleries (Pillow only) -------------------------------------
+
+# Text is a slightly bluish dark grey: its anti-aliased edges are never a pure grey, so bars, error bars and
+# the baseline keep colours of their own (tests find them by colour).
+WHITE, INK, FAINT, GRID = (255, 255, 255), (33, 37, 48), (100, 106, 120), (228, 228, 228)
+BASELINE = (0, 0, 0)           # the text-only baseline's dashed line; nothing else is pure black
+ERROR_BAR = (70, 70, 70)       # mean ± std over seeds
+RIGHT, WRONG = (0, 135, 45), (205, 25, 25)
+ROUTE_COLORS = [(150, 150, 150), (230, 159, 0), (0, 114, 178), (0, 158, 115), (204, 121, 167), (86, 180, 233),
+                (213, 94, 0), (120, 80, 40)]  # one per route, in order of appearance: Okabe-Ito, grey first
+BAR, GROUP_GAP, PLOT_H, MAX_WIDTH = 12, 18, 200, 1000  # chart geometry in pixels
+
+
+def font(size):
+    """Pillow's built-in scalable font (Aileron) at `size` pixels: present wherever Pillow >= 10.1 is."""
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has only a fixed-size bitmap font, too small for a README picture
+        raise RuntimeError("the pictures need Pillow >= 10.1 (a scalable built-in font): pip install -U pillow") from None
+
+
+def save_png(img, path):
+    """Atomic PNG write (eval.atomic_write): a crash never leaves a half-written picture."""
+    atomic_write(path, lambda f: img.save(f, format="PNG", optimize=True), "wb")
+
+
+def text_width(text, fnt):
+    return math.ceil(fnt.getlength(text))
+
+
+def wrap(text, fnt, width):
+    """`text` in lines no wider than `width` pixels, broken at spaces (a longer word gets a line of its own)."""
+    lines = []
+    for word in str(text).split():
+        if lines and text_width(lines[-1] + " " + word, fnt) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def nice_axis(top):
+    """(axis maximum, tick step) for values up to `top`: at most 8 steps of 1, 2 or 5 x 10^k, 5 % headroom."""
+    top = max(top * 1.05, 1e-9)
+    mag = 10 ** math.floor(math.log10(top / 5))
+    step = next(m * mag for m in (1, 2, 5, 10) if top / (m * mag) <= 8)
+    return step * math.ceil(top / step), step
+
+
+def study_chart(rows, path, metric, scale=None, title="Study: mean over seeds per route, error bars ± std"):
+    """Draw the study (train.study_rows' rows) to the PNG `path`: per task a panel, in it a group per
+    (peft, control) with one bar per route (the mean over seeds) and an error bar (± std; none for one
+    seed), and the task's text-only baseline row (peft None) as a dashed line with its value.
+
+    rows: dicts with "task", "peft", "control", "route" and, for the plotted metric, (mean, std).
+    metric: {task: the metric its panel plots}, e.g. {"vqa": "vqa_accuracy", "caption": "CIDEr"}.
+    scale: {metric: factor shown}, e.g. {"CIDEr": 100}; the axis says "x100", else the metric is in %.
+    A route missing from a group leaves its slot empty, so a route sits at the same place in every group.
+    Panels come in the order of the rows' tasks, side by side, wrapped into rows of MAX_WIDTH pixels."""
+    scale = scale or {}
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    if not tasks or [t for t in tasks if t not in metric]:
+        raise ValueError(f"study_chart: no metric for task(s) {[t for t in tasks if t not in metric] or 'none: no rows'}")
+    routes = list(dict.fromkeys(r["route"] for r in rows if r["peft"] is not None))
+    if len(routes) > len(ROUTE_COLORS):
+        raise ValueError(f"study_chart: {len(routes)} routes, but colours for only {len(ROUTE_COLORS)}")
+    colors = dict(zip(routes, ROUTE_COLORS))
+    panels = [chart_panel([r for r in rows if r["task"] == t], t, metric[t], scale.get(metric[t], 1), colors)
+              for t in tasks]
+    error_bars = any(r[metric[r["task"]]][1] > 0 for r in rows if r["peft"] is not None)
+    save_png(stack(title, colors, error_bars, panels), path)
+
+
+def stack(title, colors, error_bars, panels, gap=10):
+    """The picture: the title and legend on top, then the panels left to right, wrapped into rows of
+    MAX_WIDTH pixels."""
+    lines = [[]]
+    for p in panels:
+        if lines[-1] and sum(q.width + gap for q in lines[-1]) + p.width > MAX_WIDTH:
+            lines.append([])
+        lines[-1].append(p)
+    width = max(480, *(sum(q.width + gap for q in line) - gap for line in lines))
+    head = chart_legend(title, colors, width, error_bars)
+    height = head.height + sum(max(q.height for q in line) + gap for line in lines)
+    img = Image.new("RGB", (width, height), WHITE)
+    img.paste(head, (0, 0))
+    y = head.height
+    for line in lines:
+        x = 0
+        for p in line:
+            img.paste(p, (x, y))
+            x += p.width + gap
+        y += max(q.height for q in line) + gap
+    return img
+
+
+def chart_legend(title, colors, width, error_bars):
+    """The title, then one swatch per route, the baseline's dashed line and (if any are drawn) the error
+    bar, wrapped to `width`."""
+    title_font, small = font(17), font(13)
+    items = [(name, "swatch", c) for name, c in colors.items()]
+    items += [("text-only baseline", "dash", BASELINE)] + [("± std over seeds", "error", ERROR_BAR)] * error_bars
+    img = Image.new("RGB", (width, 400), WHITE)
+    draw = ImageDraw.Draw(img)
+    draw.text((10, 8), title, font=title_font, fill=INK)
+    x, y = 10, 36
+    for name, kind, c in items:
+        w = 26 + text_width(name, small) + 16
+        if x + w > width:
+            x, y = 10, y + 20
+        if kind == "swatch":
+            draw.rectangle([x, y + 2, x + 15, y + 13], fill=c)
+        elif kind == "dash":
+            dashed_line(draw, x, x + 20, y + 8)
+        else:
+            draw.line([(x + 8, y), (x + 8, y + 15)], fill=c)
+            draw.line([(x + 4, y), (x + 12, y)], fill=c)
+            draw.line([(x + 4, y + 15), (x + 12, y + 15)], fill=c)
+        draw.text((x + 24, y + 8), name, font=small, fill=INK, anchor="lm")
+        x += w
+    return img.crop((0, 0, width, y + 26))
+
+
+def dashed_line(draw, x0, x1, y):
+    for x in range(x0, x1, 8):
+        draw.line([(x, y), (min(x + 5, x1), y)], fill=BASELINE, width=2)
+
+
+def chart_panel(rows, task, name, k, colors):
+    """One task's panel: bars per (peft, control) group and route, error bars, the baseline, axes."""
+    small, bold = font(13), font(15)
+    bars = [r for r in rows if r["peft"] is not None]
+    baseline = next((k * r[name][0] for r in rows if r["peft"] is None), None)
+    groups = list(dict.fromkeys((r["peft"], r["control"]) for r in bars))
+    labels = [[peft] + ([control] if control not in (None, "full") else []) for peft, control in groups]
+    top = max([k * (r[name][0] + r[name][1]) for r in bars] + [baseline or 0])
+    if min([k * r[name][0] for r in bars] + [baseline or 0]) < 0:
+        raise ValueError(f"study_chart: a negative {name} in task {task}: bars start at 0")
+    y_max, step = nice_axis(top)
+    ticks = [(i * step, f"{i * step:g}") for i in range(round(y_max / step) + 1)]
+    widths = [max(len(colors) * BAR, *(text_width(s, small) + 6 for s in lab)) for lab in labels]
+    left = 14 + max(text_width(s, small) for _, s in ticks)
+    right = 10 + (text_width(f"{baseline:.1f}", small) if baseline is not None else 0)
+    plot_w = sum(widths) + GROUP_GAP * (len(groups) + 1)
+    y0 = 50 + PLOT_H  # the zero line: title and axis label above, group labels below
+    img = Image.new("RGB", (left + plot_w + right, y0 + 16 + 16 * max(map(len, labels))), WHITE)
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 4), task, font=bold, fill=INK)
+    draw.text((left, 26), f"{name} " + (f"x{k:g}" if k != 1 else "(%)"), font=small, fill=FAINT)
+    for t, s in ticks:
+        draw.line([(left, value_row(t, y0, y_max)), (left + plot_w, value_row(t, y0, y_max))], fill=GRID)
+        draw.text((left - 6, value_row(t, y0, y_max)), s, font=small, fill=INK, anchor="rm")
+    x = left + GROUP_GAP
+    for (peft, control), lab, w in zip(groups, labels, widths):
+        x_bar = x + (w - len(colors) * BAR) // 2
+        for slot, route in enumerate(colors):
+            r = next((r for r in bars if (r["peft"], r["control"], r["route"]) == (peft, control, route)), None)
+            if r is not None:
+                draw_bar(draw, x_bar + slot * BAR, y0, k * r[name][0], k * r[name][1], y_max, colors[route])
+        for i, s in enumerate(lab):
+            draw.text((x + w // 2, y0 + 6 + 16 * i), s, font=small, fill=INK, anchor="ma")
+        x += w + GROUP_GAP
+    draw.line([(left, y0), (left + plot_w, y0)], fill=INK)
+    if baseline is not None:
+        y = value_row(baseline, y0, y_max)
+        dashed_line(draw, left, left + plot_w, y)
+        draw.text((left + plot_w + 4, y), f"{baseline:.1f}", font=small, fill=INK, anchor="lm")
+    return img
+
+
+def value_row(value, y0, y_max):
+    """The pixel row of `value` on an axis from 0 (row y0) to y_max (PLOT_H rows higher)."""
+    return y0 - round(value / y_max * PLOT_H)
+
+
+def draw_bar(draw, x, y0, mean, std, y_max, color):
+    """A bar of height mean (a pixel narrower than its slot) and, if std > 0, an error bar mean ± std."""
+    top = value_row(mean, y0, y_max)
+    if top < y0:
+        draw.rectangle([x, top, x + BAR - 2, y0 - 1], fill=color)
+    if std > 0:
+        c = x + (BAR - 2) // 2
+        lo, hi = value_row(max(mean - std, 0), y0, y_max), value_row(mean + std, y0, y_max)
+        draw.line([(c, lo), (c, hi)], fill=ERROR_BAR)
+        draw.line([(c - 2, hi), (c + 2, hi)], fill=ERROR_BAR)
+        draw.line([(c - 2, lo), (c + 2, lo)], fill=ERROR_BAR)
+
+
+def gallery(examples, path, title, columns=4, box=128):
+    """Draw test examples to the PNG `path`, `columns` per row: each example's image(s) fitted into
+    `box` x `box` pixels (a 64-px image is upscaled 2x, pixel for pixel), its text, the prediction
+    (green if right, red if wrong) and the truth.
+
+    examples: dicts with "images" (a list of one or two PIL images or file paths: an NLVR2 pair side by
+    side), "text" (the question, the statement, or e.g. "caption"), "prediction" (the answer or the
+    generated caption) and "truth" (the true answer, or a list of references: the one the prediction
+    matches is shown, else the first). Right means equal up to case, spacing and a final period."""
+    if not examples:
+        raise ValueError("gallery: no examples")
+    small = font(13)
+    n_images = max(len(e["images"]) for e in examples)
+    cell_w = max(240, n_images * box + (n_images - 1) * 6)
+    cells = [gallery_cell(e, cell_w, box, small) for e in examples]
+    rows = [cells[i:i + columns] for i in range(0, len(cells), columns)]
+    width = 10 + len(rows[0]) * (cell_w + 14)
+    img = Image.new("RGB", (width, 40 + sum(max(c.height for c in row) + 14 for row in rows)), WHITE)
+    ImageDraw.Draw(img).text((10, 10), title, font=font(17), fill=INK)
+    y = 40
+    for row in rows:
+        for i, cell in enumerate(row):
+            img.paste(cell, (10 + i * (cell_w + 14), y))
+        y += max(c.height for c in row) + 14
+    save_png(img, path)
+
+
+def same_text(a, b):
+    """Equal up to case, spacing and a final period: 'A red circle.' == 'a red  circle'."""
+    return normal_text(a) == normal_text(b)
+
+
+def normal_text(s):
+    return " ".join(str(s).lower().rstrip().rstrip(".").split())
+
+
+def gallery_cell(example, width, box, fnt):
+    """One example: its image(s) centred at the top, then the text, the prediction and the truth, wrapped."""
+    images = [fit(im, box) for im in example["images"]]
+    truths = example["truth"] if isinstance(example["truth"], (list, tuple)) else [example["truth"]]
+    match = [t for t in truths if same_text(example["prediction"], t)]
+    shown = (match or truths)[0]
+    lines = [(s, INK) for s in wrap(example["text"], fnt, width)]
+    lines += [(s, RIGHT if match else WRONG) for s in wrap(f"predicted: {example['prediction']}", fnt, width)]
+    lines += [(s, FAINT) for s in wrap(f"{'reference' if len(truths) > 1 else 'true'}: {shown}", fnt, width)]
+    cell = Image.new("RGB", (width, box + 8 + 17 * len(lines)), WHITE)
+    x = (width - sum(im.width for im in images) - 6 * (len(images) - 1)) // 2
+    for im in images:
+        cell.paste(im, (x, (box - im.height) // 2))
+        x += im.width + 6
+    draw = ImageDraw.Draw(cell)
+    for i, (s, color) in enumerate(lines):
+        draw.text((0, box + 8 + 17 * i), s, font=fnt, fill=color)
+    return cell
+
+
+def fit(im, box):
+    """An RGB copy of `im` (a PIL image or a file path) fitted into box x box: upscaled by a whole factor,
+    pixel for pixel, if it is smaller (a 64-px image shows its shapes sharp at 2x), else shrunk with Lanczos."""
+    if isinstance(im, (str, os.PathLike)):
+        with Image.open(im) as f:
+            im = f.convert("RGB")
+    im = im.convert("RGB")
+    factor = box // max(im.size)
+    if factor >= 1:
+        return im.resize((im.width * factor, im.height * factor), Image.NEAREST)
+    ratio = box / max(im.size)
+    return im.resize((max(1, round(im.width * ratio)), max(1, round(im.height * ratio))), Image.LANCZOS)
 
 
 def main(argv=None):
