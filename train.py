@@ -232,6 +232,9 @@ class ViTFeatures:
     def pixels(self):
         return self.store.pixels
 
+    def path(self, key):
+        return self.store.images.path(key)
+
     def prepare(self, keys):
         self.store.prepare(keys)
         if self.store.pixels is None:
@@ -359,6 +362,16 @@ class VQA(Task):
     def summary(self, m):
         return {"vqa_accuracy": m["overall"]}
 
+    def examples(self, results, split, n=8):
+        """n examples for a gallery (shapes.gallery), one question per image; truth: the most common answer."""
+        s, shown, out = self.splits[split], set(), []
+        for m, r in enumerate(results):  # in split order
+            if s["image"][m] not in shown and len(out) < n:
+                shown.add(s["image"][m])
+                out.append({"images": [self.features.path(s["image"][m])], "text": s["question"][m],
+                            "prediction": r["answer"], "truth": Counter(s["answers"][m]).most_common(1)[0][0]})
+        return out
+
     def text_only_baseline(self, split):
         """The best training answer (summed soft score) per question type: a model that never sees the image."""
         totals = defaultdict(Counter)  # question type -> answer id -> summed soft score
@@ -425,6 +438,12 @@ class Captioning(Task):
 
     def summary(self, m):
         return {"CIDEr": m["CIDEr"], "Bleu_4": m["Bleu_4"]}
+
+    def examples(self, results, split, n=8):
+        """The first n images of the split with the generated caption and their references (shapes.gallery)."""
+        s = self.splits[split]
+        return [{"images": [self.features.path(k)], "text": "caption", "prediction": r["caption"], "truth": refs}
+                for k, refs, r in zip(s["image"][:n], s["refs"], results)]
 
     def text_only_baseline(self, split):
         """The most frequent training caption, for every image."""
@@ -754,7 +773,7 @@ def train(cfg, rank, world, resume):
     return records[-1] if records else {}
 
 
-RUN_FILES = ("config.json", "last.pt", "metrics.jsonl", "results_*", "metrics_*.json", "gallery.png")  # what a run writes
+RUN_FILES = ("config.json", "last.pt", "metrics.jsonl", "results_*", "metrics_*.json", "gallery_*.png")  # what a run writes
 
 
 @contextlib.contextmanager
@@ -823,11 +842,15 @@ def headline(record, tasks):
 
 def evaluate_and_save(cfg, tasks, model, opt, step, records, record):
     """Evaluate every task on record["split"]; the record (its metrics, headline values flat), the results
-    files, then last.pt with every record so far, then metrics.jsonl rewritten from those records: the log
-    always belongs to the checkpoint, and a kill at any point loses no record that last.pt holds."""
+    files (and, for the final record, a gallery of test examples per task), then last.pt with every record so
+    far, then metrics.jsonl rewritten from those records: the log always belongs to the checkpoint, and a kill
+    at any point loses no record that last.pt holds."""
     for task in tasks:
         m, results = task.evaluate(model, record["split"])
         task.write_results(results, cfg.out, record["split"])
+        if record.get("final"):
+            shapes.gallery(task.examples(results, record["split"]), os.path.join(cfg.out, f"gallery_{task.name}.png"),
+                           f"{task.name}: {record['split']} examples, {cfg.peft} route {cfg.route}")
         record.update(task.summary(m))
         record[task.name] = m
     records.append(record)
@@ -849,7 +872,7 @@ def final_report(cfg, tasks, model, opt, step, records):
     print("| model | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
     for label, values in (("text-only baseline", base), (f"{cfg.peft} r={cfg.rank}, route {cfg.route}", record)):
         print(f"| {label} | " + " | ".join(f"{values[n] * (100 if n in ('CIDEr', 'Bleu_4') else 1):.2f}" for n in names) + " |")
-    print(f"results and last.pt in {cfg.out}")
+    print(f"results, galleries and last.pt in {cfg.out}")
 
 
 def trainable_state(model):
@@ -1018,8 +1041,11 @@ def run_study(base, epochs_given=False, routes=STUDY_ROUTES, seeds=STUDY_SEEDS):
     table = study_table(rows, grid, seeds)
     path = os.path.join(base.out, "study.md")
     metrics.atomic_write(path, lambda f: f.write(table))
+    seeds_text = f"{seeds} seed{'s' if seeds > 1 else ''}"
+    shapes.study_chart(rows, os.path.join(base.out, "study.png"), {r["task"]: TASK_HEADLINE[r["task"]][0] for r in rows},
+                       X100, f"Study: mean ± std over {seeds_text} per route, {'the demo' if base.text == 'tiny' else base.text}")
     print("\n" + table + "\n" + study_summary(rows) + f"\nstudy: {len(grid)} runs in {base.out}, "
-          f"{time.time() - t0:.0f}s; table in {path}")
+          f"{time.time() - t0:.0f}s; table in {path}, chart in {os.path.join(base.out, 'study.png')}")
     return rows, table
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import data
 import eval as E
@@ -95,6 +96,8 @@ def test_main_vqa(world, tmp_path, peft, route, prefix):
     for r in records[:2]:
         assert math.isfinite(r["train_loss"]) and r["train_loss"] > 0 and r["task_train_loss"] == {"vqa": r["train_loss"]}
     assert result == records[-1] and result["final"] and "vqa_accuracy" in result["text_only"]
+    with Image.open(os.path.join(cfg.out, "gallery_vqa.png")) as im:  # 8 test examples, 2 rows of 4
+        assert im.format == "PNG" and im.width > 4 * 128 and im.height > 2 * 128
     tasks, _, _ = train.build(cfg)
     for r in records[1:]:  # the accuracy is the official score of the results file written with it (the last of a split)
         split = tasks[0].splits[r["split"]]
@@ -143,6 +146,8 @@ def test_main_caption(world, tmp_path, peft, route, cache):
     assert math.isfinite(records[0]["train_loss"])
     for r in records:
         assert {"CIDEr", "Bleu_4", "Bleu_1", "ROUGE_L"} <= set(r["caption"]) and r["CIDEr"] == r["caption"]["CIDEr"]
+    with Image.open(os.path.join(cfg.out, "gallery_caption.png")) as im:
+        assert im.format == "PNG" and im.width > 4 * 128
     results = read_json(os.path.join(cfg.out, "results_caption_test.json"))
     assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str) for r in results)
     # the official-format file, scored by eval.py's CLI path, gives the returned numbers
@@ -515,11 +520,13 @@ def test_study(world, tmp_path, monkeypatch, capsys):
     rows, table = train.run_study(cfg, False, train.STUDY_ROUTES, train.STUDY_SEEDS)
     assert [(r["step"], r["split"]) for r in read_records(out / "vqa-adapter-mul-s0")[:2]] == [(9, "val"), (18, "val")]
     folders = sorted(os.listdir(out))
-    runs = [f for f in folders if f != "study.md"]
+    runs = [f for f in folders if f not in ("study.md", "study.png")]
     expected = sorted([f"vqa-{p}-{r}-s0" for p in ("lora", "adapter") for r in ("none", "mul")] +
                       [f"vqa-lora-{r}-{c}-s0" for r in ("none", "mul") for c in ("noprefix", "shuffled")] +
                       [f"caption-{p}-{r}-s0" for p in ("lora", "adapter") for r in ("none", "mul")])
-    assert runs == expected and "study.md" in folders
+    assert runs == expected and "study.md" in folders and "study.png" in folders
+    with Image.open(out / "study.png") as im:
+        assert im.format == "PNG" and im.width > 300
     with open(out / "study.md", encoding="utf-8") as f:
         assert f.read() == table
     lines = table.splitlines()
