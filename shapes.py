@@ -295,8 +295,8 @@ RELATIONS = ("to the left of", "to the right of", "above", "below")
 YES_NO = ["no", "yes"]
 # Question templates: name -> (types.structural, types.semantic, types.detailed for the answer "yes"
 # (and for "no" where GQA names its contrast variant apart), every possible answer). Structural and
-# semantic types are GQA's (a question is open iff structural == "query"); the detailed types are the
-# names of GQA's question families where one fits.
+# semantic types are GQA's (a question is open iff structural == "query"); the detailed types borrow
+# the names of the nearest GQA question families (only the official metrics' groups depend on types).
 GQA_TEMPLATES = {
     "color_of_related": ("query", "attr", ("directOf",), sorted(COLORS)),
     "shape_of_related": ("query", "rel", ("relS",), list(SHAPES)),
@@ -310,7 +310,7 @@ GQA_TEMPLATES = {
     "exist_and": ("logical", "obj", ("existAnd", "existAndC"), YES_NO),
     "exist_or": ("logical", "obj", ("existOr", "existOrC"), YES_NO),
 }
-# The structural types, weighted for a scene's first question roughly as GQA has them (half query)
+# The structural types, weighted towards query and verify (the bulk of GQA) for a scene's first question
 GQA_KINDS = {"query": 4, "verify": 3, "choose": 2, "compare": 1, "logical": 1}
 GQA_SPLIT = {"train": "train", "restval": "train", "val": "val", "test": "testdev"}  # Karpathy -> GQA
 
@@ -588,9 +588,10 @@ def gqa_files(world, split):
 def write_gqa(out, images, seed, per_image):
     """The GQA part of a world: per_image questions on each scene of `images` ([(Karpathy split,
     JPEG bytes, objects)], the VQA scenes) in gqa/questions1.2/{train,val,testdev}_balanced_questions.json
-    (Karpathy train and restval -> train, val -> val, test -> testdev, so no test image is trained
-    on by any task) and the same JPEG under gqa/images/{imageId}.jpg. Returns (GQA image ids, truths
-    [{question_id, image_id, template, answer}])."""
+    (Karpathy train and restval -> train, val -> val, test -> testdev: a Karpathy test image is a
+    test image for every task) and the same JPEG again under gqa/images/{imageId}.jpg: GQA's images.zip is one
+    flat folder named by GQA's own image ids, which COCO's paths cannot serve. Returns (GQA image
+    ids, truths [{question_id, image_id, template, answer}])."""
     rng, used = random.Random(f"{seed}-gqa"), Counter()  # (template, answer) -> questions so far
     files = {split: {} for split in ("train", "val", "testdev")}
     images_dir = gqa_files(out, "train")[1]
@@ -744,9 +745,11 @@ def make_world(out, n_images=3000, seed=0, questions_per_image=3, gqa_per_image=
     Two thirds of the images are train2014, one third val2014; of val2014, 30 % are Karpathy val,
     30 % test, the rest restval. GQA asks gqa_per_image questions on each of these scenes
     (write_gqa); NLVR2 has nlvr2_sets sets of four image pairs (write_nlvr2; default n_images // 20,
-    i.e. 600 pairs for 3000 images). Last, shapes_scenes.json: every image's objects and every
-    question's and statement's truth (for attribute pretraining and oracle checks). Deterministic:
-    the same seed gives byte-identical files."""
+    i.e. 600 pairs for 3000 images). Last, the truth for oracle checks, shapes_scenes.json:
+    {"images": [{image_id, image, objects, gqa_image_id}], "questions": VQA [{question_id, image_id,
+    kind, answer}], "gqa_questions": [{question_id, image_id, template, answer}], "nlvr2_images":
+    {image key under nlvr2/: objects}, "nlvr2_templates": {identifier: template}}. Deterministic: the
+    same seed gives byte-identical files."""
     if n_images < 20:  # fewer leave the Karpathy val or test split, hence GQA val or testdev, empty
         raise ValueError(f"make_world: n_images must be at least 20, got {n_images}")
     nlvr2_sets = n_images // 20 if nlvr2_sets is None else nlvr2_sets
