@@ -1,14 +1,12 @@
-"""data.py: the synthetic world in the real formats, the VQAv2 / Karpathy loaders, answer vocabulary
-and soft targets, images, collate functions and the prepared-data cache.
+"""data.py: the VQAv2 / Karpathy loaders, answer vocabulary and soft targets, images, collate
+functions, the prepared-data cache and the GQA / NLVR2 readers (the world itself: test_shapes.py).
 
     python -m pytest -q tests/test_data.py
 """
-import filecmp
 import functools
 import json
 import os
 import re
-from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ from PIL import Image
 
 import data
 import shapes
-from eval import normalize_answer, vqa_accuracy
+from eval import vqa_accuracy
 
 N_IMAGES = 240  # 160 train2014 + 80 val2014 (24 val, 24 test, 32 restval): 720 questions
 
@@ -35,103 +33,6 @@ def tok(world):
     texts = [s["raw"] for img in karpathy for s in img["sentences"]]
     texts += [r["question"] for r in data.read_vqa(world, "train2014")]
     return data.BPETokenizer(**data.learn_bpe(texts, 500))
-
-
-# ---- the synthetic world ---------------------------------------------------------------------
-
-
-def test_world_has_the_real_formats(world):
-    for subtype, n in (("train2014", 160), ("val2014", 80)):
-        q_path, a_path = data.vqa_files(world, subtype)
-        q, a = json.load(open(q_path)), json.load(open(a_path))
-        assert set(q) == {"info", "task_type", "data_type", "license", "data_subtype", "questions"}
-        assert set(a) == {"info", "license", "data_subtype", "annotations", "data_type"}
-        assert q["data_subtype"] == a["data_subtype"] == subtype and q["task_type"] == "Open-Ended"
-        assert len({x["image_id"] for x in q["questions"]}) == n and len(q["questions"]) == 3 * n
-        for x in q["questions"]:
-            assert set(x) == {"image_id", "question", "question_id"}
-        for x in a["annotations"]:
-            assert set(x) == {"question_type", "multiple_choice_answer", "answers", "image_id",
-                              "answer_type", "question_id"}
-            assert x["answer_type"] in ("yes/no", "number", "other")
-            assert [y["answer_id"] for y in x["answers"]] == list(range(1, 11))
-            assert all(set(y) == {"answer", "answer_confidence", "answer_id"} for y in x["answers"])
-            assert all(y["answer_confidence"] in ("yes", "maybe", "no") for y in x["answers"])
-        for x in q["questions"]:
-            with Image.open(os.path.join(world, data.coco_image_key(subtype, x["image_id"]))) as im:
-                assert im.format == "JPEG" and im.size == (64, 64) and im.mode == "RGB"
-    k = json.load(open(os.path.join(world, "dataset_coco.json")))
-    assert set(k) == {"images", "dataset"}
-    assert Counter(img["split"] for img in k["images"]) == {"train": 160, "restval": 32, "val": 24, "test": 24}
-    sentids = [s["sentid"] for img in k["images"] for s in img["sentences"]]
-    assert sorted(sentids) == list(range(5 * N_IMAGES))
-    for img in k["images"]:
-        assert set(img) == {"filepath", "sentids", "filename", "imgid", "split", "sentences", "cocoid"}
-        assert len(img["sentences"]) == 5 and len({s["raw"] for s in img["sentences"]}) == 5
-        assert img["sentids"] == [s["sentid"] for s in img["sentences"]]
-        assert all(set(s) == {"tokens", "raw", "imgid", "sentid"} and s["imgid"] == img["imgid"] for s in img["sentences"])
-        assert os.path.isfile(os.path.join(world, img["filepath"], img["filename"]))
-
-
-def test_world_is_deterministic(world, tmp_path):
-    again, other = str(tmp_path / "again"), str(tmp_path / "other")
-    shapes.main(["world", "--out", again, "--n-images", str(N_IMAGES), "--seed", "0"])
-    shapes.make_world(other, n_images=N_IMAGES, seed=1)
-    files = sorted(os.path.relpath(os.path.join(d, f), world)
-                   for d, _, fs in os.walk(world) if "prepared" not in d for f in fs)
-    assert len(files) == N_IMAGES + 6
-    match, mismatch, errors = filecmp.cmpfiles(world, again, files, shallow=False)
-    assert not mismatch and not errors
-    _, mismatch, _ = filecmp.cmpfiles(world, other, files, shallow=False)
-    assert "dataset_coco.json" in mismatch and len(mismatch) > N_IMAGES // 2
-
-
-def test_questions_need_the_image(world):
-    """A text-only prior (the most frequent answer per question type, and even per exact question
-    string) scores far below an oracle that knows the scene, with the official accuracy."""
-    train, val = data.read_vqa(world, "train2014"), data.read_vqa(world, "val2014")
-    truth = {q["question_id"]: q["answer"] for q in json.load(open(os.path.join(world, "shapes_scenes.json")))["questions"]}
-    per_type, per_string = defaultdict(Counter), defaultdict(Counter)
-    for r in train:
-        per_type[r["question_type"]].update(normalize_answer(a) for a in r["answers"])
-        per_string[r["question"]].update(normalize_answer(a) for a in r["answers"])
-
-    def score(predict):
-        return 100 * sum(vqa_accuracy(predict(r), r["answers"]) for r in val) / len(val)
-
-    prior_type = score(lambda r: per_type[r["question_type"]].most_common(1)[0][0])
-    prior_string = score(lambda r: (per_string.get(r["question"]) or per_type[r["question_type"]]).most_common(1)[0][0])
-    oracle = score(lambda r: truth[r["question_id"]])
-    assert prior_type < 45 and prior_string < 55 and oracle > 95, (prior_type, prior_string, oracle)
-    # the answers of each answer type are spread out, not dominated by one answer
-    for atype in ("yes/no", "number", "other"):
-        counts = Counter(truth[r["question_id"]] for r in train + val if r["answer_type"] == atype)
-        assert counts.most_common(1)[0][1] / sum(counts.values()) < 0.55, (atype, counts)
-
-
-def test_scenes_match_questions(world):
-    """The stored truth agrees with the drawn objects (counts, existence, colours, sides), and the
-    human answers mostly agree with the truth."""
-    scenes = json.load(open(os.path.join(world, "shapes_scenes.json")))
-    objects = {s["image_id"]: s["objects"] for s in scenes["images"]}
-    truth = {q["question_id"]: q["answer"] for q in scenes["questions"]}
-    checked = Counter()
-    for r in data.read_vqa(world, "train2014") + data.read_vqa(world, "val2014"):
-        objs, q, t = objects[r["image_id"]], r["question"], truth[r["question_id"]]
-        if q in ("How many shapes are there?", "How many objects are in the picture?"):
-            checked["count"] += t == str(len(objs))
-        elif q.startswith("Are there any "):
-            checked["exist"] += (t == "yes") == any(o["shape"] == q[len("Are there any "):-2] for o in objs)
-        elif q.startswith("What color is the "):
-            checked["color"] += [o["color"] for o in objs if o["shape"] == q[len("What color is the "):-1]] == [t]
-        elif q.endswith(" on the left or on the right?"):
-            name = q[len("Is the "):-len(" on the left or on the right?")]
-            checked["side"] += [o["quadrant"].split()[1] for o in objs if f"{o['color']} {o['shape']}" == name] == [t]
-        else:
-            continue
-        checked["total"] += 1
-        assert vqa_accuracy(t, r["answers"]) >= 0.6, (q, t, r["answers"])
-    assert checked["total"] > 100 and checked["count"] + checked["exist"] + checked["color"] + checked["side"] == checked["total"]
 
 
 # ---- answer vocabulary and soft targets -------------------------------------------------------
