@@ -912,8 +912,10 @@ def atomic_write(path, write, mode="w"):
 
 
 def write_json(obj, path, indent=2):
-    """Atomic write of a JSON file (atomic_write)."""
-    atomic_write(path, lambda f: json.dump(obj, f, indent=indent, ensure_ascii=False))
+    """Atomic write of a JSON file (atomic_write); encoded in one go (json.dumps is several times faster than
+    json.dump's piecewise writes)."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False)
+    atomic_write(path, lambda f: f.write(text))
 
 
 def check_writable(path):
