@@ -889,10 +889,10 @@ class ImageError(RuntimeError):
     """An image file that exists but cannot be decoded."""
 
 
-def load_image(path, size, mean, std):
-    """Like HF ViTImageProcessor: RGB, resize to (size, size) with PIL bilinear, x / 255, then
-    (x - mean) / std per channel. Returns FloatTensor (3, size, size). A missing file raises
-    FileNotFoundError, an undecodable or truncated one ImageError; both name the file."""
+def load_image(path, size, mean, std, resample="bilinear"):
+    """Like HF ViTImageProcessor: RGB, resize to (size, size) with PIL bilinear (or CLIP's bicubic,
+    see RESAMPLE), x / 255, then (x - mean) / std per channel. Returns FloatTensor (3, size, size).
+    A missing file raises FileNotFoundError, an undecodable or truncated one ImageError; both name the file."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
     try:
@@ -900,29 +900,38 @@ def load_image(path, size, mean, std):
             im = im.convert("RGB")  # decodes the whole file: truncation is detected here
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise ImageError(f"corrupt image {path}: {e}") from None
-    return preprocess(im, size, mean, std)
+    return preprocess(im, size, mean, std, resample)
 
 
-def preprocess(im, size, mean, std):
-    """An RGB PIL image -> FloatTensor (3, size, size): bilinear resize, x / 255, (x - mean) / std."""
-    im = im.resize((size, size), Image.BILINEAR)
+# The converted backbone's config names its resize filter (models.Config.image_resample): ViT uses PIL
+# bilinear as HF's ViTImageProcessor; CLIP squashes with PIL bicubic, as torchvision's Resize((224, 224))
+# on a PIL image did when VL-Adapter extracted its CLIP features.
+RESAMPLE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def preprocess(im, size, mean, std, resample="bilinear"):
+    """An RGB PIL image -> FloatTensor (3, size, size): resize (squash), x / 255, (x - mean) / std."""
+    if resample not in RESAMPLE:
+        raise ValueError(f"unknown resample filter {resample!r}; expected one of {sorted(RESAMPLE)}")
+    im = im.resize((size, size), RESAMPLE[resample])
     x = np.asarray(im, dtype=np.float32) / np.float32(255.0)                     # (S, S, 3)
     x = (x - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))          # (3, S, S)
 
 
 class Images:
-    """Images of one folder with one preprocessing (the ViT's size, mean, std):
-    Images(dir, size, mean, std)(key) -> FloatTensor (3, size, size)."""
+    """Images of one folder with one preprocessing (the backbone's size, mean, std, resize filter):
+    Images(dir, size, mean, std, resample)(key) -> FloatTensor (3, size, size)."""
 
-    def __init__(self, images_dir, size, mean, std):
+    def __init__(self, images_dir, size, mean, std, resample="bilinear"):
         self.images_dir, self.size, self.mean, self.std = images_dir, size, tuple(mean), tuple(std)
+        self.resample = resample
 
     def path(self, key):
         return os.path.join(self.images_dir, key)
 
     def __call__(self, key):
-        return load_image(self.path(key), self.size, self.mean, self.std)
+        return load_image(self.path(key), self.size, self.mean, self.std, self.resample)
 
 
 class ImageDataset(torch.utils.data.Dataset):
