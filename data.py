@@ -783,8 +783,8 @@ def prepare_gqa(gqa_dir, tokenizer, prompt="gqa: ", max_len=20, cache_dir=None):
     """GQA for a generative model, tokenised once and cached (cache_dir defaults to GQA_DIR/prepared): the
     inputs <s> prompt + question </s> (at most max_len tokens) and the targets <s> answer </s>. Splits as
     VL-Adapter and VL-PET use them: "train" = the train and val balanced questions, "testdev" = testdev.
-    Columns: question_id [str], image [key under GQA_DIR/images], answer [str], input_ids / input_offsets and
-    target_ids / target_offsets (ragged)."""
+    Columns: question_id [str], image [key under GQA_DIR/images], question, answer and detailed (the official
+    detailed question type) [str], input_ids / input_offsets and target_ids / target_offsets (ragged)."""
     files = {s: os.path.join(gqa_dir, "questions1.2", GQA_QUESTIONS.format(s)) for s in ("train", "val", "testdev")}
     for path in files.values():
         if not os.path.isfile(path):
@@ -794,7 +794,8 @@ def prepare_gqa(gqa_dir, tokenizer, prompt="gqa: ", max_len=20, cache_dir=None):
     def build():
         parts = {"train": read_gqa(files["train"]) + read_gqa(files["val"]), "testdev": read_gqa(files["testdev"])}
         return {name: {"question_id": [r["question_id"] for r in rs], "image": [r["image"] for r in rs],
-                       "answer": [r["answer"] for r in rs],
+                       "question": [r["question"] for r in rs], "answer": [r["answer"] for r in rs],
+                       "detailed": [r["types"].get("detailed", r["types"]["semantic"]) for r in rs],
                        **_prompted(tokenizer, prompt, [r["question"] for r in rs], [r["answer"] for r in rs], max_len)}
                 for name, rs in parts.items()}
 
@@ -804,8 +805,9 @@ def prepare_gqa(gqa_dir, tokenizer, prompt="gqa: ", max_len=20, cache_dir=None):
 def prepare_nlvr2(nlvr2_dir, tokenizer, prompt="nlvr: ", cache_dir=None):
     """NLVR2 for a generative model, tokenised once and cached (cache_dir defaults to NLVR2_DIR/prepared): the
     inputs <s> prompt + sentence </s> (not cut, as VL-Adapter) and the targets <s> true </s> or <s> false </s>.
-    Splits "train", "dev", "test1" from NLVR2_DIR/data/{split}.json. Columns: identifier [str], image [(left,
-    right) keys under NLVR2_DIR], label (BoolTensor), input_ids / input_offsets, target_ids / target_offsets."""
+    Splits "train", "dev", "test1" from NLVR2_DIR/data/{split}.json. Columns: identifier and sentence [str],
+    image [(left, right) keys under NLVR2_DIR], label (BoolTensor), input_ids / input_offsets, target_ids /
+    target_offsets."""
     files = {s: os.path.join(nlvr2_dir, "data", f"{s}.json") for s in ("train", "dev", "test1")}
     for path in files.values():
         if not os.path.isfile(path):
@@ -817,6 +819,7 @@ def prepare_nlvr2(nlvr2_dir, tokenizer, prompt="nlvr: ", cache_dir=None):
         for name, path in files.items():
             rs = read_nlvr2(path)
             out[name] = {"identifier": [r["identifier"] for r in rs], "image": [tuple(r["images"]) for r in rs],
+                         "sentence": [r["sentence"] for r in rs],
                          "label": torch.tensor([r["label"] for r in rs], dtype=torch.bool),
                          **_prompted(tokenizer, prompt, [r["sentence"] for r in rs],
                                      ["true" if r["label"] else "false" for r in rs], None)}

@@ -842,12 +842,26 @@ def world_texts(world):
     return questions, captions
 
 
+def bart_texts(world):
+    """The tiny BART's corpus: the training questions and captions, GQA's training questions and answers, NLVR2's
+    training sentences and the two words its targets use."""
+    questions, captions = world_texts(world)
+    gqa = data.read_gqa(gqa_files(world, "train")[0])
+    nlvr2 = data.read_nlvr2(nlvr2_files(world, "train")[0])
+    return questions + captions + [r["question"] for r in gqa] + [r["answer"] for r in gqa] + \
+        [r["sentence"] for r in nlvr2] + ["true", "false"]
+
+
 # ---- the demo's tiny pretrained backbones --------------------------------------------------------
 
-TINY = {  # the same architectures as the real backbones, tiny; d = 128 everywhere, so no projection
+TINY = {  # the same architectures as the real backbones, tiny; d = 128 for ViT, RoBERTa and GPT-2 (no projection)
     "vit": models.Config("vit", 128, 4, 4, 512, 1e-12, image_size=64, patch_size=16),
     "roberta": models.Config("roberta", 128, 4, 4, 512, 1e-5, max_positions=66, dropout=0.1),
     "gpt2": models.Config("gpt2", 128, 4, 4, 512, 1e-5, max_positions=64, dropout=0.1),
+    # CLIP's ResNet at the images' own 64 px: a 2 x 2 grid (one cell a quadrant), 256 channels (stem width 8)
+    "clip_resnet": models.Config("clip_resnet", 256, 4, 4, 0, 1e-5, image_size=64, stages=(1, 1, 1, 1), output_dim=128,
+                                 image_mean=models.CLIP_MEAN, image_std=models.CLIP_STD, image_resample="bicubic"),
+    "bart": models.Config("bart", 128, 2, 4, 512, 1e-5, max_positions=66, dropout=0.1),
 }
 TINY_VOCAB = 1000
 VIT_STEPS, VIT_LR, VIT_SCENES = 700, 2e-3, 8000
@@ -899,33 +913,56 @@ def attribute_loss(logits, labels):
 
 def draw_scenes(n, seed, config):
     """n new scenes from the synthetic world's generator (not its stored images), JPEG round-tripped
-    like the stored ones: (pixels (n, 3, S, S) normalised for the ViT, labels (n, 13))."""
+    like the stored ones: (pixels (n, 3, S, S) preprocessed for the encoder, labels (n, 13))."""
     rng, nprng = random.Random(seed), np.random.default_rng(seed)
     pixels, labels = [], []
     for _ in data.progress(range(n), "draw scenes", "img"):
         img, objects = draw_scene(rng, nprng)
         with Image.open(io.BytesIO(jpeg_bytes(img))) as im:
-            pixels.append(data.preprocess(im.convert("RGB"), config.image_size, config.image_mean, config.image_std))
+            pixels.append(data.preprocess(im.convert("RGB"), config.image_size, config.image_mean, config.image_std,
+                                          config.image_resample))
         labels.append(scene_attributes(objects))
     return torch.stack(pixels), torch.stack(labels)
 
 
-def pretrain_vit():
-    """The tiny ViT, trained briefly to name the attributes of freshly drawn scenes (a stand-in for
-    ImageNet-21k pretraining: no image, question or caption of the demo's data is used)."""
-    c = TINY["vit"]
+def pretrain_vision(arch):
+    """The tiny ViT or CLIP ResNet, trained briefly to name the attributes of freshly drawn scenes from its
+    pooled output (a stand-in for ImageNet-21k or CLIP pretraining: no image, question or caption of the
+    demo's data is used)."""
+    c = TINY[arch]
     pixels, labels = draw_scenes(VIT_SCENES, seed=1, config=c)
-    model, head = models.build_model(c), nn.Linear(c.d_model, sum(ATTRIBUTE_CLASSES))
-    with torch.no_grad():  # distinct positions from the first step: learning starts much faster than from 0
-        model.pos_embed.normal_(0.0, 0.5)
-        model.cls_token.normal_(0.0, 0.5)
+    model, head = models.build_model(c), nn.Linear(c.output_dim or c.d_model, sum(ATTRIBUTE_CLASSES))
+    if arch == "vit":
+        with torch.no_grad():  # distinct positions from the first step: learning starts much faster than from 0
+            model.pos_embed.normal_(0.0, 0.5)
+            model.cls_token.normal_(0.0, 0.5)
     g = torch.Generator().manual_seed(0)
 
     def loss(step):
         i = torch.randint(len(pixels), (64,), generator=g)
         return attribute_loss(head(model(pixels[i])[1]), labels[i])
 
-    return pretrain(model, head, loss, VIT_STEPS, VIT_LR, "pretrain tiny ViT (scene attributes)")
+    return pretrain(model, head, loss, VIT_STEPS, VIT_LR, f"pretrain tiny {arch} (scene attributes)")
+
+
+def pretrain_bart(tokenizer, texts):
+    """The tiny BART, trained briefly as BART is: to rebuild a sentence from a copy with 30 % of its tokens
+    masked (text infilling with one-token spans)."""
+    c = dataclasses.replace(TINY["bart"], vocab_size=len(tokenizer), pad_id=tokenizer.pad_id)
+    model = models.build_model(c)
+    seqs = [torch.tensor(tokenizer.wrap(tokenizer.encode(t))[:c.max_positions - 4]) for t in texts]
+    g = torch.Generator().manual_seed(0)
+
+    def loss(step):
+        i = torch.randint(len(seqs), (64,), generator=g).tolist()
+        ids, mask = data.pad_sequences([seqs[j] for j in i], tokenizer.pad_id)  # (B, N)
+        special = (ids == tokenizer.bos_id) | (ids == tokenizer.eos_id) | (mask == 0)
+        noisy = ids.masked_fill((torch.rand(ids.shape, generator=g) < 0.3) & ~special, tokenizer.mask_id)
+        decoder_input_ids, labels = data.seq2seq_targets([seqs[j] for j in i], c.decoder_start_id, tokenizer.pad_id)
+        logits = model(noisy, mask, decoder_input_ids)  # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+
+    return pretrain(model, nn.Identity(), loss, TEXT_STEPS, TEXT_LR, "pretrain tiny BART (denoising)")
 
 
 def pretrain_text(arch, tokenizer, texts):
@@ -959,7 +996,7 @@ def pretrain_text(arch, tokenizer, texts):
 
 
 def tiny_backbone(arch):
-    """Path of the demo's tiny pretrained `arch` backbone (vit, roberta, gpt2), pretrained on first use
+    """Path of the demo's tiny pretrained `arch` backbone (vit, roberta, gpt2, clip_resnet, bart), pretrained on first use
     (about a minute each) from a fixed seed: the same weights whatever ran before."""
     path = os.path.join(TINY_DIR, f"{arch}.pt")
     if os.path.isfile(path):
@@ -968,8 +1005,12 @@ def tiny_backbone(arch):
         raise ValueError(f"no tiny demo backbone for arch {arch!r}; there are {sorted(TINY)}")
     torch.manual_seed(0)
     ensure_world()
-    if arch == "vit":
-        models.save_checkpoint(pretrain_vit(), path)
+    if arch in ("vit", "clip_resnet"):
+        models.save_checkpoint(pretrain_vision(arch), path)
+    elif arch == "bart":
+        texts = bart_texts(WORLD)
+        tokenizer = data.BPETokenizer(**data.learn_bpe(texts, TINY_VOCAB))
+        models.save_checkpoint(pretrain_bart(tokenizer, texts), path, tokenizer.to_data())
     else:
         questions, captions = world_texts(WORLD)
         tokenizer = data.BPETokenizer(**data.learn_bpe(questions + captions, TINY_VOCAB))

@@ -2,7 +2,7 @@
 
     python train.py                             # demo: synthetic VQA, tiny pretrained backbones, CPU, ~2 min
     python train.py --task caption              # demo: synthetic captioning with a tiny GPT-2
-    python train.py --preset vqa-lora --vit ckpt/vit-l16.pt --text ckpt/roberta-large.pt \\
+    python train.py --preset vqa-lora --vision ckpt/vit-l16.pt --text ckpt/roberta-large.pt \\
         --data DATA --images IMAGES             # the paper's VQAv2 setting (README)
     python train.py --resume runs/vqa           # continue a run exactly where it stopped
     python train.py --evaluate runs/vqa --split test   # regenerate a run's predictions and score them
@@ -29,6 +29,7 @@ import functools
 import glob
 import itertools
 import json
+import math
 import os
 import random
 import sys
@@ -50,18 +51,20 @@ import shapes
 
 @dataclass
 class Config:
-    task: str = "vqa"             # vqa (an answer classifier on RoBERTa) | caption (a GPT-2 decoder)
-    vit: str = "tiny"             # converted ViT checkpoint (python models.py convert), or "tiny" (the demo's)
+    task: str = "vqa"             # vqa (an answer classifier on RoBERTa) | caption (a GPT-2 decoder) | multitask (CLIP-BART: VQA, GQA, NLVR2, captions)
+    vision: str = "tiny"          # converted image encoder, ViT (vqa, caption) or CLIP ResNet (multitask), or "tiny" (the demo's)
     text: str = "tiny"            # converted text checkpoint (RoBERTa for vqa, GPT-2 for caption), or "tiny"
     data: str = "shapes"          # folder with the VQAv2 files and/or dataset_coco.json; "shapes": the demo's world
     images: str = ""              # folder with train2014/ and val2014/ ("" = the data folder)
+    gqa: str = ""                 # multitask: GQA folder with questions1.2/ and images/ ("" = DATA/gqa)
+    nlvr2: str = ""               # multitask: NLVR2 folder with data/ and the image folders ("" = DATA/nlvr2)
     vqa_split: str = "auto"       # karpathy: train/val/test by dataset_coco.json | official: train2014 / val2014 | auto: karpathy if that file is there
-    peft: str = "lora"            # lora (on attn.q, attn.v) | adapter (after attn.o and mlp.fc2)
+    peft: str = "lora"            # lora (q, v of every attention) | adapter (after every attention and FFN) | vlpet-large | vlpet-middlex | vlpet-middley | vlpet-small (multitask)
     route: str = "mul"            # routing function, one of routing_peft.ROUTES
     rank: int = 16                # bottleneck width r
     alpha: float = 16.0           # LoRA scale alpha / r (LoRA only)
     dropout: float = 0.0          # LoRA dropout on x and x_R (LoRA only)
-    visual: str = "pooler"        # x_R: pooler | cls | mean | patches (patches only with route matmul)
+    visual: str = "pooler"        # x_R: pooler | cls | mean | patches (ViT); mean | patches of the embedded CLIP tokens (multitask); patches only with route matmul
     prefix: bool = True           # the visual tokens as the first input embeddings of the text model
     shuffle_visual: bool = False  # control: every image's features replaced by another image's (a fixed derangement)
     train_ln: bool = True         # also train the LayerNorms inside the text model's blocks
@@ -71,6 +74,8 @@ class Config:
     lr: float = 2e-3              # peak AdamW learning rate
     warmup: float = 0.05          # linear warm-up: a fraction of all steps if < 1, else steps; then linear decay
     weight_decay: float = 0.0     # AdamW weight decay
+    adam_eps: float = 1e-8        # AdamW epsilon
+    clip: float = 0.0             # gradient-norm clipping (0 = none)
     max_len: int = 20             # text tokens: <s> question </s> (vqa) or caption + EOS (caption)
     answers: int = 3129           # K, size of the answer vocabulary (vqa)
     beams: int = 5                # beam width for captioning (1 = greedy)
@@ -85,8 +90,8 @@ class Config:
 
 
 # The released hyper-parameters of the two paper settings (README). Checkpoint and data paths are the
-# README's; pass --vit/--text/--data/--images to change them.
-PAPER = dict(vit="ckpt/vit-l16.pt", images="data/coco", epochs=20)
+# README's; pass --vision/--text/--data/--images to change them.
+PAPER = dict(vision="ckpt/vit-l16.pt", images="data/coco", epochs=20)
 PRESETS = {
     "vqa-lora": dict(PAPER, task="vqa", text="ckpt/roberta-large.pt", data="data/vqa", peft="lora", rank=128,
                      alpha=128, lr=3e-4, batch_size=512, warmup=0.05),
@@ -95,7 +100,8 @@ PRESETS = {
     "caption-lora": dict(PAPER, task="caption", text="ckpt/gpt2-medium.pt", data="data/coco", peft="lora",
                          rank=128, alpha=128, lr=3e-5, batch_size=40, warmup=5000, max_len=50),
 }
-CHOICES = {"task": ("vqa", "caption"), "vqa_split": ("auto", "karpathy", "official"), "peft": ("lora", "adapter"),
+CHOICES = {"task": ("vqa", "caption", "multitask"), "vqa_split": ("auto", "karpathy", "official"),
+           "peft": ("lora", "adapter", "vlpet-large", "vlpet-middlex", "vlpet-middley", "vlpet-small"),
            "route": tuple(rp.ROUTES), "visual": ("pooler", "cls", "mean", "patches"),
            "device": ("auto", "cpu", "cuda", "mps")}
 LORA_ONLY = ("alpha", "dropout")
@@ -212,21 +218,24 @@ def select_visual(last_hidden, pooler, visual):
     return last_hidden[:, 1:]                            # patches: (B, P, d)
 
 
-class ViTFeatures:
-    """The frozen ViT's input to the task model for a batch: (visual tokens (B, L, d) for the prefix, x_R
-    (B, L, d) for the routes); in the two ViT settings both are the same feature (cfg.visual). Computed once
-    per image and cached on disk (data.ImageFeatures), or with --no-feature-cache by the ViT on every batch."""
+class Features:
+    """A frozen image encoder's input to the task model for a batch: (visual tokens (B, L, d), x_R). A ViT gives
+    one feature of kind cfg.visual as both the visual prefix and x_R; CLIP's ResNet gives its layer4 grid,
+    adaptive-max-pooled to 6 x 6 = 36 tokens per image as VL-Adapter does (x_R is then made by the model,
+    after its visual embedding). Computed once per image and cached on disk (data.ImageFeatures; CLIP grids
+    in fp16), or with --no-feature-cache by the encoder on every batch."""
 
-    VERSION = 2  # of the feature code (select_visual, the pooler, data.preprocess): bump when it changes
+    VERSION = 2  # of the feature code (select_visual, the pooler, the 6 x 6 pool, data.preprocess)
 
-    def __init__(self, cfg, vit_path, images_dir, device):
-        self.cfg, self.device = cfg, device
-        self.vit = models.load_checkpoint(vit_path, arch="vit").to(device)
-        c = self.vit.config
-        self.d = c.d_model
-        images = data.Images(images_dir, c.image_size, c.image_mean, c.image_std)
-        self.store = data.ImageFeatures(images, self.encode, vit_path, {"version": self.VERSION, "visual": cfg.visual},
-                                        cfg.cache if cfg.feature_cache else None, "float32", cfg.workers)
+    def __init__(self, cfg, encoder, path, images_dir, device):
+        self.cfg, self.encoder, self.device = cfg, encoder, device
+        c = encoder.config
+        self.d, self.grid = c.d_model, c.arch == "clip_resnet"
+        images = data.Images(images_dir, c.image_size, c.image_mean, c.image_std, c.image_resample)
+        kind = "grid6x6" if self.grid else cfg.visual
+        self.store = data.ImageFeatures(images, self.encode, path, {"version": self.VERSION, "visual": kind},
+                                        cfg.cache if cfg.feature_cache else None, "float16" if self.grid else "float32",
+                                        cfg.workers)
 
     @property
     def pixels(self):
@@ -238,17 +247,22 @@ class ViTFeatures:
     def prepare(self, keys):
         self.store.prepare(keys)
         if self.store.pixels is None:
-            self.vit = None  # cached: not needed again
+            self.encoder = None  # cached: not needed again
 
     @torch.no_grad()
     def encode(self, pixel_values):
         with autocast(self.device):
-            last_hidden, pooler = self.vit(pixel_values.to(self.device))
-        return select_visual(last_hidden, pooler, self.cfg.visual).float()
+            out = self.encoder(pixel_values.to(self.device))
+        if not self.grid:
+            return select_visual(*out, self.cfg.visual).float()
+        grid = out[0]  # (B, h * w, C), row-major
+        h = math.isqrt(grid.shape[1])
+        grid = grid.transpose(1, 2).reshape(grid.shape[0], -1, h, h)  # (B, C, h, w)
+        return F.adaptive_max_pool2d(grid.float(), 6).flatten(2).transpose(1, 2)  # (B, C, 6, 6) -> (B, 36, C)
 
     def __call__(self, batch):
         x = self.store(batch).to(self.device)
-        return x, x  # (visual tokens, x_R)
+        return x, (None if self.grid else x)  # (visual tokens, x_R)
 
 
 def derange_images(splits, seed):
@@ -273,10 +287,25 @@ class Task:
     loss, predict, summary and text_only_baseline."""
 
     name, archs, tiny, headline, dataset_class = "", (), "", (), None
-    vocab = None  # what the trained head depends on (the VQA answers): a checkpoint must match it
+    vision = "vit"      # the image encoder's arch
+    prompt = ""         # put before every question (the CLIP-BART tasks' prompts)
+    batch_share = 1.0   # the task's batch size, as a share of cfg.batch_size
+    vocab = None        # what the trained head depends on (the VQA answers): a checkpoint must match it
 
-    def __init__(self, cfg, data_dir, tokenizer, features):
-        self.cfg, self.tokenizer, self.features = cfg, tokenizer, features
+    @classmethod
+    def data_folder(cls, cfg, data_dir):
+        return data_dir
+
+    @classmethod
+    def images_folder(cls, cfg, data_dir):
+        return cfg.images or data_dir
+
+    @property
+    def batch_size(self):
+        return max(1, int(self.cfg.batch_size * self.batch_share))
+
+    def __init__(self, cfg, data_dir, tokenizer, features, text_config):
+        self.cfg, self.tokenizer, self.features, self.text_config = cfg, tokenizer, features, text_config
         self.splits = self.prepare(data_dir)
         if cfg.shuffle_visual:
             self.splits = derange_images(self.splits, cfg.seed)
@@ -329,14 +358,17 @@ class VQA(Task):
         if split == "auto":
             split = "karpathy" if os.path.isfile(karpathy) else "official"
             print(f"vqa: {split} split ({'by ' + karpathy if split == 'karpathy' else 'train2014 / val2014'})")
-        prepared = data.prepare_vqa(data_dir, self.tokenizer, karpathy if split == "karpathy" else None,
-                                    self.cfg.answers, self.cfg.max_len, os.path.join(self.cfg.cache, "prepared"))
+        prepared = data.prepare_vqa(data_dir, self.tokenizer, karpathy if split == "karpathy" else None, self.cfg.answers,
+                                    self.cfg.max_len, os.path.join(self.cfg.cache, "prepared"), self.prompt)
         self.vocab = prepared["answers"]
         self.collate = functools.partial(data.collate_vqa, pad_id=self.tokenizer.pad_id, num_answers=len(self.vocab))
         return prepared["splits"]
 
     def make_model(self, text, d_visual):
-        return VQAModel(text, d_visual, len(self.vocab), self.cfg.prefix), ["head"]
+        """The frozen text model with PEFT layers and the answer head; (model, its other trainable modules)."""
+        add_peft(self.cfg, text)
+        model = VQAModel(text, d_visual, len(self.vocab), self.cfg.prefix)
+        return model, ["head"] + vit_trainable(self.cfg, model)
 
     def loss(self, model, batch):
         """(sum over the batch of the BCE summed over answers, number of examples)."""
@@ -403,7 +435,9 @@ class Captioning(Task):
         return prepared["splits"]
 
     def make_model(self, text, d_visual):
-        return CaptionModel(text, d_visual, self.cfg.prefix, self.tokenizer.bos_id), []
+        add_peft(self.cfg, text)
+        model = CaptionModel(text, d_visual, self.cfg.prefix, self.tokenizer.bos_id)
+        return model, vit_trainable(self.cfg, model)
 
     def loss(self, model, batch):
         """(summed cross-entropy over the supervised tokens, their number)."""
@@ -425,9 +459,12 @@ class Captioning(Task):
         captions = {}
         for b, batch in zip(batches, data.progress(loader, f"evaluate {split}", "batch", total=len(batches))):
             with autocast(self.features.device):
-                out = model.generate(*self.features(batch), self.cfg.beams, self.cfg.max_new_tokens, self.tokenizer.eos_id)
-            captions.update({ids[j]: self.tokenizer.decode(t, skip_special=True).strip() for j, t in zip(b, out)})
+                captions.update(zip([ids[j] for j in b], self.generate(model, batch)))
         return metrics.caption_scores(self.refs(split), captions), [{"image_id": k, "caption": c} for k, c in captions.items()]
+
+    def generate(self, model, batch):
+        out = model.generate(*self.features(batch), self.cfg.beams, self.cfg.max_new_tokens, self.tokenizer.eos_id)
+        return [self.tokenizer.decode(t, skip_special=True).strip() for t in out]
 
     def refs(self, split):
         if split not in self.references:
@@ -453,9 +490,6 @@ class Captioning(Task):
         return metrics.caption_scores(gts, {i: caption for i in gts})
 
 
-TASKS = {"vqa": (VQA,), "caption": (Captioning,)}  # --task: the tasks trained together, one model
-
-
 # ---- task models: frozen backbone + PEFT layers + head ----------------------------------------------------
 #
 # Where we deliberately differ from the authors' release (Routing_VLPEFT), one line each:
@@ -472,6 +506,11 @@ TASKS = {"vqa": (VQA,), "caption": (Captioning,)}  # --task: the tasks trained t
 # - Base biases are frozen (the release trained the q / v biases next to LoRA).
 # - The VQA loss is BCE summed over the K answers, mean over the batch: K = 3,129 times the release's
 #   mean over answers and batch (train_vit_roberta.py), so our learning rates are not comparable as is.
+
+
+def vit_trainable(cfg, model):
+    """Besides the PEFT weights (and a head): the visual projection if any, the blocks' LayerNorms if cfg.train_ln."""
+    return (["visual"] if model.visual.proj is not None else []) + (["ln1", "ln2"] if cfg.train_ln else [])
 
 
 def add_peft(cfg, text):
@@ -556,14 +595,317 @@ class CaptionModel(nn.Module):
             return models.beam_search(step, B, k, max_new_tokens, eos_id)
 
 
-def build_model(cfg, task, text, d_visual):
-    """Backbone + PEFT layers + head, with only the PEFT weights, the head, the projection (and the blocks'
-    LayerNorms) trainable."""
-    add_peft(cfg, text)
-    model, extra = task.make_model(text, d_visual)
-    extra += ["visual"] if model.visual.proj is not None else []
-    extra += ["ln1", "ln2"] if cfg.train_ln else []
-    return rp.mark_trainable(model, extra)
+# ---- the CLIP-BART setting: VQAv2, GQA, NLVR2 and COCO captions, generative, on one BART ----------------
+#
+# VL-Adapter's recipe, which VL-PET uses too (CLIPBART_NOTES.md in the README's references): CLIP RN101 grid
+# features (36 tokens an image) through a trainable visual embedding, appended after the text tokens of the
+# BART encoder; task prompts; every task generative. The routing paper did not release this setting, so
+# where routing sits is OUR design: x_R = the mean of the embedded visual tokens (or all of them, --visual
+# patches, for matmul), the same vector for every routed layer of encoder and decoder.
+
+
+class VisualEmbedding(nn.Module):
+    """VL-Adapter's visual embedding (VL-T5 src/modeling_bart.py VisualEmbedding, CLIP features): per token
+    LN(W_f feat) + LN(W_p box) + the image-order embedding (image 0 or 1 of an NLVR2 pair) + the object-order
+    embedding (the frozen BART token table at row V - 1 - k for the k-th token of an image). CLIP grids have
+    no boxes: VL-Adapter feeds zeros, so the box term is a learned constant, kept for faithful counts."""
+
+    def __init__(self, d_visual, d):
+        super().__init__()
+        self.feat = nn.Sequential(nn.Linear(d_visual, d), nn.LayerNorm(d))
+        self.box = nn.Sequential(nn.Linear(5, d), nn.LayerNorm(d))
+        self.image_order = nn.Embedding(2, d)
+
+    def forward(self, visual, n_images, token_table):
+        """visual (B, n_images * L, d_visual), token_table (V, d) -> (B, n_images * L, d)."""
+        B, T, _ = visual.shape
+        k = torch.arange(T // n_images, device=visual.device).repeat(n_images)  # (T,): token k of its image
+        image = torch.arange(n_images, device=visual.device).repeat_interleave(T // n_images)  # (T,)
+        x = self.feat(visual) + self.box(visual.new_zeros(B, T, 5)) + self.image_order(image)
+        return x + token_table[token_table.shape[0] - 1 - k].to(x.dtype)
+
+
+class VLBart(nn.Module):
+    """Frozen BART with PEFT layers reading [<s> prompt + text </s>; visual tokens]. BART's token table gains
+    VL-Adapter's 200 added tokens (<extra_id_k>, <vis_extra_id_k>: new rows N(0, 0.02), frozen; the last 36
+    are the object-order embeddings), as its checkpoints and parameter counts have them."""
+
+    ADDED_TOKENS = 200
+
+    def __init__(self, bart, d_visual, prefix, all_tokens):
+        super().__init__()
+        V, d = bart.wte.weight.shape
+        with torch.no_grad():
+            table = torch.cat([bart.wte.weight, torch.empty(self.ADDED_TOKENS, d).normal_(0.0, 0.02)])
+            bart.wte = nn.Embedding.from_pretrained(table, freeze=True)  # (V + 200, d), still tied to the LM head
+            bart.final_logits_bias = torch.cat([bart.final_logits_bias, bart.final_logits_bias.new_zeros(1, self.ADDED_TOKENS)], 1)
+        self.bart, self.prefix, self.all_tokens = bart, prefix, all_tokens
+        self.visual = VisualEmbedding(d_visual, d)
+
+    def encode(self, input_ids, attention_mask, visual, n_images):
+        """-> (encoder states (B, N + L, d), their mask, x_R (B, 1, d) or (B, L, d))."""
+        v = self.visual(visual, n_images, self.bart.wte.weight)  # (B, L, d)
+        x_R = v if self.all_tokens else v.mean(1, keepdim=True)
+        with rp.visual_context(self.bart, x_R):
+            memory, mask = self.bart.encode(input_ids, attention_mask, v if self.prefix else None)
+        return memory, mask, x_R
+
+    def forward(self, input_ids, attention_mask, visual, decoder_input_ids, n_images=1):
+        """Teacher forcing: logits (B, T, V) of decoder_input_ids."""
+        memory, mask, x_R = self.encode(input_ids, attention_mask, visual, n_images)
+        with rp.visual_context(self.bart, x_R):
+            return self.bart.decode(decoder_input_ids, memory, mask)
+
+    @torch.no_grad()
+    def generate(self, input_ids, attention_mask, visual, beams, max_new_tokens, eos_id, n_images=1):
+        """Token ids per example: models.beam_search over BART's decoder (beams 1: greedy)."""
+        memory, mask, x_R = self.encode(input_ids, attention_mask, visual, n_images)
+        def per_beam(t):
+            return None if t is None else t.repeat_interleave(beams, dim=0)  # (B, ...) -> (B * k, ...)
+        with rp.visual_context(self.bart, per_beam(x_R)):
+            return models.beam_search(self.bart.beam_step(per_beam(memory), per_beam(mask)), len(memory), beams,
+                                      max_new_tokens, eos_id)
+
+
+def add_peft_vl(cfg, bart):
+    """The PEFT layers of cfg.peft into BART, placed as their releases place them; returns the names of the
+    other parameters their releases train (VL-PET src/trainer_base.py unfreeze_parameters): LoRA (q, v of every
+    attention, encoder and decoder, self and cross) trains every bias; VL-Adapter (after every attention and
+    FFN, gelu_new) every LayerNorm; VL-PET (a gated module after every encoder attention and FFN, a parallel
+    adapter on the decoder's cross-attention values) the encoder's LayerNorms. Gate rank = rank (both 96)."""
+    n_enc, n_dec = len(bart.encoder.blocks), len(bart.decoder.blocks)
+    enc_ln = ["encoder.ln_emb"] + [f"encoder.blocks.{i}.{n}" for i in range(n_enc) for n in ("ln1", "ln2")]
+    if cfg.peft == "lora":
+        rp.add_lora(bart, ["attn.q", "attn.v", "cross.q", "cross.v"], cfg.rank, cfg.alpha, cfg.route, cfg.dropout)
+        return ["bias"]
+    if cfg.peft == "adapter":
+        rp.add_adapters(bart, ["attn.o", "cross.o", "mlp.fc2"], cfg.rank, cfg.route, nn.GELU(approximate="tanh"))
+        return enc_ln + ["decoder.ln_emb"] + [f"decoder.blocks.{i}.{n}" for i in range(n_dec) for n in ("ln1", "ln_cross", "ln2")]
+    gate = {"vlpet-large": "large", "vlpet-middlex": "middleX", "vlpet-middley": "middleY", "vlpet-small": "small"}[cfg.peft]
+    rp.add_vlpet(bart.encoder, ["attn", "mlp"], gate, cfg.rank, cfg.route, gate_r=cfg.rank if gate == "large" else None)
+    rp.add_parallel_adapters(bart.decoder, ["cross.v"], cfg.rank, cfg.route)
+    return enc_ln
+
+
+class Generative(Task):
+    """What the four CLIP-BART tasks share: BART reads <s> prompt + text </s> and the visual tokens and generates
+    the answer, from the decoder start </s>; the loss is each example's token-mean cross-entropy (times the
+    target's weight), averaged over the batch (VL-PET src/{vqa,gqa,nlvr}_model.py)."""
+
+    archs, tiny, vision, prompt, n_images, answer_tokens = ("bart",), "bart", "clip_resnet", "", 1, 10
+
+    @property
+    def start_id(self):
+        return self.text_config.decoder_start_id  # BART: </s>
+
+    def make_model(self, bart, d_visual):
+        extra = add_peft_vl(self.cfg, bart)
+        extra = [p for p in extra if p == "bias" or self.cfg.train_ln]
+        return VLBart(bart, d_visual, self.cfg.prefix, self.cfg.visual == "patches"), ["visual"] + extra
+
+    def inputs(self, batch):
+        device = self.features.device
+        return batch["input_ids"].to(device), batch["attention_mask"].to(device), self.features(batch)[0]
+
+    def targets(self, batch):
+        """(decoder inputs (B, T), labels (B, T), weights (B,) or None) of a training batch."""
+        return batch["decoder_input_ids"], batch["labels"], None
+
+    def loss(self, model, batch):
+        decoder_input_ids, labels, weight = self.targets(batch)
+        logits = model(*self.inputs(batch), decoder_input_ids.to(self.features.device), self.n_images)  # (B, T, V)
+        labels = labels.to(logits.device)
+        ce = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")  # (B, T), 0 where -100
+        per_example = ce.sum(1) / (labels != -100).sum(1)
+        if weight is not None:
+            per_example = per_example * weight.to(per_example.device)
+        return per_example.sum(), len(per_example)
+
+    def answers(self, model, split, beams=1):
+        """(the split's dataset order, the decoded answer of every example: greedy, at most answer_tokens)."""
+        ds = self.dataset(split)
+        out = []
+        for batch in data.progress(self.loader(ds, eval_batches(len(ds), self.cfg.batch_size)), f"evaluate {split}", "batch"):
+            with autocast(self.features.device):
+                ids = model.generate(*self.inputs(batch), beams, self.answer_tokens, self.tokenizer.eos_id, self.n_images)
+            out += [self.decode(t) for t in ids]
+        return out
+
+    def decode(self, ids):
+        """Generated ids -> text, without special tokens and the 200 added ones."""
+        return self.tokenizer.decode([i for i in ids if i < len(self.tokenizer)], skip_special=True).strip()
+
+
+class GenerativeVQA(Generative, VQA):
+    """VQAv2 (Karpathy split), generative: the target is one answer drawn in proportion to its soft score, the
+    loss weighted by that score; greedy decoding scored with the official VQA accuracy."""
+
+    prompt = "vqa: "
+
+    def prepare(self, data_dir):
+        splits = VQA.prepare(self, data_dir)
+        self.vocab_tokens = [torch.tensor(self.tokenizer.wrap(self.tokenizer.encode(a))) for a in self.vocab]
+        return splits
+
+    def targets(self, batch):
+        """One answer per question, drawn from its soft scores (the step's seed: exact on resume), and its score."""
+        scores = batch["targets"]  # (B, K)
+        empty = scores.sum(1) == 0  # no answer in the vocabulary: weight 0
+        pick = torch.multinomial(scores.masked_fill(empty[:, None], 1.0), 1)[:, 0]  # (B,)
+        weight = scores.gather(1, pick[:, None])[:, 0]
+        return (*data.seq2seq_targets([self.vocab_tokens[i] for i in pick.tolist()], self.start_id, self.tokenizer.pad_id), weight)
+
+    def predict(self, model, split):
+        s = self.splits[split]
+        preds = self.answers(model, split)
+        acc = [metrics.vqa_accuracy(p, answers) for p, answers in zip(preds, s["answers"])]
+        results = [{"question_id": q, "answer": p} for q, p in zip(s["question_id"].tolist(), preds)]
+        return metrics.vqa_aggregate(acc, s["answer_type"]), results
+
+
+class GQA(Generative):
+    """GQA (balanced; train = train + val, evaluation on testdev, as VL-PET): exact-match accuracy."""
+
+    name, headline, dataset_class, prompt = "gqa", ("gqa_accuracy",), data.PromptDataset, "gpa: "  # VL-PET's typo
+
+    @classmethod
+    def data_folder(cls, cfg, data_dir):
+        return cfg.gqa or os.path.join(data_dir, "gqa")
+
+    @classmethod
+    def images_folder(cls, cfg, data_dir):
+        return os.path.join(cls.data_folder(cfg, data_dir), "images")
+
+    def prepare(self, gqa_dir):
+        p = data.prepare_gqa(gqa_dir, self.tokenizer, self.prompt, self.cfg.max_len, os.path.join(self.cfg.cache, "prepared"))
+        self.questions = os.path.join(gqa_dir, "questions1.2", data.GQA_QUESTIONS.format("testdev"))
+        self.collate = functools.partial(data.collate_prompted, pad_id=self.tokenizer.pad_id, start_id=self.start_id)
+        return {"train": p["train"], "val": p["testdev"], "test": p["testdev"]}
+
+    def predict(self, model, split):
+        preds = dict(zip(self.splits[split]["question_id"], self.answers(model, split)))
+        return metrics.gqa_scores(preds, metrics.read_gqa_questions(self.questions)), \
+            [{"questionId": q, "prediction": p} for q, p in preds.items()]
+
+    def summary(self, m):
+        return {"gqa_accuracy": m["accuracy"]}
+
+    def text_only_baseline(self, split):
+        """The most frequent training answer per GQA detailed question type."""
+        prior = defaultdict(Counter)
+        for qtype, answer in zip(self.splits["train"]["detailed"], self.splits["train"]["answer"]):
+            prior[qtype][answer] += 1
+        s = self.splits[split]
+        preds = {q: min(prior[t], key=lambda a: (-prior[t][a], a)) if prior[t] else ""
+                 for q, t in zip(s["question_id"], s["detailed"])}
+        return metrics.gqa_scores(preds, metrics.read_gqa_questions(self.questions))
+
+    def examples(self, results, split, n=8):
+        s = self.splits[split]
+        return [{"images": [self.features.path(k)], "text": q, "prediction": r["prediction"], "truth": a}
+                for k, q, a, r in zip(s["image"][:n], s["question"], s["answer"], results)]
+
+
+class NLVR2(Generative):
+    """NLVR2: two images, a statement; the target text is "true" or "false"; the prediction compares the two
+    words' logits at the first decoded position after [</s>, <s>] (VL-PET src/nlvr_model.py). Accuracy and
+    consistency as lil-lab/nlvr's metrics.py."""
+
+    name, headline, dataset_class, prompt, n_images = "nlvr2", ("nlvr2_accuracy",), data.PromptDataset, "nlvr: ", 2
+
+    @classmethod
+    def data_folder(cls, cfg, data_dir):
+        return cfg.nlvr2 or os.path.join(data_dir, "nlvr2")
+
+    @classmethod
+    def images_folder(cls, cfg, data_dir):
+        return cls.data_folder(cfg, data_dir)
+
+    def prepare(self, nlvr2_dir):
+        p = data.prepare_nlvr2(nlvr2_dir, self.tokenizer, self.prompt, os.path.join(self.cfg.cache, "prepared"))
+        self.collate = functools.partial(data.collate_prompted, pad_id=self.tokenizer.pad_id, start_id=self.start_id)
+        self.words = [self.tokenizer.encode(w)[0] for w in ("false", "true")]
+        return {"train": p["train"], "val": p["dev"], "test": p["test1"]}
+
+    def predict(self, model, split):
+        ds, preds = self.dataset(split), []
+        start = torch.tensor([[self.start_id, self.tokenizer.bos_id]])  # (1, 2): </s> <s>
+        for batch in data.progress(self.loader(ds, eval_batches(len(ds), self.cfg.batch_size)), f"evaluate {split}", "batch"):
+            ids, mask, visual = self.inputs(batch)
+            with autocast(self.features.device):
+                logits = model(ids, mask, visual, start.expand(len(ids), 2).to(ids.device), self.n_images)[:, 1]  # (B, V)
+            preds += (logits[:, self.words[1]] > logits[:, self.words[0]]).tolist()
+        s = self.splits[split]
+        return self.scores(s, preds), [{"identifier": i, "prediction": str(p)} for i, p in zip(s["identifier"], preds)]
+
+    def scores(self, s, preds):
+        return metrics.nlvr2_scores({i: str(p) for i, p in zip(s["identifier"], preds)},
+                                    {i: str(bool(y)) for i, y in zip(s["identifier"], s["label"].tolist())})
+
+    def summary(self, m):
+        return {"nlvr2_accuracy": 100 * m["accuracy"]}
+
+    def write_results(self, results, folder, split):
+        """The official predictions file: CSV lines "identifier,prediction"."""
+        path = os.path.join(folder, f"results_{self.name}_{split}.csv")
+        lines = "".join(f"{r['identifier']},{r['prediction']}\n" for r in results)
+        metrics.atomic_write(path, lambda f: f.write(lines))
+        return path
+
+    def text_only_baseline(self, split):
+        """The most frequent training label of the same sentence, else of all sentences."""
+        train = self.splits["train"]
+        prior = defaultdict(Counter)
+        for sentence, y in zip(train["sentence"], train["label"].tolist()):
+            prior[sentence][y] += 1
+        overall = Counter(train["label"].tolist()).most_common(1)[0][0]
+        s = self.splits[split]
+        return self.scores(s, [prior[x].most_common(1)[0][0] if x in prior else overall for x in s["sentence"]])
+
+    def examples(self, results, split, n=8):
+        s = self.splits[split]
+        return [{"images": [self.features.path(k) for k in keys], "text": x, "prediction": r["prediction"],
+                 "truth": str(bool(y))} for keys, x, y, r in zip(s["image"][:n], s["sentence"], s["label"].tolist(), results)]
+
+
+class GenerativeCaptioning(Generative, Captioning):
+    """COCO captions (Karpathy): the input is the prompt alone, the target one caption (every reference is an
+    example); the loss is the token mean over the batch; beam search (cfg.beams, cfg.max_new_tokens)."""
+
+    prompt = "caption: "
+
+    def prepare(self, data_dir):
+        prepared = data.prepare_captions(os.path.join(data_dir, data.KARPATHY), self.tokenizer,
+                                         self.cfg.max_new_tokens - 1, os.path.join(self.cfg.cache, "prepared"))
+        self.references = {}
+        self.prompt_ids = torch.tensor(self.tokenizer.wrap(self.tokenizer.encode(self.prompt)))
+        return prepared["splits"]
+
+    def collate(self, items):
+        B = len(items)
+        decoder_input_ids, labels = data.seq2seq_targets([self.tokenizer.wrap(i["input_ids"].tolist()) for i in items],
+                                                         self.start_id, self.tokenizer.pad_id)
+        out = {"input_ids": self.prompt_ids.expand(B, -1), "attention_mask": torch.ones(B, len(self.prompt_ids), dtype=torch.long),
+               "decoder_input_ids": decoder_input_ids, "labels": labels, "image": [i["image"] for i in items]}
+        if "pixel_values" in items[0]:
+            out["pixel_values"] = torch.stack([i["pixel_values"] for i in items])
+        return out
+
+    def loss(self, model, batch):
+        """(summed cross-entropy over every target token of the batch, their number): a token mean."""
+        logits = model(*self.inputs(batch), batch["decoder_input_ids"].to(self.features.device))
+        labels = batch["labels"].to(logits.device)
+        return F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="sum"), int((labels != -100).sum())
+
+    def generate(self, model, batch):
+        B, device = len(batch["image"]), self.features.device
+        ids, mask = self.prompt_ids.expand(B, -1).to(device), torch.ones(B, len(self.prompt_ids), dtype=torch.long, device=device)
+        out = model.generate(ids, mask, self.features(batch)[0], self.cfg.beams, self.cfg.max_new_tokens, self.tokenizer.eos_id)
+        return [self.decode(t) for t in out]
+
+
+TASKS = {"vqa": (VQA,), "caption": (Captioning,),  # --task: the tasks trained together, on one model
+         "multitask": (GenerativeVQA, GQA, NLVR2, GenerativeCaptioning)}
 
 
 def backbone(name, arch):
@@ -581,24 +923,31 @@ def build(cfg):
     the backbones exist, from cfg.seed alone: the same whether or not the demo's backbones were made first."""
     check_config(cfg)
     device = pick_device(cfg.device)
-    classes = TASKS[cfg.task]
+    setting = TASKS[cfg.task]
     data_dir = shapes.ensure_world() if cfg.data == "shapes" else cfg.data
-    for name, folder in (("data", data_dir), ("images", cfg.images)):
+    for name, folder in (("data", data_dir), ("images", cfg.images), ("gqa", cfg.gqa), ("nlvr2", cfg.nlvr2)):
         if folder and not os.path.isdir(folder):
             raise FileNotFoundError(f"--{name} {folder}: no such folder")
-    features = ViTFeatures(cfg, backbone(cfg.vit, "vit"), cfg.images or data_dir, device)
-    text_path = backbone(cfg.text, classes[0].tiny)
+    vision_path = backbone(cfg.vision, setting[0].vision)
+    encoder = models.load_checkpoint(vision_path, arch=setting[0].vision).to(device)
+    text_path = backbone(cfg.text, setting[0].tiny)
     text = models.load_checkpoint(text_path)
-    if text.config.arch not in classes[0].archs:
-        raise ValueError(f"{text_path} is a {text.config.arch} checkpoint, expected {' or '.join(classes[0].archs)} "
+    if text.config.arch not in setting[0].archs:
+        raise ValueError(f"{text_path} is a {text.config.arch} checkpoint, expected {' or '.join(setting[0].archs)} "
                          f"for --task {cfg.task}")
     tokenizer = data.BPETokenizer.from_checkpoint(text_path)
-    tasks = [c(cfg, data_dir, tokenizer, features) for c in classes]
-    features.prepare(sorted(set().union(*(t.image_keys() for t in tasks))))
+    features, tasks = {}, []  # one feature store per images folder, shared by the tasks that read it
+    for c in setting:
+        folder = c.images_folder(cfg, data_dir)
+        tasks.append(c(cfg, c.data_folder(cfg, data_dir), tokenizer,
+                       features.setdefault(folder, Features(cfg, encoder, vision_path, folder, device)), text.config))
+    for f in features.values():
+        f.prepare(sorted(set().union(*(t.image_keys() for t in tasks if t.features is f))))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    return tasks, build_model(cfg, tasks[0], text, features.d).to(device), device
+    model, extra = tasks[0].make_model(text, encoder.config.d_model)
+    return tasks, rp.mark_trainable(model, extra).to(device), device
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------
@@ -622,7 +971,7 @@ def epoch_plan(tasks, cfg, epoch):
     for t, task in enumerate(tasks):
         n = len(task.splits["train"]["image"])
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch)).tolist()
-        size = min(cfg.batch_size, n)
+        size = min(task.batch_size, n)
         batches = [order[i:i + size] for i in range(0, n - size + 1, size)]
         k = cfg.grad_accum
         steps += [(t, batches[i:i + k]) for i in range(0, len(batches) - k + 1, k)]
@@ -867,7 +1216,7 @@ def final_report(cfg, tasks, model, opt, step, records):
               "trainable_params": rp.count_parameters(model)[0], "text_only": base}
     evaluate_and_save(cfg, tasks, model, opt, step, records, record)
     names = [n for t in tasks for n in t.headline]
-    demo = " (the demo's tiny backbones, pretrained on the synthetic world)" if "tiny" in (cfg.vit, cfg.text) else ""
+    demo = " (the demo's tiny backbones, pretrained on the synthetic world)" if "tiny" in (cfg.vision, cfg.text) else ""
     print(f"\n{split} split{demo}; accuracy in %, CIDEr and BLEU x100:")
     print("| model | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
     for label, values in (("text-only baseline", base), (f"{cfg.peft} r={cfg.rank}, route {cfg.route}", record)):
