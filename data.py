@@ -1,7 +1,7 @@
 """Data: byte-level BPE, VQAv2 and Karpathy COCO captions from the official files, image
-preprocessing with Pillow, collate functions, and a synthetic world written in the real formats.
+preprocessing with Pillow, collate functions, and a prepared-data cache. The real formats only:
+the demo's synthetic world, written in these formats, is in shapes.py.
 
-    python data.py shapes --out data/shapes [--n-images 3000] [--seed 0]   # the synthetic world
     python -m pytest -q tests/test_bpe.py tests/test_data.py                 # the tests
 
 Layout read by the loaders (the real datasets and the synthetic world alike):
@@ -22,24 +22,21 @@ Typical use (a trainer):
 
 Runtime imports: torch, numpy, PIL, tqdm, the standard library and eval.py.
 """
-import argparse
 import functools
 import hashlib
-import io
 import json
 import math
 import os
-import random
-import tempfile
+import sys
 import unicodedata
 from collections import Counter
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
-from eval import normalize_answer, vqa_accuracy
+from eval import atomic_write, nlvr2_identifier, normalize_answer, read_nlvr2_lines, vqa_accuracy
 
 # =============================================================================================
 # Byte-level BPE (GPT-2, RoBERTa, BART)
@@ -324,39 +321,34 @@ def _read_json(path):
             raise ValueError(f"{path}: malformed JSON ({e})") from None
 
 
-def atomic_write(path, write_fn, mode="wb"):
-    """write_fn(file) into a temp file next to path, then os.replace: never a half-written file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            write_fn(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+def progress(iterable, desc, unit, total=None, disable=False):
+    """A progress bar (tqdm) on a terminal; nothing in a redirected log, where train.py prints a line per epoch."""
+    return tqdm(iterable, desc=desc, unit=unit, total=total, leave=False, mininterval=1.0,
+                disable=disable or not sys.stderr.isatty())
 
 
-def _write_json(path, obj):
-    atomic_write(path, lambda f: json.dump(obj, f, ensure_ascii=False), mode="w")
-
-
-def _cached(kind, sources, params, build, cache_dir):
-    """build() once; later calls load the result. The file name is a hash of the source files'
-    absolute paths, sizes and modification times, the parameters (tokenizer fingerprint, lengths)
-    and CACHE_VERSION, so a changed source or option gives a new file, never a stale one."""
+def cache_file(kind, sources, params, cache_dir, ext=".pt"):
+    """The path of a cache entry: a hash of the source files' absolute paths, sizes and modification times,
+    the parameters (tokenizer fingerprint, lengths, a feature-code version) and CACHE_VERSION, so that a
+    changed source or option gives a new file, never a stale one."""
     key = {"kind": kind, "version": CACHE_VERSION, "params": params, "sources": []}
     for path in sources:
         st = os.stat(path)
         key["sources"].append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    path = os.path.join(cache_dir, f"{kind}-{digest}.pt")
+    return os.path.join(cache_dir, f"{kind}-{digest}{ext}")
+
+
+def cached(kind, sources, params, build, cache_dir):
+    """build() once; later calls load the result from its cache_file."""
+    path = cache_file(kind, sources, params, cache_dir)
     if os.path.isfile(path):
-        return torch.load(path, weights_only=True)
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception as e:  # a cache: an entry cut short (a killed writer, a full disk) is made again
+            print(f"cache entry {path} is damaged ({type(e).__name__}); rebuilding it")
     data = build()
-    atomic_write(path, lambda f: torch.save(data, f))
+    atomic_write(path, lambda f: torch.save(data, f), "wb")
     return data
 
 
@@ -483,11 +475,11 @@ def encode_question(tokenizer, question, max_len):
     return tokenizer.wrap(tokenizer.encode(question)[:room])
 
 
-def _vqa_columns(records, tokenizer, vocab, max_len, desc):
+def _vqa_columns(records, tokenizer, vocab, max_len, desc, prompt=""):
     """The prepared form of one split: columns (lists / tensors) instead of a list of dicts."""
     input_ids, t_ids, t_scores = [], [], []
-    for r in tqdm(records, desc=desc, unit="q", mininterval=1.0, disable=len(records) < 20000):
-        input_ids.append(encode_question(tokenizer, r["question"], max_len))
+    for r in progress(records, desc, "q", disable=len(records) < 20000):
+        input_ids.append(encode_question(tokenizer, prompt + r["question"], max_len))
         i, s = vocab.targets(r["answers"])
         t_ids.append(i)
         t_scores.append(s)
@@ -501,13 +493,15 @@ def _vqa_columns(records, tokenizer, vocab, max_len, desc):
         "question": [r["question"] for r in records],
         "answer_type": [r["answer_type"] for r in records],
         "question_type": [r["question_type"] for r in records],
+        "answers": [r["answers"] for r in records],             # the 10 raw human answers (generative scoring)
         "input_ids": ids_flat, "input_offsets": ids_off,        # ragged: question m = flat[off[m]:off[m+1]]
         "target_ids": tid_flat, "target_scores": ts_flat, "target_offsets": t_off,
     }
 
 
-def prepare_vqa(data_dir, tokenizer, karpathy=None, num_answers=3129, max_len=20, cache_dir=None):
-    """Parse, build the answer vocabulary, tokenise and compute soft targets once; cached on disk.
+def prepare_vqa(data_dir, tokenizer, karpathy=None, num_answers=3129, max_len=20, cache_dir=None, prompt=""):
+    """Parse, build the answer vocabulary, tokenise (<s> prompt + question </s>) and compute soft targets
+    once; cached on disk.
 
     Without karpathy: splits "train" (train2014) and "val" (val2014). With karpathy (path to
     dataset_coco.json): the questions of train2014 and val2014 together, split by their image's
@@ -521,7 +515,7 @@ def prepare_vqa(data_dir, tokenizer, karpathy=None, num_answers=3129, max_len=20
         if not os.path.isfile(p):
             raise FileNotFoundError(f"VQAv2 file not found: {p}")
     params = {"tokenizer": tokenizer.fingerprint, "num_answers": num_answers, "max_len": max_len,
-              "karpathy": bool(karpathy)}
+              "karpathy": bool(karpathy), "prompt": prompt}
 
     def build():
         records = {s: read_vqa(data_dir, s) for s in subtypes}
@@ -537,10 +531,10 @@ def prepare_vqa(data_dir, tokenizer, karpathy=None, num_answers=3129, max_len=20
             splits = {"train": records["train2014"], "val": records["val2014"]}
         vocab = AnswerVocab(answer_vocab((r["answers"] for r in splits["train"]), num_answers))
         return {"answers": vocab.answers,
-                "splits": {name: _vqa_columns(recs, tokenizer, vocab, max_len, f"prepare VQA {name}")
+                "splits": {name: _vqa_columns(recs, tokenizer, vocab, max_len, f"prepare VQA {name}", prompt)
                            for name, recs in splits.items()}}
 
-    return _cached("vqa", sources, params, build, cache_dir or os.path.join(data_dir, "prepared"))
+    return cached("vqa", sources, params, build, cache_dir or os.path.join(data_dir, "prepared"))
 
 
 class VQADataset(torch.utils.data.Dataset):
@@ -626,8 +620,7 @@ def prepare_captions(karpathy, tokenizer, max_len=40, cache_dir=None):
         out = {}
         for name, imgs in splits.items():
             cap_image, cap_ids = [], []
-            for i, img in enumerate(tqdm(imgs, desc=f"prepare captions {name}", unit="img",
-                                         mininterval=1.0, disable=len(imgs) < 5000)):
+            for i, img in enumerate(progress(imgs, f"prepare captions {name}", "img", disable=len(imgs) < 5000)):
                 for sent in img["sentences"]:
                     cap_image.append(i)
                     cap_ids.append(tokenizer.encode(sent["raw"].strip())[:max_len - 1])
@@ -642,7 +635,7 @@ def prepare_captions(karpathy, tokenizer, max_len=40, cache_dir=None):
         return {"splits": out}
 
     folder = os.path.join(os.path.dirname(os.path.abspath(karpathy)), "prepared")
-    return _cached("captions", [karpathy], params, build, cache_dir or folder)
+    return cached("captions", [karpathy], params, build, cache_dir or folder)
 
 
 class CaptionDataset(torch.utils.data.Dataset):
@@ -687,6 +680,203 @@ def collate_caption(batch, eos_id):
            "image": [b["image"] for b in batch]}
     if "pixel_values" in batch[0]:
         out["pixel_values"] = torch.stack([b["pixel_values"] for b in batch])  # (B, 3, S, S)
+    return out
+
+
+# =============================================================================================
+# GQA and NLVR2 (the CLIP-BART setting), from the official files
+# =============================================================================================
+#
+# GQA (https://cs.stanford.edu/people/dorarad/gqa/download.html): questions1.2.zip holds
+# {train,val,testdev}_balanced_questions.json (also test/challenge files without answers, scored by
+# the server, and *_all_questions files, train's in chunks); images.zip holds images/{imageId}.jpg.
+# A questions file is one JSON object {questionId: {"imageId", "question", "answer", "fullAnswer",
+# "isBalanced", "types": {"structural", "semantic", "detailed"}, "groups": {"global", "local"},
+# "entailed", "equivalent", "semantic": [{"operation", "argument", "dependencies"}], "semanticStr",
+# "annotations"}}, the fields the official eval.py reads (eval.read_gqa_questions).
+#
+# NLVR2 (lil-lab/nlvr, nlvr2/README.md): nlvr2/data/{train,dev,test1,test2}.json, one JSON object a
+# line with "identifier" (split-set_id-pair_id-sentence_id, e.g. "dev-850-2-0"), "sentence",
+# "label" ("True" / "False"), "left_url", "right_url", "writer", "validation", "synset", "query",
+# "extra_validations" (dev and test) and "directory" (train only: one of 100 folders). The README
+# names the images of an identifier split-set_id-pair_id-sentence_id split-set_id-pair_id-img0.png
+# (left) and -img1.png (right); some are not PNGs inside, which Pillow does not mind. The archives of
+# the direct download extract to images/train/{directory}/, dev/ and test1/ (as read by the Hugging
+# Face NLVR2 loading script and the public fine-tuning codes, e.g. DaVinci's documented layout).
+
+GQA_QUESTIONS = "{}_balanced_questions.json"  # train, val, testdev
+
+
+def gqa_image_key(image_id):
+    """GQA image path relative to the images folder (images.zip's images/): '2354786.jpg'."""
+    return f"{image_id}.jpg"
+
+
+def read_gqa(questions_path, images_dir=None):
+    """The questions of an official GQA questions file, in file order: [{"question_id": str,
+    "image_id": str, "image": key (gqa_image_key), "question": str, "answer": str, "types":
+    {"structural", "semantic", "detailed"}}]. A missing field or a file without answers (test,
+    challenge) is a ValueError naming the file and the question; with images_dir, a question whose
+    image file is missing is a FileNotFoundError naming both."""
+    questions = _read_json(questions_path)
+    if not isinstance(questions, dict) or not questions:
+        raise ValueError(f"{questions_path}: not a GQA questions file (a JSON object {{questionId: question}})")
+    records = []
+    for qid, q in questions.items():
+        for field in ("imageId", "question", "answer"):
+            if not isinstance(q, dict) or not isinstance(q.get(field), str):
+                raise ValueError(f"{questions_path}: question {qid} has no string field {field!r}")
+        types = q.get("types")
+        if not isinstance(types, dict) or not all(isinstance(types.get(t), str) for t in ("structural", "semantic")):
+            raise ValueError(f"{questions_path}: question {qid} has no 'types' with 'structural' and 'semantic'")
+        records.append({"question_id": qid, "image_id": q["imageId"], "image": gqa_image_key(q["imageId"]),
+                        "question": q["question"], "answer": q["answer"], "types": types})
+    if images_dir is not None:
+        _check_images(questions_path, images_dir, ((f"question {r['question_id']}", r["image"]) for r in records))
+    return records
+
+
+def _check_images(source, images_dir, items):
+    """FileNotFoundError for the first (what, image key) whose file is not under images_dir."""
+    seen = set()
+    for what, key in items:
+        if key not in seen:
+            seen.add(key)
+            path = os.path.join(images_dir, key)
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{source}: {what}: image not found: {path}")
+
+
+def nlvr2_image_keys(identifier, directory=None):
+    """The (left, right) image paths of an NLVR2 example relative to the folder holding the extracted
+    archives: train -> images/train/{directory}/train-10171-0-img0.png, dev -> dev/dev-850-2-img0.png,
+    test1 -> test1/test1-0-1-img0.png (the identifier without its sentence id, then -img0 / -img1)."""
+    split, set_id, pair_id, _ = nlvr2_identifier(identifier)
+    folder = f"images/train/{directory}" if split == "train" else split
+    return [f"{folder}/{split}-{set_id}-{pair_id}-img{k}.png" for k in (0, 1)]
+
+
+def read_nlvr2(path, images_dir=None):
+    """The examples of an official NLVR2 JSON-lines file, in file order: [{"identifier": str,
+    "sentence": str, "label": bool, "images": [left key, right key] (nlvr2_image_keys)}]. A malformed
+    line is a ValueError naming the file and the line number; with images_dir, a missing image file is
+    a FileNotFoundError naming the example and the image."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"NLVR2 file not found: {path}")
+    records = []
+    for where, obj in read_nlvr2_lines(path):  # identifier and label checked
+        if not isinstance(obj.get("sentence"), str):
+            raise ValueError(f"{where}: no string field 'sentence'")
+        directory = obj.get("directory")
+        if obj["identifier"].startswith("train-") and not (
+                type(directory) is int or (isinstance(directory, str) and directory.isdigit())):
+            raise ValueError(f"{where}: a train example needs its image folder number 'directory', "
+                             f"got {directory!r:.50}")
+        records.append({"identifier": obj["identifier"], "sentence": obj["sentence"],
+                        "label": obj["label"] == "True", "images": nlvr2_image_keys(obj["identifier"], directory)})
+    if images_dir is not None:
+        _check_images(path, images_dir, ((f"example {r['identifier']}", key) for r in records for key in r["images"]))
+    return records
+
+
+def prepare_gqa(gqa_dir, tokenizer, prompt="gqa: ", max_len=20, cache_dir=None):
+    """GQA for a generative model, tokenised once and cached (cache_dir defaults to GQA_DIR/prepared): the
+    inputs <s> prompt + question </s> (at most max_len tokens) and the targets <s> answer </s>. Splits as
+    VL-Adapter and VL-PET use them: "train" = the train and val balanced questions, "testdev" = testdev.
+    Columns: question_id [str], image [key under GQA_DIR/images], answer [str], input_ids / input_offsets and
+    target_ids / target_offsets (ragged)."""
+    files = {s: os.path.join(gqa_dir, "questions1.2", GQA_QUESTIONS.format(s)) for s in ("train", "val", "testdev")}
+    for path in files.values():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"GQA file not found: {path}")
+    params = {"tokenizer": tokenizer.fingerprint, "prompt": prompt, "max_len": max_len}
+
+    def build():
+        parts = {"train": read_gqa(files["train"]) + read_gqa(files["val"]), "testdev": read_gqa(files["testdev"])}
+        return {name: {"question_id": [r["question_id"] for r in rs], "image": [r["image"] for r in rs],
+                       "answer": [r["answer"] for r in rs],
+                       **_prompted(tokenizer, prompt, [r["question"] for r in rs], [r["answer"] for r in rs], max_len)}
+                for name, rs in parts.items()}
+
+    return cached("gqa", list(files.values()), params, build, cache_dir or os.path.join(gqa_dir, "prepared"))
+
+
+def prepare_nlvr2(nlvr2_dir, tokenizer, prompt="nlvr: ", cache_dir=None):
+    """NLVR2 for a generative model, tokenised once and cached (cache_dir defaults to NLVR2_DIR/prepared): the
+    inputs <s> prompt + sentence </s> (not cut, as VL-Adapter) and the targets <s> true </s> or <s> false </s>.
+    Splits "train", "dev", "test1" from NLVR2_DIR/data/{split}.json. Columns: identifier [str], image [(left,
+    right) keys under NLVR2_DIR], label (BoolTensor), input_ids / input_offsets, target_ids / target_offsets."""
+    files = {s: os.path.join(nlvr2_dir, "data", f"{s}.json") for s in ("train", "dev", "test1")}
+    for path in files.values():
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"NLVR2 file not found: {path}")
+    params = {"tokenizer": tokenizer.fingerprint, "prompt": prompt}
+
+    def build():
+        out = {}
+        for name, path in files.items():
+            rs = read_nlvr2(path)
+            out[name] = {"identifier": [r["identifier"] for r in rs], "image": [tuple(r["images"]) for r in rs],
+                         "label": torch.tensor([r["label"] for r in rs], dtype=torch.bool),
+                         **_prompted(tokenizer, prompt, [r["sentence"] for r in rs],
+                                     ["true" if r["label"] else "false" for r in rs], None)}
+        return out
+
+    return cached("nlvr2", list(files.values()), params, build, cache_dir or os.path.join(nlvr2_dir, "prepared"))
+
+
+def _prompted(tokenizer, prompt, texts, targets, max_len):
+    """Ragged columns of <s> prompt + text </s> (cut to max_len tokens unless None) and <s> target </s>."""
+    inputs = [tokenizer.wrap(tokenizer.encode(prompt + t)) if max_len is None else
+              encode_question(tokenizer, prompt + t, max_len) for t in texts]
+    ids, off = _ragged(inputs)
+    tids, toff = _ragged([tokenizer.wrap(tokenizer.encode(t)) for t in targets])
+    return {"input_ids": ids, "input_offsets": off, "target_ids": tids, "target_offsets": toff}
+
+
+class PromptDataset(torch.utils.data.Dataset):
+    """One item per row of a prepared generative split (prepare_gqa, prepare_nlvr2): {"index", "image" (a key,
+    or a pair of keys), "input_ids" (n,), "target_ids" (t,)} plus "pixel_values" ((3, S, S), or (2, 3, S, S)
+    for a pair) when images (an Images) is given."""
+
+    def __init__(self, split, images=None):
+        self.split, self.images = split, images
+
+    def __len__(self):
+        return len(self.split["image"])
+
+    def __getitem__(self, m):
+        s = self.split
+        a, b = s["input_offsets"][m].item(), s["input_offsets"][m + 1].item()
+        c, d = s["target_offsets"][m].item(), s["target_offsets"][m + 1].item()
+        item = {"index": m, "image": s["image"][m], "input_ids": s["input_ids"][a:b], "target_ids": s["target_ids"][c:d]}
+        if self.images is not None:
+            keys = s["image"][m]
+            item["pixel_values"] = (torch.stack([self.images(k) for k in keys]) if isinstance(keys, tuple)
+                                    else self.images(keys))
+        return item
+
+
+def seq2seq_targets(targets, start_id, pad_id):
+    """Decoder inputs and labels of an encoder-decoder from B target sequences (<s> ... </s>, lists or 1-D
+    tensors): decoder_input_ids (B, T) = the targets shifted right behind start_id (BART starts from </s>),
+    padded with pad_id; labels (B, T) = the targets, padded with -100 (never supervised)."""
+    targets = [torch.as_tensor(t, dtype=torch.long) for t in targets]
+    labels, mask = pad_sequences(targets, -100)
+    shifted = [torch.cat([torch.tensor([start_id]), t[:-1]]) for t in targets]
+    decoder_input_ids, _ = pad_sequences(shifted, pad_id)
+    return decoder_input_ids, labels
+
+
+def collate_prompted(batch, pad_id, start_id):
+    """PromptDataset items -> {"input_ids" (B, N) padded with pad_id, "attention_mask" (B, N), "decoder_input_ids"
+    and "labels" (B, T) (seq2seq_targets), "index" (B,), "image" [B keys or pairs], "pixel_values" if present}."""
+    input_ids, attention_mask = pad_sequences([b["input_ids"] for b in batch], pad_id)
+    decoder_input_ids, labels = seq2seq_targets([b["target_ids"] for b in batch], start_id, pad_id)
+    out = {"input_ids": input_ids, "attention_mask": attention_mask, "decoder_input_ids": decoder_input_ids,
+           "labels": labels, "index": torch.tensor([b["index"] for b in batch]), "image": [b["image"] for b in batch]}
+    if "pixel_values" in batch[0]:
+        out["pixel_values"] = torch.stack([b["pixel_values"] for b in batch])  # (B, [2,] 3, S, S)
     return out
 
 
@@ -759,298 +949,76 @@ class ImageDataset(torch.utils.data.Dataset):
         return {"index": i, "image": self.keys[i], "pixel_values": self.images(self.keys[i])}
 
 
-# =============================================================================================
-# The synthetic world: coloured shapes, written as VQAv2 + COCO + Karpathy files
-# =============================================================================================
-
-SHAPES_SIZE = 64          # image side in pixels
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 90, 230),
-          "yellow": (240, 210, 40), "purple": (150, 60, 200), "orange": (245, 140, 30)}
-SHAPES = ("circle", "square", "triangle")
-SIZES = {"small": (5, 7), "large": (10, 13)}   # half-extent range in pixels (64 px image)
-QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
-NUMBER_WORDS = ["zero", "one", "two", "three", "four"]
 
 
-def draw_scene(rng, nprng):
-    """A 64x64 scene: a grey noisy background and 1-4 shapes, one per quadrant, with distinct
-    (colour, shape) pairs. Drawn at 2x and downsampled (smooth edges). Returns (image, objects)."""
-    n = rng.randint(1, 4)
-    quads = rng.sample(range(4), n)
-    pairs = rng.sample([(c, s) for c in COLORS for s in SHAPES], n)
-    scale, half = 2, SHAPES_SIZE // 2
-    bg = rng.randint(80, 150)
-    img = Image.new("RGB", (SHAPES_SIZE * scale, SHAPES_SIZE * scale), (bg, bg, bg))
-    draw = ImageDraw.Draw(img)
-    objects = []
-    for q, (color, shape) in zip(quads, pairs):
-        size = rng.choice(sorted(SIZES))
-        r = rng.randint(*SIZES[size])
-        cx = (q % 2) * half + half // 2 + rng.randint(-(half // 2 - r - 1), half // 2 - r - 1)
-        cy = (q // 2) * half + half // 2 + rng.randint(-(half // 2 - r - 1), half // 2 - r - 1)
-        fill = tuple(min(255, max(0, v + rng.randint(-15, 15))) for v in COLORS[color])
-        box = [(cx - r) * scale, (cy - r) * scale, (cx + r) * scale, (cy + r) * scale]
-        if shape == "circle":
-            draw.ellipse(box, fill=fill)
-        elif shape == "square":
-            draw.rectangle(box, fill=fill)
+class ImageFeatures:
+    """Features of a frozen image encoder by image key: computed once per image and kept on disk as one
+    memory-mapped .npy array (rows in key order; dtype float32, or float16 for large grids), or, without a
+    cache folder, computed on every batch from the pixels the DataLoader loads (see `pixels`).
+
+    encode(pixel_values (B, 3, S, S)) -> (B, L, d) tensor. The cache key (cache_file) covers the encoder's
+    checkpoint file `source`, every image file, the preprocessing, `params` (what encode keeps, a version of
+    its code: change it when encode changes) and the keys. An example may have several images (an NLVR2
+    pair): its features are those of its images one after the other, (B, n_images * L, d)."""
+
+    def __init__(self, images, encode, source, params, cache_dir=None, dtype="float32", workers=0):
+        self.images, self.encode, self.source, self.params = images, encode, source, params
+        self.cache_dir, self.dtype, self.workers = cache_dir, dtype, workers
+        self.table, self.row = None, None
+
+    @property
+    def pixels(self):
+        """What a dataset must load per image: the Images when the features are computed per batch, else None."""
+        return self.images if self.table is None else None
+
+    def prepare(self, keys):
+        """Compute (or load) the cached features of these image keys (without a cache folder: nothing)."""
+        if self.cache_dir is None:
+            return
+        missing = next((k for k in keys if not os.path.isfile(self.images.path(k))), None)
+        if missing:
+            raise FileNotFoundError(f"image not found: {self.images.path(missing)} (images folder {self.images.images_dir})")
+        params = {**self.params, "dtype": self.dtype, "size": self.images.size, "mean": self.images.mean,
+                  "std": self.images.std, "keys": keys}
+        path = cache_file("features", [self.source] + [self.images.path(k) for k in keys], params, self.cache_dir, ".npy")
+        self.table = self.load(path, len(keys))
+        if self.table is None:
+            atomic_write(path, functools.partial(self.write, keys), "wb")
+            self.table = self.load(path, len(keys))
+        self.row = {k: i for i, k in enumerate(keys)}
+
+    def load(self, path, n):
+        """The memory-mapped (n, L, d) array at path, or None if there is none; a damaged one is made again."""
+        if not os.path.isfile(path):
+            return None
+        try:
+            table = np.load(path, mmap_mode="r")
+            if table.shape[0] != n or table.dtype != self.dtype:
+                raise ValueError(f"shape {table.shape}, dtype {table.dtype}")
+            return table
+        except (ValueError, OSError) as e:  # a cache: an entry cut short by a kill or a full disk is made again
+            print(f"cache entry {path} is damaged ({e}); rebuilding it")
+            return None
+
+    @torch.no_grad()
+    def write(self, keys, f):
+        """Stream the features of every key into an open .npy file: the header (with the shape, known from the
+        first batch), then the rows in key order."""
+        loader = torch.utils.data.DataLoader(ImageDataset(keys, self.images), batch_size=64, num_workers=self.workers)
+        for i, batch in enumerate(progress(loader, "image features", "batch")):
+            x = self.encode(batch["pixel_values"]).float().cpu().numpy().astype(self.dtype)  # (B, L, d)
+            if i == 0:
+                np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(self.dtype).str, "fortran_order": False,
+                                                         "shape": (len(keys), *x.shape[1:])})
+            f.write(np.ascontiguousarray(x).tobytes())
+
+    def __call__(self, batch):
+        """The features of a batch's examples, float32 on the CPU: (B, n_images * L, d)."""
+        images = [k if isinstance(k, (tuple, list)) else (k,) for k in batch["image"]]
+        if self.table is not None:
+            rows = self.table[[self.row[k] for ks in images for k in ks]]  # (B * n_images, L, d)
+            x = torch.from_numpy(np.ascontiguousarray(rows)).float()
         else:
-            draw.polygon([(cx * scale, (cy - r) * scale), ((cx - r) * scale, (cy + r) * scale),
-                          ((cx + r) * scale, (cy + r) * scale)], fill=fill)
-        objects.append({"color": color, "shape": shape, "size": size, "quadrant": QUADRANTS[q],
-                        "x": cx, "y": cy, "r": r})
-    img = img.resize((SHAPES_SIZE, SHAPES_SIZE), Image.BOX)
-    noise = nprng.normal(0.0, 5.0, size=(SHAPES_SIZE, SHAPES_SIZE, 3))           # (H, W, 3)
-    pixels = np.clip(np.asarray(img, dtype=np.float64) + noise, 0, 255).round().astype(np.uint8)
-    return Image.fromarray(pixels), objects
-
-
-def _name(o):
-    return f"{o['color']} {o['shape']}"
-
-
-def _a(words):
-    """The indefinite article for words: "a red circle", "an orange square"."""
-    return ("an " if words[0] in "aeiou" else "a ") + words
-
-
-# Question templates: (kind, template, question_type, answer_type). Templates with {s}/{c}/{o} name
-# a shape, a colour or an object ("red circle"); {sa} is "a"/"an" + colour + shape.
-TEMPLATES = [
-    ("color", "What color is the {s}?", "what color is the", "other"),
-    ("color", "What is the color of the {s}?", "what is the color of the", "other"),
-    ("color", "Which colour does the {s} have?", "which", "other"),
-    ("shape", "What shape is the {c} object?", "what shape is the", "other"),
-    ("shape", "What is the {c} thing?", "what is the", "other"),
-    ("shape", "Which shape is {c}?", "which", "other"),
-    ("side", "Is the {o} on the left or on the right?", "is the", "other"),
-    ("side", "Is the {o} at the top or at the bottom?", "is the", "other"),
-    ("side", "Where is the {o}?", "where is the", "other"),
-    ("size", "Is the {o} big or small?", "is the", "other"),
-    ("size", "What size is the {o}?", "what size is the", "other"),
-    ("yesno", "Is the {o} on the left?", "is the", "yes/no"),
-    ("yesno", "Is the {o} on the right?", "is the", "yes/no"),
-    ("yesno", "Are there any {s}s?", "are there any", "yes/no"),
-    ("yesno", "Is there anything {c}?", "is there", "yes/no"),
-    ("yesno", "Is there {sa}?", "is there a", "yes/no"),
-    ("count", "How many shapes are there?", "how many", "number"),
-    ("count", "How many objects are in the picture?", "how many", "number"),
-    ("count", "How many {s}s are there?", "how many", "number"),
-    ("count", "How many {c} shapes are there?", "how many", "number"),
-]
-
-
-def _question_candidates(objects):
-    """Every (template index, question, answer, possible answers) this scene supports. An object
-    is named by its shape or colour only where that is unique in the scene; colour + shape always
-    is (pairs are distinct)."""
-    n_shape = Counter(o["shape"] for o in objects)
-    n_color = Counter(o["color"] for o in objects)
-    present = {(o["color"], o["shape"]) for o in objects}
-    yes_no, numbers = ["no", "yes"], [str(k) for k in range(5)]
-    out = []
-    for t, (kind, template, _, _) in enumerate(TEMPLATES):
-        if kind == "color":
-            out += [(t, template.format(s=o["shape"]), o["color"], sorted(COLORS))
-                    for o in objects if n_shape[o["shape"]] == 1]
-        elif kind == "shape":
-            out += [(t, template.format(c=o["color"]), o["shape"], list(SHAPES))
-                    for o in objects if n_color[o["color"]] == 1]
-        elif kind == "count" and "{" not in template:
-            out.append((t, template, str(len(objects)), numbers))
-        elif kind == "count":
-            out += [(t, template.format(s=s), str(n_shape[s]), numbers) for s in SHAPES if "{s}" in template]
-            out += [(t, template.format(c=c), str(n_color[c]), numbers) for c in COLORS if "{c}" in template]
-        elif "{o}" in template:
-            for o in objects:
-                vertical, horizontal = o["quadrant"].split()
-                answer, possible = {
-                    "Is the {o} on the left or on the right?": (horizontal, ["left", "right"]),
-                    "Is the {o} at the top or at the bottom?": (vertical, ["bottom", "top"]),
-                    "Where is the {o}?": (o["quadrant"], list(QUADRANTS)),
-                    "Is the {o} big or small?": ("big" if o["size"] == "large" else "small", ["big", "small"]),
-                    "What size is the {o}?": (o["size"], ["large", "small"]),
-                    "Is the {o} on the left?": (yes_no[horizontal == "left"], yes_no),
-                    "Is the {o} on the right?": (yes_no[horizontal == "right"], yes_no),
-                }[template]
-                out.append((t, template.format(o=_name(o)), answer, possible))
-        elif "{s}" in template:
-            out += [(t, template.format(s=s), yes_no[n_shape[s] > 0], yes_no) for s in SHAPES]
-        elif "{c}" in template:
-            out += [(t, template.format(c=c), yes_no[n_color[c] > 0], yes_no) for c in COLORS]
-        else:  # "Is there {sa}?"
-            out += [(t, template.format(sa=_a(f"{c} {s}")), yes_no[(c, s) in present], yes_no)
-                    for c in COLORS for s in SHAPES]
-    return out
-
-
-def _pick_questions(rng, objects, used, per_image):
-    """per_image questions of distinct kinds: a kind, then one of its templates that this scene
-    supports, at random; then the answer used least so far with that template in the whole world
-    (ties at random), then a question with that answer. Answers come out nearly uniform per
-    template, so the question text alone says little."""
-    by_template = {}
-    for cand in _question_candidates(objects):
-        by_template.setdefault(cand[0], []).append(cand)
-    kinds = sorted({TEMPLATES[t][0] for t in by_template})
-    picked = []
-    for kind in rng.sample(kinds, min(per_image, len(kinds))):
-        t = rng.choice([t for t in sorted(by_template) if TEMPLATES[t][0] == kind])
-        answers = sorted({c[2] for c in by_template[t]})
-        least = min(used[(t, a)] for a in answers)
-        answer = rng.choice([a for a in answers if used[(t, a)] == least])
-        used[(t, answer)] += 1
-        picked.append(rng.choice([c for c in by_template[t] if c[2] == answer]))
-    return picked
-
-
-_SYNONYMS = {"large": ["big"], "big": ["large"], "small": ["little", "tiny"], "circle": ["round", "oval"],
-             "square": ["rectangle"], "triangle": ["triangular"], "purple": ["violet"],
-             "top left": ["upper left", "left"], "top right": ["upper right", "right"],
-             "bottom left": ["lower left", "left"], "bottom right": ["lower right", "right"]}
-
-
-def _human_answers(rng, kind, answer, possible):
-    """10 annotators: most give the answer, written in various ways that the official normaliser
-    maps back ("Red", "red.", "a circle", "two", "zero"); some give a synonym it does not map ("big"
-    for "large"); some are wrong (another possible answer). The error rate varies per question."""
-    p_wrong = rng.choice([0.0, 0.0, 0.0, 0.05, 0.05, 0.1, 0.1, 0.2, 0.3])
-    p_synonym = 0.1 if answer in _SYNONYMS else 0.0
-    out = []
-    for _ in range(10):
-        u = rng.random()
-        if u < p_wrong:
-            a = rng.choice([x for x in possible if x != answer])
-        elif u < p_wrong + p_synonym:
-            a = rng.choice(_SYNONYMS[answer])
-        else:
-            a = answer
-        v = rng.random()
-        if kind == "count" and v < 0.3:
-            a = NUMBER_WORDS[int(a)]
-        elif v < 0.06:
-            a = a.capitalize()
-        elif v < 0.09:
-            a = a + "."
-        elif v < 0.12 and kind == "shape":
-            a = "a " + a
-        out.append(a)
-    return out
-
-
-def _captions(rng, objects):
-    """5 varied captions of a scene (raw sentences)."""
-    n = len(objects)
-    objs = objects[:]
-    rng.shuffle(objs)
-
-    def listing(with_size):
-        parts = [_a(f"{o['size'] + ' ' if with_size else ''}{_name(o)}") for o in objs]
-        return parts[0] if n == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-    count = f"{NUMBER_WORDS[n]} {'shape' if n == 1 else 'shapes'}"
-    where = "; ".join(f"{_a(_name(o))} in the {o['quadrant']}" for o in objs)
-    colors = sorted({o["color"] for o in objs})
-    color_text = colors[0] if len(colors) == 1 else ", ".join(colors[:-1]) + " and " + colors[-1]
-    options = [
-        f"{listing(False)} on a gray background.",
-        f"{listing(True)}.",
-        f"There {'is' if n == 1 else 'are'} {count} in the picture: {listing(False)}.",
-        f"An image with {where}.",
-        f"{count.capitalize()} on a plain background, colored {color_text}.",
-        f"A picture showing {listing(rng.random() < 0.5)}.",
-        f"{where}.",
-    ]
-    picked = rng.sample(options, 5)
-    return [p[0].upper() + p[1:] for p in picked]
-
-
-def _caption_tokens(raw):
-    """Karpathy's "tokens": lower-cased words without punctuation."""
-    return "".join(ch if ch.isalnum() or ch.isspace() else " " for ch in raw.lower()).split()
-
-
-def make_shapes(out, n_images=3000, seed=0, questions_per_image=3):
-    """Write the synthetic world under `out` in the real formats (see the module docstring).
-    Two thirds of the images are train2014, one third val2014; of val2014, 30 % are Karpathy val,
-    30 % test, the rest restval. Also writes shapes_scenes.json: every image's objects and every
-    question's true answer (for attribute pretraining and oracle checks). Deterministic: the same
-    seed gives byte-identical files."""
-    if n_images < 10:
-        raise ValueError("make_shapes: n_images must be at least 10")
-    rng = random.Random(seed)
-    nprng = np.random.default_rng(seed)
-    n_train = round(n_images * 2 / 3)
-    n_val = n_images - n_train
-    n_kval = n_ktest = n_val * 3 // 10
-    used = Counter()  # (template, answer) -> questions so far
-
-    vqa = {s: ([], []) for s in ("train2014", "val2014")}
-    karpathy, scenes, truths = [], [], []
-    sentid = 0
-    for i in tqdm(range(n_images), desc="shapes", unit="img", mininterval=1.0):
-        subtype = "train2014" if i < n_train else "val2014"
-        image_id = 9 + 7 * i  # sparse ids, different from the Karpathy imgid, like COCO
-        img, objects = draw_scene(rng, nprng)
-        key = coco_image_key(subtype, image_id)
-        buf = jpeg_bytes(img)
-        atomic_write(os.path.join(out, key), lambda f: f.write(buf))
-        for k, (t, question, answer, possible) in enumerate(
-                _pick_questions(rng, objects, used, questions_per_image)):
-            kind, _, qtype, atype = TEMPLATES[t]
-            qid = image_id * 1000 + k
-            answers = _human_answers(rng, kind, answer, possible)
-            norm = Counter(normalize_answer(a) for a in answers)
-            mc = min(norm, key=lambda a: (-norm[a], a))
-            vqa[subtype][0].append({"image_id": image_id, "question": question, "question_id": qid})
-            vqa[subtype][1].append({
-                "question_type": qtype, "multiple_choice_answer": mc,
-                "answers": [{"answer": a, "answer_confidence": rng.choice(["yes", "yes", "yes", "maybe"]),
-                             "answer_id": j + 1} for j, a in enumerate(answers)],
-                "image_id": image_id, "answer_type": atype, "question_id": qid})
-            truths.append({"question_id": qid, "image_id": image_id, "kind": kind, "answer": answer})
-        j = i - n_train
-        split = "train" if j < 0 else "val" if j < n_kval else "test" if j < n_kval + n_ktest else "restval"
-        sentences = []
-        for raw in _captions(rng, objects):
-            sentences.append({"tokens": _caption_tokens(raw), "raw": raw, "imgid": i, "sentid": sentid})
-            sentid += 1
-        karpathy.append({"filepath": subtype, "sentids": [s["sentid"] for s in sentences],
-                         "filename": os.path.basename(key), "imgid": i, "split": split,
-                         "sentences": sentences, "cocoid": image_id})
-        scenes.append({"image_id": image_id, "image": key, "objects": objects})
-
-    info = {"description": "Synthetic shapes world in the VQAv2 format (routing-peft data.py)",
-            "url": "", "version": "2.0", "year": 2024, "contributor": "routing-peft data.py",
-            "date_created": "2024-01-01 00:00:00"}
-    license_ = {"url": "https://creativecommons.org/publicdomain/zero/1.0/", "name": "CC0 1.0"}
-    for subtype, (questions, annotations) in vqa.items():
-        q_path, a_path = vqa_files(out, subtype)
-        _write_json(q_path, {"info": info, "task_type": "Open-Ended", "data_type": "mscoco",
-                             "license": license_, "data_subtype": subtype, "questions": questions})
-        _write_json(a_path, {"info": info, "license": license_, "data_subtype": subtype,
-                             "annotations": annotations, "data_type": "mscoco"})
-    _write_json(os.path.join(out, KARPATHY), {"images": karpathy, "dataset": "coco"})
-    _write_json(os.path.join(out, "shapes_scenes.json"), {"images": scenes, "questions": truths})
-
-
-def jpeg_bytes(img):
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("shapes", help="write the synthetic world (VQAv2 + COCO + Karpathy formats)")
-    p.add_argument("--out", required=True, help="output folder (data and images)")
-    p.add_argument("--n-images", type=int, default=3000, help="number of images (2/3 train2014, 1/3 val2014)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
-    args = parser.parse_args(argv)
-    make_shapes(args.out, n_images=args.n_images, seed=args.seed)
-    print(f"wrote {args.n_images} images with questions and captions to {args.out}")
-
-
-if __name__ == "__main__":
-    main()
+            pixels = batch["pixel_values"]  # (B, 3, S, S) or, for pairs, (B, n_images, 3, S, S)
+            x = self.encode(pixels.flatten(0, pixels.dim() - 4)).float().cpu()  # (B * n_images, L, d)
+        return x.reshape(len(images), -1, x.shape[-1])  # (B, n_images * L, d)

@@ -28,13 +28,14 @@ import os
 import pickle
 import re
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from eval import atomic_write  # the project's one atomic file writer (pure standard library)
 
 
 @dataclass
@@ -63,6 +64,12 @@ class Config:
                                        # CLIP bicubic (VL-Adapter's feature extraction)
     stages: tuple = ()                 # CLIP ModifiedResNet: Bottleneck blocks per stage (RN101: 3, 4, 23, 3)
     output_dim: int = 0                # CLIP ModifiedResNet: width of the attention pool's output
+
+    @property
+    def gelu(self):
+        """The backbone's GELU, for its FFN and for anything inserted into it (an Adapter's activation):
+        "tanh" (GPT-2's gelu_new) or "none" (the exact erf GELU of ViT and RoBERTa)."""
+        return "tanh" if self.arch == "gpt2" else "none"
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # openai/CLIP clip/clip.py _transform
@@ -232,7 +239,7 @@ class DecoderBlock(Block):
     states -> ln_cross, MLP -> ln2; each sub-layer x = LN(x + drop(f(x))), exact GELU."""
 
     def __init__(self, config):
-        super().__init__(config, pre_ln=False, causal=True, gelu="none", act_dropout=config.dropout)
+        super().__init__(config, pre_ln=False, causal=True, gelu=config.gelu, act_dropout=config.dropout)
         c = config
         self.cross = CrossAttention(c.d_model, c.n_heads, c.dropout)
         self.ln_cross = nn.LayerNorm(c.d_model, eps=c.ln_eps)
@@ -327,7 +334,7 @@ class ViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.d_model))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + n_patches, c.d_model))
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c, pre_ln=True, causal=False, gelu="none") for _ in range(c.n_layers))
+        self.blocks = nn.ModuleList(Block(c, pre_ln=True, causal=False, gelu=c.gelu) for _ in range(c.n_layers))
         self.ln_f = nn.LayerNorm(c.d_model, eps=c.ln_eps)
         self.pooler = nn.Linear(c.d_model, c.d_model)
 
@@ -357,7 +364,7 @@ class RoBERTa(nn.Module):
         self.wtt = nn.Embedding(c.type_vocab_size, c.d_model)
         self.ln_emb = nn.LayerNorm(c.d_model, eps=c.ln_eps)
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c, pre_ln=False, causal=False, gelu="none") for _ in range(c.n_layers))
+        self.blocks = nn.ModuleList(Block(c, pre_ln=False, causal=False, gelu=c.gelu) for _ in range(c.n_layers))
 
     def position_ids(self, input_ids, n_prefix):
         """RoBERTa positions: pad_id + 1, pad_id + 2, ... skipping padding tokens (which get pad_id).
@@ -404,7 +411,7 @@ class GPT2(nn.Module):
         self.wte = nn.Embedding(c.vocab_size, c.d_model)
         self.wpe = nn.Embedding(c.max_positions, c.d_model)
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(Block(c, pre_ln=True, causal=True, gelu="tanh") for _ in range(c.n_layers))
+        self.blocks = nn.ModuleList(Block(c, pre_ln=True, causal=True, gelu=c.gelu) for _ in range(c.n_layers))
         self.ln_f = nn.LayerNorm(c.d_model, eps=c.ln_eps)
 
     def new_cache(self):
@@ -477,7 +484,7 @@ class BART(nn.Module):
         c = self.config = config
         self.embed_scale = math.sqrt(c.d_model) if c.scale_embedding else 1.0
         self.wte = nn.Embedding(c.vocab_size, c.d_model)
-        self.encoder = BARTStack(c, lambda: Block(c, pre_ln=False, causal=False, gelu="none", act_dropout=c.dropout))
+        self.encoder = BARTStack(c, lambda: Block(c, pre_ln=False, causal=False, gelu=c.gelu, act_dropout=c.dropout))
         self.decoder = BARTStack(c, lambda: DecoderBlock(c))
         self.register_buffer("final_logits_bias", torch.zeros(1, c.vocab_size))
 
@@ -1126,16 +1133,17 @@ def read_image_preprocessing(src_dir, config):
 
 
 def atomic_save(obj, path):
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """torch.save, atomically (eval.atomic_write: a temporary file, then os.replace)."""
+    atomic_write(path, lambda f: torch.save(obj, f), "wb")
+
+
+def save_checkpoint(model, path, tokenizer=None):
+    """A backbone in the converted format that load_checkpoint reads: {"arch", "config", "model"}, plus
+    "tokenizer" ({"vocab", "merges"}, data.BPETokenizer.to_data()) for text models."""
+    ckpt = {"arch": model.config.arch, "config": dataclasses.asdict(model.config), "model": model.state_dict()}
+    if tokenizer is not None:
+        ckpt["tokenizer"] = tokenizer
+    atomic_save(ckpt, path)
 
 
 def read_hf_dir(src_dir):
@@ -1214,18 +1222,31 @@ def print_report(r):
         print(f"  {note}")
 
 
+def read_torch_file(path, what, mmap=False):
+    """torch.load(path, weights_only=True) on the CPU, with one clear error that names the file and the
+    problem: missing, empty, truncated or not a torch file, or a pickle of other objects (which could
+    run code: weights_only loading never runs it). `what` names the expected kind of file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a cut one has no central directory
+        size = os.path.getsize(path)
+        raise ValueError(f"{path} is not a {what}: " + ("an empty file" if size == 0 else
+                         f"{size:,} bytes that are not the zip archive torch.save writes (truncated, or another kind of file)"))
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path} is not a {what}: it holds pickled Python objects other than tensors and plain "
+                         f"values (they could run code; weights_only loading refuses them)") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable {what} (damaged archive: {type(e).__name__})") from None
+
+
 def load_checkpoint(path, arch=None):
     """The backbone stored in a converted file, in eval mode (strict load, weights_only=True)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise ValueError(f"{path} is not a converted checkpoint (torch.load failed: {e}); "
-                         f"make one with: python models.py convert --src DIR --out FILE.pt") from None
+    hint = "make one with: python models.py convert --src DIR --out FILE.pt"
+    ckpt = read_torch_file(path, "converted checkpoint", mmap=True)
     if not isinstance(ckpt, dict) or not {"arch", "config", "model"} <= set(ckpt):
-        raise ValueError(f"{path} is not a converted checkpoint (expected a dict with arch, config, model); "
-                         f"make one with: python models.py convert --src DIR --out FILE.pt")
+        raise ValueError(f"{path} is not a converted checkpoint (expected a dict with arch, config, model); {hint}")
     if arch is not None and ckpt["arch"] != arch:
         raise ValueError(f"{path} is a {ckpt['arch']} checkpoint, expected {arch}")
     try:

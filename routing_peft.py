@@ -1,25 +1,29 @@
-"""Routing functions for vision-language PEFT with low-rank bottlenecks (LoRA and Adapter).
+"""Routing functions for vision-language PEFT with low-rank bottlenecks (LoRA, Adapter, VL-PET).
 
 One self-contained file (imports only torch) to copy into any project. It wraps layers of an
 existing model, ours or anyone's (a Hugging Face model included), without changing the model's code.
 
     python -m pytest -q tests/test_routing_peft.py     # the tests
-    python bench.py routing                            # speed: routed LoRA vs plain LoRA vs peft
+    python bench.py routing                            # speed: routed vs plain LoRA vs peft; VL-PET layers
 
 Paper: Qu, Tuytelaars, Moens, "Introducing Routing Functions to Vision-Language Parameter-Efficient
-Fine-Tuning with Low-Rank Bottlenecks", ECCV 2024, arXiv 2403.09377.
+Fine-Tuning with Low-Rank Bottlenecks", ECCV 2024, arXiv 2403.09377. VL-PET: Hu, Li, Lyu, Wang,
+"VL-PET: Vision-and-Language Parameter-Efficient Tuning via Granularity Control", ICCV 2023
+(release: github.com/HenryHZY/VL-PET). Neither release has the other; routing inside
+VL-PET's bottleneck is ours.
 
 The method
 ----------
-A LoRA or Adapter squeezes a text hidden state through a low-rank bottleneck of width r. The visual
-feature x_R (by default the frozen ViT pooler output, one vector per image) goes through the SAME
-down-projection, and a routing function f mixes the two inside the bottleneck, adding no parameter:
+A LoRA, Adapter or VL-PET module squeezes a text hidden state through a low-rank bottleneck of width
+r. The visual feature x_R (by default the frozen ViT pooler output, one vector per image) goes through
+the SAME down-projection, and a routing function f mixes the two inside the bottleneck, adding no
+parameter:
 
     x_t = W_down x          (B, N, r)   N text positions
     x_v = W_down x_R        (B, L, r)   L visual tokens (L = 1 for a pooled feature)
 
     route           f(x_t, x_v)                  L       note
-    none            x_t                          any     plain LoRA / Adapter, x_R unused
+    none            x_t                          any     plain LoRA / Adapter / VL-PET, x_R unused
     add             x_t + x_v                    1       x_v broadcast over the N positions
     mul             x_t * x_v                    1
     matmul          x_t x_v^T x_v                any     = <x_t, x_v> x_v for L = 1; a real transpose
@@ -37,6 +41,19 @@ down-projection, and a routing function f mixes the two inside the bottleneck, a
     Adapter (after a module whose output is h):
             h + W_up act(f(W_down h + b_down, W_down x_R + b_down)) + b_up,   W_up, b_up: zeros.
 
+    VL-PET  (wraps a whole sub-layer, self-attention or FFN: input X, output H; in VL-PET's BART encoder,
+            after each sub-layer, before its dropout, residual and post-LN; r = 96):
+            H1  = H + W_up gelu_tanh(f(W_down H + b_down, W_down x_R + b_down)) + b_up
+            out = H1 * G,  G from the gate (gate_r = 96; parameters for d = 768 in brackets):
+        large     sigmoid(W_gu gelu_tanh(W_gd X + b_gd) + b_gu)  (B, N, d) per token and channel [148,320]
+        middleX   sigmoid(w . (X + H1) + b)                     (B, N, 1) per token               [769]
+        middleY   1 + z                                         (d,)      per channel             [768]
+        small     mean over n of sigmoid(w . [X_n; H1_n] + b)    (B, 1, 1) per example             [1,537]
+            + the bottleneck W_down, W_up [148,320]. Every new weight N(0, 0.02), biases 0, z ~ N(0, 0.02),
+            as the release: NOT the identity at init (large / middleX / small start near G = 0.5).
+    Parallel adapter (VL-PET's decoder module, on the cross-attention VALUE projection, r = 96, no gate):
+            y = base(x) + W_up gelu_tanh(f(W_down x + b_down, W_down x_R + b_down)) + b_up, init as VL-PET.
+
 Deliberate deviations from the authors' released code (Routing_VLPEFT)
 ----------------------------------------------------------------------
 - `matmul` uses a real transpose, x_t @ x_v.transpose(-1, -2) @ x_v. The release used `reshape`,
@@ -47,7 +64,20 @@ Deliberate deviations from the authors' released code (Routing_VLPEFT)
   is explicit (`merge_lora`), never a side effect of .train() / .eval().
 - x_R is passed through `visual_context` instead of extra forward arguments and flags threaded
   through copies of the model files, so the backbone's code stays untouched.
-(Model-level deviations, e.g. GPT-2's fused q|k|v split into q, k, v, live in models.py / train.py.)
+(Model-level deviations, e.g. GPT-2's fused q|k|v split into q, k, v, are listed in train.py, above the task models.)
+
+VL-PET: where the released code differs from the paper, we follow the code (HenryHZY/VL-PET
+src/my_transformers/modeling_bart.py, BartEncoderLayer); these are what reproduce its numbers:
+- middleY has no sigmoid and no scale: G = 1 + z (the paper's Fig. 3 draws sigmoid / +1 / scale boxes).
+- small averages over EVERY token, padding and visual tokens included (no mask), as the release.
+- middleX reads X + H1 (after the adapter), not X + H as drawn.
+- the gate always reads the sub-layer input X, never H.
+Where we differ from the release:
+- its multi-head down-projection, N_h = 4 heads W_down,i: Linear(d, r / N_h) side by side, concatenated,
+  IS one Linear(d, r) whose weight stacks the heads' rows (same function, parameters, init). We keep one
+  matrix (a release checkpoint loads as torch.cat of the heads along dim 0), so there is no `heads`
+  option: it would never change the computation. A route sees the concatenation, x_t of width r.
+- routing (x_R) is ours; route 'none' is the release's module exactly.
 
 Usage
 -----
@@ -56,28 +86,35 @@ Usage
     rp.add_lora(model, ["attn.q", "attn.v"], r=128, alpha=128, route="matmul")
     # or Adapters (Houlsby places):
     # rp.add_adapters(model, ["attn.o", "mlp.fc2"], r=64, route="matmul", act=nn.GELU())
+    # or VL-PET-large on the encoder's sub-layers and the decoder's cross-attention value projection:
+    # rp.add_vlpet(model.encoder, ["attn", "mlp"], "large", r=96, route="matmul", gate_r=96)
+    # rp.add_parallel_adapters(model.decoder, ["cross.v"], r=96, route="matmul")
     rp.mark_trainable(model, extra=["ln1", "ln2", "head"])
     print(rp.count_parameters(model))              # (trainable, total); the same for every route
     with rp.visual_context(model, x_R):            # x_R: (B, L, d) or (B, d), d = the layers' width
         loss = loss_fn(model(tokens), targets)
     loss.backward()
-    torch.save(rp.peft_state_dict(model), "peft.pt")    # only the LoRA / Adapter weights
+    torch.save(rp.peft_state_dict(model), "peft.pt")    # only the PEFT weights
     # later, on a model wrapped the same way: rp.load_peft_state_dict(model, torch.load("peft.pt"))
     # route 'none' only: rp.merge_lora(model) folds B A into W0 and puts the plain layers back
 
 Names: a target pattern matches a module whose qualified name equals it or ends with "." + pattern
 (peft's convention): "attn.q" matches "blocks.3.attn.q", "query" matches a HF RoBERTa
 "encoder.layer.0.attention.self.query". Wrapping replaces the module, so the base weights move to
-"<name>.base.*" (LoRA) or "<name>.module.*" (Adapter): load pretrained weights before wrapping.
+"<name>.base.*" (LoRA, parallel adapter) or "<name>.module.*" (Adapter, VL-PET): load pretrained
+weights before wrapping.
 
 Beam search / expanded batches: every call of a routed layer needs x_R with the same batch size as
 its input. When a batch is expanded (beam search repeats each example k times), the caller repeats
-x_R the same way: x_R.repeat_interleave(k, dim=0).
+x_R the same way: x_R.repeat_interleave(k, dim=0). An encoder-decoder runs its encoder once on B
+examples and its decoder on B k beams: encode inside visual_context(model, x_R), then decode from
+that output inside visual_context(model, x_R.repeat_interleave(k, dim=0)).
 """
 import contextlib
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 # ---- routing functions: (x_t (B, N, r), x_v (B, L, r)) -> (B, N, r) --------------------------------
@@ -141,7 +178,7 @@ def _check_route(route):
         raise ValueError(f"unknown route {route!r}; choose one of {sorted(ROUTES)}")
 
 
-# ---- the two wrappers ---------------------------------------------------------------------------------
+# ---- LoRA and Adapter -------------------------------------------------------------------------------
 
 
 def _linear_shape(layer):
@@ -155,7 +192,10 @@ def _linear_shape(layer):
 
 
 class _PeftLayer(nn.Module):
-    """What LoRA and Adapter share: the route name and the visual feature set by visual_context."""
+    """What every PEFT layer shares: the route name and the visual feature set by visual_context.
+
+    The one protocol the helpers rely on: a PEFT layer subclasses _PeftLayer and names, in `trained`,
+    the children that hold its weights (everything else in it, the wrapped layer, stays frozen)."""
 
     def __init__(self, route, width):
         super().__init__()
@@ -214,32 +254,178 @@ class LoRA(_PeftLayer):
         return f"route={self.route!r}, r={self.A.out_features}, scale={self.scale:g}, after_b={self.after_b}"
 
 
-class Adapter(_PeftLayer):
-    """h + W_up act(route(W_down h + b_down, W_down x_R + b_down)) + b_up, after `module` (h = its output)."""
+class _Bottleneck(_PeftLayer):
+    """What Adapter, VLPET and ParallelAdapter share: the routed branch
+    W_up act(f(W_down h + b_down, W_down x_R + b_down)) + b_up."""
 
-    trained = ("down", "up")  # the children holding the Adapter weights
+    trained = ("down", "up")  # the children holding the adapter weights
 
-    def __init__(self, module, r, act, route="none"):
+    def __init__(self, route, d_in, r, d_out, act):
         if not isinstance(act, nn.Module):
             raise TypeError(f"act must be an nn.Module instance such as nn.GELU(), got {act!r}")
-        _, width = _linear_shape(module)
-        super().__init__(route, width=width)
-        self.module = module
-        self.down = nn.Linear(width, r)
+        super().__init__(route, width=d_in)
+        self.down = nn.Linear(d_in, r)
         self.act = act
-        self.up = nn.Linear(r, width)
+        self.up = nn.Linear(r, d_out)
+
+    def branch(self, h):
+        x_t = self.down(h)  # (B, N, r)
+        if self.route != "none":
+            x_t = ROUTES[self.route](x_t, self.down(self.visual_tokens(h)))  # x_v: (B, L, r)
+        return self.up(self.act(x_t))  # (B, N, d_out)
+
+    def extra_repr(self):
+        return f"route={self.route!r}, r={self.down.out_features}"
+
+
+class Adapter(_Bottleneck):
+    """h + W_up act(route(W_down h + b_down, W_down x_R + b_down)) + b_up, after `module` (h = its output)."""
+
+    def __init__(self, module, r, act, route="none"):
+        _, width = _linear_shape(module)
+        super().__init__(route, width, r, width, act)
+        self.module = module
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x):
         h = self.module(x)  # (B, N, width)
-        x_t = self.down(h)  # (B, N, r)
-        if self.route != "none":
-            x_t = ROUTES[self.route](x_t, self.down(self.visual_tokens(h)))  # x_v: (B, L, r)
-        return h + self.up(self.act(x_t))
+        return h + self.branch(h)
+
+
+# ---- VL-PET: the granularity-controlled gates, the sub-layer wrapper, the parallel adapter -----------------
+
+
+def _init_as_vlpet(*modules):
+    """VL-PET's init of its layers (HF BART's _init_weights): Linear weights N(0, 0.02), biases 0."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+
+
+class LargeGate(nn.Module):
+    """G = sigmoid(W_gu gelu_tanh(W_gd X + b_gd) + b_gu): (B, N, d), one value per token and channel."""
+
+    def __init__(self, d, gate_r):
+        super().__init__()
+        self.down = nn.Linear(d, gate_r)
+        self.up = nn.Linear(gate_r, d)
+        _init_as_vlpet(self)
+
+    def forward(self, X, H1):
+        return torch.sigmoid(self.up(F.gelu(self.down(X), approximate="tanh")))
+
+
+class MiddleXGate(nn.Module):
+    """G = sigmoid(w . (X + H1) + b): (B, N, 1), one value per token (the release adds H1, not H)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Linear(d, 1)
+        _init_as_vlpet(self)
+
+    def forward(self, X, H1):
+        return torch.sigmoid(self.w(X + H1))
+
+
+class MiddleYGate(nn.Module):
+    """G = 1 + z: (d,), one value per channel (no sigmoid, as the release)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.z = nn.Parameter(torch.empty(d))
+        nn.init.normal_(self.z, std=0.02)
+
+    def forward(self, X, H1):
+        return 1 + self.z
+
+
+class SmallGate(nn.Module):
+    """G = mean over the N tokens of sigmoid(w . [X; H1] + b): (B, 1, 1), one value per example.
+    The mean takes every token, padding included, as the release (it has no mask)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.w = nn.Linear(2 * d, 1)
+        _init_as_vlpet(self)
+
+    def forward(self, X, H1):
+        g = torch.sigmoid(self.w(torch.cat([X, H1], dim=-1)))  # (B, N, 2d) -> (B, N, 1)
+        return g.mean(dim=1, keepdim=True)  # (B, 1, 1)
+
+
+GATES = {"large": LargeGate, "middleX": MiddleXGate, "middleY": MiddleYGate, "small": SmallGate}
+
+
+def _check_gate(gate, gate_r):
+    if gate not in GATES:
+        raise ValueError(f"unknown gate {gate!r}; choose one of {sorted(GATES)}")
+    if (gate == "large") != (gate_r is not None):
+        raise ValueError(f"gate_r is the rank of the 'large' gate: required for it and refused for the others; "
+                         f"got gate={gate!r}, gate_r={gate_r!r}")
+
+
+def make_gate(gate, d, gate_r=None):
+    """The gate module named `gate` for width d; gate_r (the rank of W_gd) for 'large' only."""
+    _check_gate(gate, gate_r)
+    return LargeGate(d, gate_r) if gate == "large" else GATES[gate](d)
+
+
+def _sublayer_width(module):
+    """Output width of a sub-layer: that of its last linear layer (attn.o / out_proj, mlp.fc2, or itself)."""
+    linears = [m for m in module.modules() if isinstance(m, nn.Linear) or hasattr(m, "nf")]
+    if not linears:
+        raise TypeError(f"cannot tell the width of {type(module).__name__}: it holds no linear layer")
+    return _linear_shape(linears[-1])[1]
+
+
+class VLPET(_Bottleneck):
+    """VL-PET module around a whole sub-layer `module` (self-attention or FFN) whose input X and output H
+    have width d: H1 = H + W_up gelu_tanh(route(W_down H + b_down, W_down x_R + b_down)) + b_up, out = H1 * G.
+
+    `module` is called with its usual arguments; X is its first positional argument or the keyword
+    `hidden_states` (Hugging Face's name). A module may return a tuple whose first element is H (HF
+    attention): the rest passes through. `gate` is a module G(X, H1) (see GATES, make_gate). On a
+    Hugging Face BART only the attention modules can be wrapped: its FFN (fc1, act, fc2) is inline in
+    the layer's forward, not a module."""
+
+    trained = ("down", "up", "gate")
+
+    def __init__(self, module, r, gate, route="none"):
+        d = _sublayer_width(module)
+        super().__init__(route, d, r, d, nn.GELU(approximate="tanh"))
+        self.module = module
+        self.gate = gate
+        _init_as_vlpet(self.down, self.up)  # each gate initialises itself as the release
+
+    def forward(self, *args, **kwargs):
+        X = args[0] if args else kwargs.get("hidden_states")
+        if X is None:
+            raise TypeError("VLPET: the sub-layer input must be the first positional argument or `hidden_states`")
+        out = self.module(*args, **kwargs)
+        H = out[0] if isinstance(out, tuple) else out  # (B, N, d)
+        H1 = H + self.branch(H)
+        H2 = H1 * self.gate(X, H1)  # G: (B, N, d), (B, N, 1), (d,) or (B, 1, 1)
+        return (H2, *out[1:]) if isinstance(out, tuple) else H2
 
     def extra_repr(self):
-        return f"route={self.route!r}, r={self.down.out_features}"
+        return f"route={self.route!r}, r={self.down.out_features}, gate={type(self.gate).__name__}"
+
+
+class ParallelAdapter(_Bottleneck):
+    """base(x) + W_up gelu_tanh(route(W_down x + b_down, W_down x_R + b_down)) + b_up, parallel to a linear
+    layer `base` (VL-PET's decoder module, on the cross-attention value projection); init as VL-PET."""
+
+    def __init__(self, base, r, route="none"):
+        d_in, d_out = _linear_shape(base)
+        super().__init__(route, d_in, r, d_out, nn.GELU(approximate="tanh"))
+        self.base = base
+        _init_as_vlpet(self.down, self.up)
+
+    def forward(self, x):
+        return self.base(x) + self.branch(x)
 
 
 # ---- injection ----------------------------------------------------------------------------------------
@@ -282,12 +468,31 @@ def add_adapters(model, targets, r, route, act):
     return model
 
 
+def add_vlpet(model, targets, gate, r, route, gate_r=None):
+    """Wrap every sub-layer named by `targets` (e.g. "attn", "mlp"; HF BART: "self_attn") in a VL-PET
+    module with the given gate ('large' needs gate_r) and route; returns the model. Each module gets its
+    own gate. Restrict it to the encoder by passing the encoder: add_vlpet(model.encoder, ...)."""
+    _check_route(route)
+    _check_gate(gate, gate_r)
+    _replace_matches(model, targets, lambda m: VLPET(m, r, make_gate(gate, _sublayer_width(m), gate_r), route))
+    return model
+
+
+def add_parallel_adapters(model, targets, r, route):
+    """Add a ParallelAdapter to every linear layer named by `targets` (VL-PET: "encoder_attn.v_proj" on HF
+    BART, "cross.v" on ours); returns the model."""
+    _check_route(route)
+    _replace_matches(model, targets, lambda m: ParallelAdapter(m, r, route))
+    return model
+
+
 def _peft_layers(model):
+    """(qualified name, layer) of every _PeftLayer: LoRA, Adapter, VLPET, ParallelAdapter."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _PeftLayer)]
 
 
 def _peft_parameters(model):
-    """(qualified name, parameter) of every LoRA / Adapter weight in the model."""
+    """(qualified name, parameter) of every PEFT weight in the model (the children named in `trained`)."""
     for name, m in _peft_layers(model):
         for child in m.trained:
             for pname, p in getattr(m, child).named_parameters():
@@ -298,7 +503,7 @@ def _peft_parameters(model):
 
 
 def mark_trainable(model, extra=()):
-    """Freeze everything except the LoRA / Adapter weights and the parameters named by `extra`.
+    """Freeze everything except the PEFT weights and the parameters named by `extra`.
 
     A pattern in `extra` selects a parameter when the parameter's name, or the name of a module that
     contains it, equals the pattern or ends with "." + pattern: "ln1" selects blocks.0.ln1.weight and
@@ -329,7 +534,8 @@ def count_parameters(model):
 def visual_context(model, x_R):
     """Within the block every routed layer of `model` sees x_R, of shape (B, L, d) or (B, d) (= L of 1).
 
-    d must equal each routed layer's width (LoRA: its input width; Adapter: its module's output width).
+    d must equal each routed layer's width (LoRA, parallel adapter: its input width; Adapter: its module's
+    output width; VL-PET: its sub-layer's width).
     The batch B must equal the batch of every call inside the block (beam search: repeat x_R per beam).
     x_R is always cleared on exit, also on an exception; layers with route 'none' ignore it."""
     if x_R.dim() == 2:
@@ -356,7 +562,7 @@ def visual_context(model, x_R):
 
 
 def peft_state_dict(model):
-    """Only the LoRA / Adapter weights: {qualified name: tensor}, e.g. 'blocks.0.attn.q.A.weight'."""
+    """Only the PEFT weights: {qualified name: tensor}, e.g. 'blocks.0.attn.q.A.weight', 'blocks.0.mlp.gate.z'."""
     return {name: p.detach() for name, p in _peft_parameters(model)}
 
 

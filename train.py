@@ -1,33 +1,35 @@
-"""Fine-tune a frozen ViT + text model with LoRA or Adapters and a routing function (SPEC.md).
+"""Fine-tune frozen backbones with LoRA or Adapters and a routing function: train, evaluate, study.
 
-    python train.py                          # demo: synthetic VQA, tiny pretrained backbones, CPU, ~2 min
-    python train.py --task caption           # demo: synthetic captioning with a tiny GPT-2
-    python train.py --preset vqa-lora --vit ckpt/vit-l16.pt --text ckpt/roberta-large.pt \
-        --data DATA --images IMAGES          # the paper's VQAv2 setting (see README)
-    python train.py --resume runs/demo       # continue a run exactly where it stopped
-    python train.py --study                  # every route x LoRA/Adapter x 3 seeds + controls -> runs/study/study.md
-    python train.py --evaluate runs/demo --split test   # regenerate a run's predictions and score them
-    torchrun --nproc_per_node 2 train.py ... # DDP: each process takes its share of every batch
-    python train.py --help                   # every option with its default
+    python train.py                             # demo: synthetic VQA, tiny pretrained backbones, CPU, ~2 min
+    python train.py --task caption              # demo: synthetic captioning with a tiny GPT-2
+    python train.py --preset vqa-lora --vit ckpt/vit-l16.pt --text ckpt/roberta-large.pt \\
+        --data DATA --images IMAGES             # the paper's VQAv2 setting (README)
+    python train.py --resume runs/vqa           # continue a run exactly where it stopped
+    python train.py --evaluate runs/vqa --split test   # regenerate a run's predictions and score them
+    python train.py --study                     # every route x LoRA/Adapter x 3 seeds + controls: runs/study/study.md
+    torchrun --nproc_per_node 2 train.py ...    # DDP: each process takes its share of every batch
+    python train.py --help                      # every option with its default
 
-The frozen ViT gives one visual feature x_R per image (by default the pooler output). x_R is both
-the visual prefix (the first input embedding of the text model) and the input of the routing
-functions inside every LoRA / Adapter bottleneck. The ViT is frozen, so its features are computed
-once and cached on disk.
+The file top to bottom: the options (Config); the frozen visual features; the tasks (one class per
+task: its data, loss, evaluation and text-only baseline); the task models; the loop (main); the study.
 
-Run folder OUT: config.json, metrics.jsonl (one line per evaluation), results_{split}.json (the
-official results format), last.pt (only what training changed + optimizer, schedule, RNG).
+A frozen image encoder gives, per example, the visual tokens (the text model's visual prefix) and the
+routing input x_R of every LoRA / Adapter bottleneck; for the ViT settings both are the same vector
+(by default the pooler output). The encoder is frozen, so its features are computed once and cached.
+
+Run folder OUT: config.json, metrics.jsonl (one record per evaluation, always those of last.pt),
+results_{task}_{split}.json (the official results format), last.pt (what training changed, the
+optimizer, the step and the records).
 """
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
-import hashlib
-import io
+import glob
+import itertools
 import json
-import math
 import os
-import pickle
 import random
 import sys
 import time
@@ -38,37 +40,36 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
-from tqdm import tqdm
 
 import data
 import eval as metrics
 import models
 import routing_peft as rp
+import shapes
 
 
 @dataclass
 class Config:
-    task: str = "vqa"             # vqa (RoBERTa + answer head) | caption (GPT-2 decoder)
+    task: str = "vqa"             # vqa (an answer classifier on RoBERTa) | caption (a GPT-2 decoder)
     vit: str = "tiny"             # converted ViT checkpoint (python models.py convert), or "tiny" (the demo's)
-    text: str = "tiny"            # converted RoBERTa (vqa) / GPT-2 (caption) checkpoint, or "tiny"
-    data: str = "data/shapes"     # folder with the VQAv2 files and dataset_coco.json; the default is generated
+    text: str = "tiny"            # converted text checkpoint (RoBERTa for vqa, GPT-2 for caption), or "tiny"
+    data: str = "shapes"          # folder with the VQAv2 files and/or dataset_coco.json; "shapes": the demo's world
     images: str = ""              # folder with train2014/ and val2014/ ("" = the data folder)
-    vqa_split: str = "karpathy"   # karpathy: train/val/test by dataset_coco.json | official: train2014 / val2014
+    vqa_split: str = "auto"       # karpathy: train/val/test by dataset_coco.json | official: train2014 / val2014 | auto: karpathy if that file is there
     peft: str = "lora"            # lora (on attn.q, attn.v) | adapter (after attn.o and mlp.fc2)
     route: str = "mul"            # routing function, one of routing_peft.ROUTES
     rank: int = 16                # bottleneck width r
-    alpha: float = 16.0           # LoRA scale alpha / r
-    dropout: float = 0.0          # LoRA dropout on x and x_R
+    alpha: float = 16.0           # LoRA scale alpha / r (LoRA only)
+    dropout: float = 0.0          # LoRA dropout on x and x_R (LoRA only)
     visual: str = "pooler"        # x_R: pooler | cls | mean | patches (patches only with route matmul)
-    prefix: bool = True           # prepend x_R as the first input embedding of the text model
-    shuffle_visual: bool = False  # control: x_R permuted within each batch (training and evaluation, fixed per batch), so prefix and routes see other images
+    prefix: bool = True           # the visual tokens as the first input embeddings of the text model
+    shuffle_visual: bool = False  # control: every image's features replaced by another image's (a fixed derangement)
     train_ln: bool = True         # also train the LayerNorms inside the text model's blocks
     epochs: int = 6               # passes over the training split
     batch_size: int = 64          # examples per batch (under torchrun: all processes together)
     grad_accum: int = 1           # batches per optimizer step (effective batch = batch_size * grad_accum)
     lr: float = 2e-3              # peak AdamW learning rate
-    warmup: float = 0.05          # linear warm-up: fraction of all steps if < 1, else steps; then linear decay
+    warmup: float = 0.05          # linear warm-up: a fraction of all steps if < 1, else steps; then linear decay
     weight_decay: float = 0.0     # AdamW weight decay
     max_len: int = 20             # text tokens: <s> question </s> (vqa) or caption + EOS (caption)
     answers: int = 3129           # K, size of the answer vocabulary (vqa)
@@ -78,49 +79,34 @@ class Config:
     seed: int = 0                 # seeds the new weights, the data order and dropout
     device: str = "auto"          # auto | cpu | cuda | mps
     workers: int = 2              # image-loading processes (only when features are not cached)
-    out: str = "runs/demo"        # run folder
-    resume: str = ""              # run folder to continue exactly (its last.pt); other options come from it
-    feature_cache: bool = True    # cache frozen ViT features on disk (off: recompute every step, as released)
-    cache: str = "cache"          # folder of the feature cache, shared by runs
-    preset: str = ""              # a name in PRESETS or a JSON file of options; explicit options win
+    out: str = ""                 # run folder ("" = runs/TASK)
+    feature_cache: bool = True    # cache frozen image features on disk (off: recompute every step, as released)
+    cache: str = "cache"          # folder of the feature and prepared-data caches, shared by runs
 
 
-# The released hyper-parameters of the two paper settings (SPEC.md). Checkpoint and data paths
-# are the README's; pass --vit/--text/--data/--images to change them.
+# The released hyper-parameters of the two paper settings (README). Checkpoint and data paths are the
+# README's; pass --vit/--text/--data/--images to change them.
+PAPER = dict(vit="ckpt/vit-l16.pt", images="data/coco", epochs=20)
 PRESETS = {
-    "vqa-lora": dict(task="vqa", vit="ckpt/vit-l16.pt", text="ckpt/roberta-large.pt", data="data/vqa",
-                     images="data/coco", peft="lora", rank=128, alpha=128, lr=3e-4, batch_size=512,
-                     epochs=20, warmup=0.05),
-    "vqa-adapter": dict(task="vqa", vit="ckpt/vit-l16.pt", text="ckpt/roberta-large.pt", data="data/vqa",
-                        images="data/coco", peft="adapter", rank=64, lr=3e-4, batch_size=512,
-                        epochs=20, warmup=0.05),
-    "caption-lora": dict(task="caption", vit="ckpt/vit-l16.pt", text="ckpt/gpt2-medium.pt",
-                         data="data/coco", images="data/coco", peft="lora", rank=128, alpha=128,
-                         lr=3e-5, batch_size=40, epochs=20, warmup=5000),
+    "vqa-lora": dict(PAPER, task="vqa", text="ckpt/roberta-large.pt", data="data/vqa", peft="lora", rank=128,
+                     alpha=128, lr=3e-4, batch_size=512, warmup=0.05),
+    "vqa-adapter": dict(PAPER, task="vqa", text="ckpt/roberta-large.pt", data="data/vqa", peft="adapter", rank=64,
+                        lr=3e-4, batch_size=512, warmup=0.05),
+    "caption-lora": dict(PAPER, task="caption", text="ckpt/gpt2-medium.pt", data="data/coco", peft="lora",
+                         rank=128, alpha=128, lr=3e-5, batch_size=40, warmup=5000, max_len=50),
 }
-# python train.py --study: every route in STUDY_ROUTES x STUDY_PEFTS x STUDY_SEEDS seeds (from --seed on), on both
-# tasks with the tiny backbones (a real text checkpoint serves one task: --task). The controls run for VQA with LoRA
-# only (the 2-core budget): without the visual prefix (routing is then the image's only path) and with x_R shuffled
-# across the batch (a route that still helps is not using the image). STUDY_EPOCHS apply unless epochs are given.
-STUDY_OUT = "runs/study"
-STUDY_ROUTES = ("none", "add", "mul", "matmul", "matmul_expand")
-STUDY_PEFTS = ("lora", "adapter")
-STUDY_SEEDS = 3
-STUDY_EPOCHS = {"vqa": 3, "caption": 1}  # 60 VQA runs x ~16 s + 30 caption runs x ~14 s: ~23 min on 2 CPU cores
-STUDY_CONTROLS = {"noprefix": {"prefix": False}, "shuffled": {"shuffle_visual": True}}  # name: options
-STUDY_CONTROLLED = ("vqa", "lora")  # the (task, peft) the controls run for
-STUDY_METRICS = {"vqa": ("vqa_accuracy",), "caption": ("CIDEr", "Bleu_4")}  # the first is the headline
-STUDY_FREE = ("out", "resume", "device", "workers", "cache", "max_steps")  # may differ from a finished run's config
-RESUME_OVERRIDES = ("max_steps", "device", "workers")  # what --resume may change: not the math
-CHOICES = {"task": ("vqa", "caption"), "vqa_split": ("karpathy", "official"), "peft": ("lora", "adapter"),
+CHOICES = {"task": ("vqa", "caption"), "vqa_split": ("auto", "karpathy", "official"), "peft": ("lora", "adapter"),
            "route": tuple(rp.ROUTES), "visual": ("pooler", "cls", "mean", "patches"),
            "device": ("auto", "cpu", "cuda", "mps")}
+LORA_ONLY = ("alpha", "dropout")
+RESUME_OVERRIDES = ("max_steps", "device", "workers")  # what --resume may change: not the math
+META = ("preset", "resume", "overwrite", "evaluate", "split", "study")  # command-line options that are not Config fields
 
 
-# ---- configuration: dataclass -> argparse, presets, checks ----------------------------------------------
+# ---- options: dataclass -> argparse, presets, checks ---------------------------------------------------
 
 
-def _field_help():
+def field_help():
     """The comment after each Config field, read from this file: one source for defaults and --help."""
     helps = {}
     with open(__file__, encoding="utf-8") as f:
@@ -131,520 +117,198 @@ def _field_help():
     return helps
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     def error(self, message):
         """Bad options: one line, no usage block (python train.py --help lists them)."""
         self.exit(2, f"error: {message} (see python train.py --help)\n")
 
 
 def build_parser():
-    parser = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps = _field_help()
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps = field_help()
     for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        text = f"{helps.get(f.name, '')} (default: {f.default!r})"
+        flag, text = "--" + f.name.replace("_", "-"), f"{helps.get(f.name, '')} (default: {f.default!r})"
         if f.type is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             parser.add_argument(flag, type=f.type, default=None, choices=CHOICES.get(f.name), help=text)
+    parser.add_argument("--preset", help=f"one of {', '.join(PRESETS)}, or a JSON file of options; explicit options win")
+    parser.add_argument("--resume", metavar="RUN", help="continue the run in folder RUN exactly, with its own options")
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="train into --out even if it holds another run: that run's files are deleted first")
+    parser.add_argument("--evaluate", metavar="RUN", help="rebuild the run in RUN (its folder or last.pt), predict "
+                        "--split and score it: RUN/results_TASK_SPLIT.json and RUN/metrics_SPLIT.json")
+    parser.add_argument("--split", help="with --evaluate: the split to predict (default: test)")
     parser.add_argument("--study", action="store_true", default=None,
-                        help=f"run the routing study (routes {', '.join(STUDY_ROUTES)} x lora/adapter x "
-                             f"{STUDY_SEEDS} seeds, with controls) from these options; table in OUT/study.md "
-                             f"(default OUT: {STUDY_OUT})")
-    parser.add_argument("--evaluate", metavar="RUN", help="evaluate a finished or interrupted run (its folder or "
-                        "last.pt) on --split: writes RUN/results_SPLIT.json and RUN/results_SPLIT.metrics.json")
-    parser.add_argument("--split", default=None, help="with --evaluate: the split to predict (default: test)")
+                        help=f"train every route x lora/adapter x {STUDY_SEEDS} seeds (with controls) from these "
+                             f"options and write the table to OUT/study.md (default OUT: {STUDY_OUT})")
     return parser
 
 
 def load_preset(name):
     """Options of a preset: a name in PRESETS or a JSON file; unknown keys are an error."""
     if name in PRESETS:
-        options = PRESETS[name]
-    elif os.path.isfile(name):
-        with open(name, encoding="utf-8") as f:
-            options = json.load(f)
-    else:
+        return PRESETS[name]
+    if not os.path.isfile(name):
         raise ValueError(f"unknown preset {name!r}: not one of {sorted(PRESETS)} and not a JSON file")
-    unknown = sorted(set(options) - set(Config.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"preset {name!r} has unknown options {unknown}")
+    options = metrics.load_json(name, "preset")
+    unknown = sorted(set(options) - set(Config.__dataclass_fields__)) if isinstance(options, dict) else None
+    if unknown or not isinstance(options, dict):
+        raise ValueError(f"preset {name!r} has unknown options {unknown}" if unknown else
+                         f"preset {name!r} must be a JSON object of options")
     return options
 
 
+def parse_command_line(argv=None):
+    """(Config, meta): defaults < preset < explicit options; meta holds the META options given and "given",
+    the fields set by the preset or the command line. With --resume only RESUME_OVERRIDES may be given."""
+    args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
+    meta = {k: args.pop(k) for k in META if k in args}
+    fixed = sorted(set(args) - set(RESUME_OVERRIDES))
+    if meta.get("resume") and fixed:
+        raise ValueError(f"--resume continues a run with its own options; only "
+                         f"{', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} may change, "
+                         f"not {', '.join('--' + k.replace('_', '-') for k in fixed)}")
+    options = load_preset(meta["preset"]) if "preset" in meta else {}
+    meta["given"] = set(options) | set(args)
+    return Config(**{**options, **args}), meta
+
+
 def config_from_args(argv=None):
-    """Defaults < preset < explicit command-line options."""
     return parse_command_line(argv)[0]
 
 
-def parse_command_line(argv=None):
-    """(Config, study): defaults < preset < explicit options. study is None without --study, else the
-    per-task options the study sets itself ({task: {option: value}}: STUDY_EPOCHS, unless epochs were given)."""
-    args = {k: v for k, v in vars(build_parser().parse_args(argv)).items() if v is not None}
-    args.pop("evaluate", None), args.pop("split", None)  # see cli
-    study = None
-    if args.pop("study", False):
-        if args.get("resume"):
-            raise ValueError("--study resumes by itself (finished runs are skipped); it takes no --resume")
-        args.setdefault("out", STUDY_OUT)
-        given = set(args) | set(load_preset(args["preset"]) if args.get("preset") else {})
-        study = {task: {} if "epochs" in given else {"epochs": e} for task, e in STUDY_EPOCHS.items()}
-    if args.get("resume"):
-        fixed = sorted(set(args) - {"resume", *RESUME_OVERRIDES})
-        if fixed:
-            raise ValueError(f"--resume continues a run with its own options; only "
-                             f"{', '.join('--' + k.replace('_', '-') for k in RESUME_OVERRIDES)} may change, "
-                             f"not {', '.join('--' + k.replace('_', '-') for k in fixed)}")
-    options = load_preset(args["preset"]) if args.get("preset") else {}
-    return Config(**{**options, **args}), study
-
-
 def check_config(cfg):
-    """One clear error for options that do not fit together."""
+    """One clear error for options that do not fit together or cannot reach the model."""
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r}: expected one of {list(allowed)}")
     if cfg.visual == "patches" and cfg.route not in ("none", "matmul", "matmul_relu"):
         raise ValueError(f"--visual patches gives many visual tokens; only route 'matmul' handles them "
                          f"(route {cfg.route!r} needs one vector per image)")
-    for name in ("rank", "epochs", "batch_size", "grad_accum", "max_len", "answers", "beams", "max_new_tokens"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    for names, ok, need in ((("rank", "epochs", "batch_size", "grad_accum", "max_len", "answers", "beams", "max_new_tokens"),
+                             lambda v: v >= 1, "at least 1"), (("lr", "alpha"), lambda v: v > 0, "> 0"),
+                            (("max_steps", "warmup", "weight_decay", "workers"), lambda v: v >= 0, ">= 0"),
+                            (("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")):
+        for name in names:
+            if not ok(getattr(cfg, name)):
+                raise ValueError(f"--{name.replace('_', '-')} must be {need}, got {getattr(cfg, name)}")
+    changed = [n for n in LORA_ONLY if getattr(cfg, n) != Config.__dataclass_fields__[n].default]
+    if cfg.peft != "lora" and changed:
+        raise ValueError(f"--{changed[0]} applies to LoRA only; --peft {cfg.peft} would ignore it")
 
 
-# ---- the demo's tiny pretrained backbones ------------------------------------------------------------
-
-DEMO_WORLD = "data/shapes"
-DEMO_DIR = "data/tiny"
-TINY = {  # the same architectures as the real backbones, tiny; d = 128 everywhere, so no projection
-    "vit": models.Config("vit", 128, 4, 4, 512, 1e-12, image_size=64, patch_size=16),
-    "roberta": models.Config("roberta", 128, 4, 4, 512, 1e-5, max_positions=66, dropout=0.1),
-    "gpt2": models.Config("gpt2", 128, 4, 4, 512, 1e-5, max_positions=64, dropout=0.1),
-}
-TINY_VOCAB = 1000
-VIT_STEPS, VIT_LR, VIT_SCENES = 700, 2e-3, 8000
-TEXT_STEPS, TEXT_LR = 400, 1e-3  # per text backbone
-PRETRAIN_WARMUP = 50
-
-
-def ensure_world(path):
-    """The synthetic world at `path`: generated once (data.py shapes)."""
-    if not os.path.isfile(os.path.join(path, data.KARPATHY)):
-        print(f"creating the synthetic world in {path} (once)")
-        data.make_shapes(path)
-
-
-def world_texts(world):
-    """Questions and captions of the synthetic world's training images (the tiny models' corpus)."""
-    karpathy = data.read_karpathy(os.path.join(world, data.KARPATHY))
-    train_ids = {img["cocoid"] for img in karpathy if data.karpathy_split(img["split"]) == "train"}
-    captions = [s["raw"] for img in karpathy if img["cocoid"] in train_ids for s in img["sentences"]]
-    questions = [r["question"] for r in data.read_vqa(world, "train2014") if r["image_id"] in train_ids]
-    return questions, captions
-
-
-def pretrain(model, head, batches, steps, lr, desc):
-    """AdamW on model + head over `batches` (a function step -> loss): linear warm-up over
-    PRETRAIN_WARMUP steps, then cosine decay (without warm-up the post-LN RoBERTa stalls at the
-    unigram loss and gives the same hidden state for every input)."""
-    params = list(model.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    model.train()
-    bar = tqdm(range(steps), desc=desc, unit="step")
-    for step in bar:
-        for g in opt.param_groups:
-            g["lr"] = lr * min(1.0, (step + 1) / PRETRAIN_WARMUP) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        loss = batches(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    return model.eval()
-
-
-# The ViT's pretraining targets: per quadrant (top left, top right, bottom left, bottom right) its
-# colour, shape and size, with class 0 = empty quadrant; then the number of objects (0-4).
-ATTRIBUTE_CLASSES = [1 + len(data.COLORS), 1 + len(data.SHAPES), 1 + len(data.SIZES)] * 4 + [5]
-
-
-def scene_attributes(objects):
-    """Class labels (13,) of one scene's attributes, in the order of ATTRIBUTE_CLASSES."""
-    colors, shapes, sizes = sorted(data.COLORS), list(data.SHAPES), sorted(data.SIZES)
-    y = torch.zeros(len(ATTRIBUTE_CLASSES), dtype=torch.long)
-    for o in objects:
-        q = 3 * data.QUADRANTS.index(o["quadrant"])
-        y[q:q + 3] = torch.tensor([1 + colors.index(o["color"]), 1 + shapes.index(o["shape"]),
-                                   1 + sizes.index(o["size"])])
-    y[-1] = len(objects)
-    return y
-
-
-def attribute_loss(logits, labels):
-    """Mean cross-entropy over the 13 attribute groups: logits (B, sum(ATTRIBUTE_CLASSES)), labels (B, 13)."""
-    groups = logits.split(ATTRIBUTE_CLASSES, dim=-1)
-    return sum(F.cross_entropy(z, labels[:, j]) for j, z in enumerate(groups)) / len(groups)
-
-
-def draw_scenes(n, seed, config):
-    """n new scenes from the synthetic world's generator (not its stored images), JPEG round-tripped
-    like the stored ones: (pixels (n, 3, S, S) normalised for the ViT, labels (n, 13))."""
-    rng, nprng = random.Random(seed), np.random.default_rng(seed)
-    pixels, labels = [], []
-    for _ in tqdm(range(n), desc="draw scenes", unit="img", mininterval=1.0):
-        img, objects = data.draw_scene(rng, nprng)
-        with Image.open(io.BytesIO(data.jpeg_bytes(img))) as im:
-            pixels.append(data.preprocess(im.convert("RGB"), config.image_size, config.image_mean, config.image_std))
-        labels.append(scene_attributes(objects))
-    return torch.stack(pixels), torch.stack(labels)
-
-
-def pretrain_vit():
-    """The tiny ViT, trained briefly to name the attributes of freshly drawn scenes (a stand-in for
-    ImageNet-21k pretraining: no image, question or caption of the demo's data is used)."""
-    c = TINY["vit"]
-    pixels, labels = draw_scenes(VIT_SCENES, seed=1, config=c)
-    model, head = models.build_model(c), nn.Linear(c.d_model, sum(ATTRIBUTE_CLASSES))
-    with torch.no_grad():  # distinct positions from the first step: learning starts much faster than from 0
-        model.pos_embed.normal_(0.0, 0.5)
-        model.cls_token.normal_(0.0, 0.5)
-    g = torch.Generator().manual_seed(0)
-
-    def loss(step):
-        i = torch.randint(len(pixels), (64,), generator=g)
-        return attribute_loss(head(model(pixels[i])[1]), labels[i])
-
-    return pretrain(model, head, loss, VIT_STEPS, VIT_LR, "pretrain tiny ViT (scene attributes)")
-
-
-def pretrain_text(arch, tokenizer, texts):
-    """The tiny RoBERTa (masked LM) or GPT-2 (next-token LM) on the synthetic world's text."""
-    c = dataclasses.replace(TINY[arch], vocab_size=len(tokenizer), pad_id=tokenizer.pad_id)
-    model = models.build_model(c)
-    seqs = [torch.tensor(tokenizer.wrap(tokenizer.encode(t))[:c.max_positions - 4]) for t in texts]
-    g = torch.Generator().manual_seed(0)
-    if arch == "roberta":
-        head = nn.Sequential(nn.Linear(c.d_model, c.d_model), nn.GELU(), nn.LayerNorm(c.d_model))
-    else:
-        head = nn.Identity()
-
-    def loss(step):
-        i = torch.randint(len(seqs), (64,), generator=g).tolist()
-        ids, mask = data.pad_sequences([seqs[j] for j in i], tokenizer.pad_id)  # (B, N)
-        if arch == "gpt2":
-            labels = ids.masked_fill(mask == 0, -100)
-            logits = model(ids)  # (B, N, V)
-            return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
-        special = (ids == tokenizer.bos_id) | (ids == tokenizer.eos_id) | (mask == 0)
-        chosen = (torch.rand(ids.shape, generator=g) < 0.15) & ~special  # (B, N)
-        labels = ids.masked_fill(~chosen, -100)
-        u = torch.rand(ids.shape, generator=g)
-        noisy = torch.where(chosen & (u < 0.8), tokenizer.mask_id, ids)  # 80 % <mask>, 10 % random, 10 % kept
-        noisy = torch.where(chosen & (u >= 0.8) & (u < 0.9), torch.randint(len(tokenizer), ids.shape, generator=g), noisy)
-        h = head(model(noisy, mask))  # (B, N, d)
-        return F.cross_entropy((h @ model.wte.weight.T).flatten(0, 1), labels.flatten())
-
-    return pretrain(model, head, loss, TEXT_STEPS, TEXT_LR, f"pretrain tiny {arch} ({'masked' if arch == 'roberta' else 'next-token'} LM)")
-
-
-def save_backbone(model, path, tokenizer=None):
-    """Write a backbone in the converted-checkpoint format (models.load_checkpoint reads it)."""
-    ckpt = {"arch": model.config.arch, "config": dataclasses.asdict(model.config), "model": model.state_dict()}
-    if tokenizer is not None:
-        ckpt["tokenizer"] = tokenizer.to_data()
-    models.atomic_save(ckpt, path)
-
-
-def demo_backbone(arch):
-    """Path of the demo's tiny pretrained `arch` backbone; pretrained (about a minute) on first use."""
-    path = os.path.join(DEMO_DIR, f"{arch}.pt")
-    if os.path.isfile(path):
-        return path
-    torch.manual_seed(0)
-    ensure_world(DEMO_WORLD)
-    if arch == "vit":
-        save_backbone(pretrain_vit(), path)
-    else:
-        questions, captions = world_texts(DEMO_WORLD)
-        tokenizer = data.BPETokenizer(**data.learn_bpe(questions + captions, TINY_VOCAB))
-        save_backbone(pretrain_text(arch, tokenizer, questions + captions if arch == "roberta" else captions),
-                      path, tokenizer)
-    print(f"saved the tiny pretrained {arch} to {path}")
-    return path
-
-
-def backbone_path(name, arch):
-    """A checkpoint path, or 'tiny' -> the demo's backbone (pretrained on first use)."""
-    if name == "tiny":
-        return demo_backbone(arch)
-    if not os.path.isfile(name):
-        raise FileNotFoundError(f"{arch} checkpoint not found: {name} (convert one with: "
-                                f"python models.py convert --src HF_DIR --out {name}, or use 'tiny')")
-    return name
-
-
-# ---- frozen visual features ----------------------------------------------------------------------
+# ---- frozen visual features ------------------------------------------------------------------------------
 
 
 def select_visual(last_hidden, pooler, visual):
-    """x_R of the chosen kind: (B, L, d), L = 1 except for patches (L = number of patches)."""
+    """The ViT feature of the chosen kind: (B, L, d), L = 1 except for patches (L = number of patches)."""
     if visual == "pooler":
-        return pooler[:, None]                       # (B, d) -> (B, 1, d)
+        return pooler[:, None]                           # (B, d) -> (B, 1, d)
     if visual == "cls":
-        return last_hidden[:, :1]                    # (B, 1, d)
+        return last_hidden[:, :1]                        # (B, 1, d)
     if visual == "mean":
         return last_hidden[:, 1:].mean(1, keepdim=True)  # (B, 1, d)
-    return last_hidden[:, 1:]                        # patches: (B, P, d)
+    return last_hidden[:, 1:]                            # patches: (B, P, d)
 
 
-@torch.no_grad()
-def compute_features(vit, images, keys, visual, device, batch_size, workers):
-    """x_R of every image key: (n, L, d) float32 on the CPU."""
-    loader = torch.utils.data.DataLoader(data.ImageDataset(keys, images), batch_size=batch_size,
-                                         num_workers=workers)
-    out = []
-    for batch in tqdm(loader, desc="ViT features", unit="batch"):
-        with autocast(device):
-            last_hidden, pooler = vit(batch["pixel_values"].to(device))
-        out.append(select_visual(last_hidden, pooler, visual).float().cpu())
-    return torch.cat(out)
+class ViTFeatures:
+    """The frozen ViT's input to the task model for a batch: (visual tokens (B, L, d) for the prefix, x_R
+    (B, L, d) for the routes); in the two ViT settings both are the same feature (cfg.visual). Computed once
+    per image and cached on disk (data.ImageFeatures), or with --no-feature-cache by the ViT on every batch."""
+
+    VERSION = 2  # of the feature code (select_visual, the pooler, data.preprocess): bump when it changes
+
+    def __init__(self, cfg, vit_path, images_dir, device):
+        self.cfg, self.device = cfg, device
+        self.vit = models.load_checkpoint(vit_path, arch="vit").to(device)
+        c = self.vit.config
+        self.d = c.d_model
+        images = data.Images(images_dir, c.image_size, c.image_mean, c.image_std)
+        self.store = data.ImageFeatures(images, self.encode, vit_path, {"version": self.VERSION, "visual": cfg.visual},
+                                        cfg.cache if cfg.feature_cache else None, "float32", cfg.workers)
+
+    @property
+    def pixels(self):
+        return self.store.pixels
+
+    def path(self, key):
+        return self.store.images.path(key)
+
+    def prepare(self, keys):
+        self.store.prepare(keys)
+        if self.store.pixels is None:
+            self.vit = None  # cached: not needed again
+
+    @torch.no_grad()
+    def encode(self, pixel_values):
+        with autocast(self.device):
+            last_hidden, pooler = self.vit(pixel_values.to(self.device))
+        return select_visual(last_hidden, pooler, self.cfg.visual).float()
+
+    def __call__(self, batch):
+        x = self.store(batch).to(self.device)
+        return x, x  # (visual tokens, x_R)
 
 
-def cached_features(cfg, vit_path, vit, images, keys, device):
-    """compute_features once per (checkpoint, image list, preprocessing, feature kind); on disk after.
-    The key hashes the checkpoint's and every image's path, size and mtime, so a changed file or option
-    gives a new cache entry, never a stale one (data._cached)."""
-    params = {"visual": cfg.visual, "size": images.size, "mean": images.mean, "std": images.std, "keys": keys}
-    sources = [vit_path] + [images.path(k) for k in keys]
-    missing = next((p for p in sources[1:] if not os.path.isfile(p)), None)
-    if missing:
-        raise FileNotFoundError(f"image not found: {missing} (--images {images.images_dir})")
-    build = functools.partial(compute_features, vit, images, keys, cfg.visual, device, 64, cfg.workers)
-    return data._cached("features", sources, params, build, cfg.cache)
+def derange_images(splits, seed):
+    """The shuffle_visual control: each image key of every split replaced by another image's key, by a random
+    cycle over the sorted unique keys (a derangement: no image keeps its own features, however often it
+    occurs in a batch), fixed by the seed, so training, --resume and evaluation see the same pairs."""
+    keys = sorted({k for s in splits.values() for k in s["image"]})
+    if len(keys) < 2:
+        raise ValueError("--shuffle-visual needs at least two images")
+    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(seed)).tolist()
+    partner = {keys[a]: keys[b] for a, b in zip(order, order[1:] + order[:1])}
+    return {name: {**s, "image": [partner[k] for k in s["image"]]} for name, s in splits.items()}
 
 
-# ---- the two task models -------------------------------------------------------------------------
-
-
-class VQAModel(nn.Module):
-    """Frozen RoBERTa with PEFT layers; x_R is the visual prefix and the routing input; an MLP head on
-    the final hidden state at the prefix position (without prefix: at <s>) scores K answers."""
-
-    def __init__(self, text, d_visual, num_answers, prefix):
-        super().__init__()
-        d = text.config.d_model
-        self.text, self.prefix = text, prefix
-        self.proj = nn.Linear(d_visual, d) if d_visual != d else None  # only when widths differ
-        self.head = nn.Sequential(nn.Linear(d, 2 * d), nn.LayerNorm(2 * d), nn.GELU(), nn.Linear(2 * d, num_answers))
-
-    def forward(self, input_ids, attention_mask, x_R):
-        """input_ids, attention_mask (B, N), x_R (B, L, d_visual) -> answer logits (B, K)."""
-        if self.proj is not None:
-            x_R = self.proj(x_R)  # (B, L, d)
-        with rp.visual_context(self.text, x_R):
-            h = self.text(input_ids, attention_mask, prefix=x_R if self.prefix else None)  # (B, L + N, d)
-        return self.head(h[:, 0])
-
-
-class CaptionModel(nn.Module):
-    """Frozen GPT-2 with PEFT layers. Input [x_R; caption; EOS] (without prefix: [<bos>; caption; EOS]);
-    the last prefix position predicts the first caption token."""
-
-    def __init__(self, text, d_visual, prefix, bos_id):
-        super().__init__()
-        d = text.config.d_model
-        self.text, self.prefix, self.bos_id = text, prefix, bos_id
-        self.proj = nn.Linear(d_visual, d) if d_visual != d else None
-
-    def start(self, x_R):
-        """(projected x_R (B, L, d), the prefix embeddings (B, P, d))."""
-        if self.proj is not None:
-            x_R = self.proj(x_R)
-        if self.prefix:
-            return x_R, x_R
-        bos = torch.full((x_R.shape[0], 1), self.bos_id, dtype=torch.long, device=x_R.device)
-        return x_R, self.text.wte(bos)  # (B, 1, d)
-
-    def forward(self, input_ids, x_R):
-        """input_ids (B, N), x_R (B, L, d_visual) -> logits (B, N, V): position i predicts input_ids[:, i]."""
-        x_R, prefix = self.start(x_R)
-        with rp.visual_context(self.text, x_R):
-            logits = self.text(input_ids, prefix=prefix)  # (B, P + N, V)
-        return logits[:, prefix.shape[1] - 1:-1]
-
-
-def build_task_model(cfg, text, d_visual, num_answers, tokenizer):
-    """Backbone + PEFT layers + head, with only the PEFT weights, head, projection (and LNs) trainable."""
-    if cfg.peft == "lora":
-        rp.add_lora(text, ["attn.q", "attn.v"], cfg.rank, cfg.alpha, cfg.route, cfg.dropout)
-    else:
-        act = nn.GELU(approximate="tanh" if cfg.task == "caption" else "none")  # the backbone's own GELU
-        rp.add_adapters(text, ["attn.o", "mlp.fc2"], cfg.rank, cfg.route, act)
-    if cfg.task == "vqa":
-        model = VQAModel(text, d_visual, num_answers, cfg.prefix)
-        extra = ["head"]
-    else:
-        model = CaptionModel(text, d_visual, cfg.prefix, tokenizer.bos_id)
-        extra = []
-    extra += ["proj"] if model.proj is not None else []
-    extra += ["ln1", "ln2"] if cfg.train_ln else []
-    return rp.mark_trainable(model, extra)
-
-
-# ---- decoding --------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def generate(model, x_R, beams, max_new_tokens, eos_id):
-    """Captions for a batch of x_R (B, L, d): models.beam_search over GPT-2 with its KV cache."""
-    B, k = x_R.shape[0], beams
-    x_R, prefix = model.start(x_R.repeat_interleave(k, dim=0))  # (B * k, L, d): routed layers need x_R per beam
-    cache = model.text.new_cache()
-
-    def step(tokens, index):
-        if tokens is None:
-            return model.text(prefix=prefix, cache=cache)[:, -1]  # (B * k, V)
-        cache.reorder(index)
-        return model.text(tokens[:, None], cache=cache)[:, -1]
-
-    with rp.visual_context(model.text, x_R):
-        return models.beam_search(step, B, k, max_new_tokens, eos_id)
-
-
-# ---- batches, evaluation --------------------------------------------------------------------------
+# ---- tasks: data, loss, evaluation, text-only baseline ----------------------------------------------------
 
 
 class Task:
-    """Everything about the data of one run: tokenizer, splits, collate, features, and evaluation."""
+    """One task of a run: its prepared splits, batches, loss, evaluation and a text-only baseline.
+    A subclass sets name, archs (the text backbones it runs on), tiny (the demo's text backbone), headline
+    (the metric names of log lines and tables) and dataset_class, and implements prepare, make_model,
+    loss, predict, summary and text_only_baseline."""
 
-    def __init__(self, cfg, tokenizer, vit_path, vit, device):
-        self.cfg, self.tokenizer, self.device = cfg, tokenizer, device
-        images_dir = cfg.images or cfg.data
-        c = vit.config
-        self.images = data.Images(images_dir, c.image_size, c.image_mean, c.image_std)
-        if cfg.task == "vqa":
-            karpathy = os.path.join(cfg.data, data.KARPATHY) if cfg.vqa_split == "karpathy" else None
-            prepared = data.prepare_vqa(cfg.data, tokenizer, karpathy, cfg.answers, cfg.max_len,
-                                        cache_dir=os.path.join(cfg.cache, "prepared"))
-            self.answers = prepared["answers"]
-            self.splits = prepared["splits"]
-            self.collate = functools.partial(data.collate_vqa, pad_id=tokenizer.pad_id, num_answers=len(self.answers))
-            self.dataset_class = data.VQADataset
-        else:
-            prepared = data.prepare_captions(os.path.join(cfg.data, data.KARPATHY), tokenizer, cfg.max_len,
-                                             cache_dir=os.path.join(cfg.cache, "prepared"))
-            self.answers = None
-            self.splits = prepared["splits"]
-            self.collate = functools.partial(data.collate_caption, eos_id=tokenizer.eos_id)
-            self.dataset_class = data.CaptionDataset
-        self.vit = None if cfg.feature_cache else vit  # with cached features the ViT is not needed again
-        self.features, self.row = None, None
-        if cfg.feature_cache:
-            keys = sorted({k for s in self.splits.values() for k in s["image"]})
-            self.features = cached_features(cfg, vit_path, vit, self.images, keys, device)  # (n, L, d)
-            self.row = {k: i for i, k in enumerate(keys)}
-        self.d_visual = c.d_model
-        self._references = {}  # split -> tokenised references (captioning), see references()
+    name, archs, tiny, headline, dataset_class = "", (), "", (), None
+    vocab = None  # what the trained head depends on (the VQA answers): a checkpoint must match it
+
+    def __init__(self, cfg, data_dir, tokenizer, features):
+        self.cfg, self.tokenizer, self.features = cfg, tokenizer, features
+        self.splits = self.prepare(data_dir)
+        if cfg.shuffle_visual:
+            self.splits = derange_images(self.splits, cfg.seed)
+        for split, s in self.splits.items():  # train, val and (Karpathy) test: found now, not after training
+            if not s["image"]:
+                raise ValueError(f"{self.name}: the {split} split of {data_dir} is empty")
+
+    def image_keys(self):
+        return {k for s in self.splits.values() for k in s["image"]}
 
     def dataset(self, split):
-        return self.dataset_class(self.splits[split], None if self.features is not None else self.images)
+        return self.dataset_class(self.splits[split], self.features.pixels)
 
-    def x_R(self, batch):
-        """The visual features of a batch (B, L, d): cached rows, or the frozen ViT run now; with
-        cfg.shuffle_visual, another example's features (shuffle_rows)."""
-        if self.features is not None:
-            x_R = self.features[[self.row[k] for k in batch["image"]]].to(self.device)
-        else:
-            with torch.no_grad(), autocast(self.device):
-                last_hidden, pooler = self.vit(batch["pixel_values"].to(self.device))
-            x_R = select_visual(last_hidden, pooler, self.cfg.visual).float()
-        return shuffle_rows(x_R, batch["image"], self.cfg.seed) if self.cfg.shuffle_visual else x_R
-
-    def loader(self, dataset, batches, collate="task"):
-        """Batches of `dataset`; with images to decode (no feature cache) in cfg.workers processes."""
-        workers = self.cfg.workers if self.features is None else 0
+    def loader(self, dataset, batches, collate=None):
+        """Batches of `dataset`; images decoded in cfg.workers processes when the features are not cached."""
+        workers = self.cfg.workers if self.features.pixels is not None else 0
         return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                           collate_fn=self.collate if collate == "task" else collate)
-
-    def loss(self, model, batch):
-        x_R = self.x_R(batch)
-        ids = batch["input_ids"].to(self.device)
-        if self.cfg.task == "vqa":
-            logits = model(ids, batch["attention_mask"].to(self.device), x_R)  # (B, K)
-            targets = batch["targets"].to(self.device)
-            return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="sum") / len(ids)
-        logits = model(ids, x_R)  # (B, N, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].to(self.device).flatten())
+                                           collate_fn=collate or self.collate)
 
     @torch.no_grad()
-    def evaluate(self, model, split, batch_size):
-        """(metrics, results in the official format) on a split."""
+    def evaluate(self, model, split):
+        """(metrics in eval.py's names, results in the official format) on a split."""
         model.eval()
-        if self.cfg.task == "vqa":
-            out = self.evaluate_vqa(model, split, batch_size)
-        else:
-            out = self.evaluate_caption(model, split, batch_size)
-        model.train()
-        return out
+        try:
+            return self.predict(model, split)
+        finally:
+            model.train()
 
-    def evaluate_vqa(self, model, split, batch_size):
-        """Predictions = argmax answer. A question's accuracy is its soft target for that answer,
-        which data.py computed with eval.vqa_accuracy: the official per-question accuracy exactly."""
-        ds = self.dataset(split)
-        batches = eval_batches(len(ds), batch_size)
-        results, acc = [], []
-        for batch in tqdm(self.loader(ds, batches), desc=f"evaluate {split}", unit="batch", leave=False):
-            with autocast(self.device):
-                logits = model(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                               self.x_R(batch))
-            pred = logits.argmax(-1).cpu()  # (B,)
-            acc += batch["targets"].gather(1, pred[:, None])[:, 0].tolist()
-            results += [{"question_id": q, "answer": self.answers[p]}
-                        for q, p in zip(batch["question_id"].tolist(), pred.tolist())]
-        return vqa_metrics(acc, self.splits[split]["answer_type"]), results
-
-    def evaluate_caption(self, model, split, batch_size):
-        """Beam search (cfg.beams) on every image of the split; CIDEr-D, BLEU, ROUGE-L against its references."""
-        s = self.splits[split]
-        keys, ids = s["image"], s["image_id"].tolist()
-        batches = eval_batches(len(keys), batch_size)
-        if self.features is None:  # images decoded by DataLoader workers, the ViT run per batch
-            loader = self.loader(data.ImageDataset(keys, self.images), batches, collate=None)
-        else:
-            loader = ({"image": [keys[j] for j in b]} for b in batches)
-        captions = {}
-        for b, batch in zip(batches, tqdm(loader, total=len(batches), desc=f"evaluate {split}", unit="batch",
-                                          leave=False)):
-            with autocast(self.device):
-                out = generate(model, self.x_R(batch), self.cfg.beams, self.cfg.max_new_tokens, self.tokenizer.eos_id)
-            captions.update({ids[j]: self.tokenizer.decode(t, skip_special=True).strip() for j, t in zip(b, out)})
-        gts = self.references(split)
-        results = [{"image_id": k, "caption": c} for k, c in captions.items()]
-        return metrics.caption_scores(gts, captions), results
-
-    def references(self, split):
-        """{image_id: PTB-tokenised reference captions} of a caption split, made once per split."""
-        if split not in self._references:
-            s = self.splits[split]
-            self._references[split] = {i: [metrics.ptb_tokenize(r) for r in refs]
-                                       for i, refs in zip(s["image_id"].tolist(), s["refs"])}
-        return self._references[split]
-
-    def text_only_baseline(self, split):
-        """A model that never sees the image. VQA: the best training answer per question type;
-        captioning: the most frequent training caption for every image."""
-        if self.cfg.task == "vqa":
-            totals = defaultdict(Counter)  # question type -> answer id -> summed soft score
-            for qtype, scores in zip(self.splits["train"]["question_type"], soft_targets(self.splits["train"])):
-                totals[qtype].update(scores)
-            prior = {q: min(c, key=lambda i: (-c[i], i)) for q, c in totals.items()}
-            s = self.splits[split]
-            acc = [scores.get(prior.get(qtype), 0.0) for qtype, scores in zip(s["question_type"], soft_targets(s))]
-            return vqa_metrics(acc, s["answer_type"])
-        counts = Counter(r for refs in self.splits["train"]["refs"] for r in refs)
-        caption = min(counts, key=lambda r: (-counts[r], r))
-        s = self.splits[split]
-        gts = self.references(split)
-        return metrics.caption_scores(gts, {i: caption for i in gts})
+    def write_results(self, results, folder, split):
+        path = os.path.join(folder, f"results_{self.name}_{split}.json")
+        metrics.write_json(results, path)
+        return path
 
 
 def eval_batches(n, batch_size):
@@ -652,15 +316,71 @@ def eval_batches(n, batch_size):
     return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
 
 
-def shuffle_rows(x_R, keys, seed):
-    """x_R (B, L, d) with each row replaced by another row's: a random cyclic permutation (no example
-    keeps its own position), drawn from a generator seeded by (seed, the batch's image keys), so the
-    same batch is shuffled the same way in training, after --resume and in evaluation."""
-    digest = hashlib.sha256("\n".join([str(seed), *keys]).encode()).digest()
-    order = torch.randperm(len(keys), generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little")))
-    source = torch.empty_like(order)
-    source[order] = order.roll(-1)  # order[i] takes the features of order[i + 1]
-    return x_R[source.to(x_R.device)]
+class VQA(Task):
+    """VQAv2 as answer classification (setting 1): the text model reads [visual prefix; <s> question </s>], an
+    MLP on the final hidden state at the prefix position scores K answers; BCE with logits against the
+    official soft scores (summed over answers); prediction = argmax; the official VQA accuracy."""
+
+    name, archs, tiny, headline, dataset_class = "vqa", ("roberta",), "roberta", ("vqa_accuracy",), data.VQADataset
+
+    def prepare(self, data_dir):
+        karpathy = os.path.join(data_dir, data.KARPATHY)
+        split = self.cfg.vqa_split
+        if split == "auto":
+            split = "karpathy" if os.path.isfile(karpathy) else "official"
+            print(f"vqa: {split} split ({'by ' + karpathy if split == 'karpathy' else 'train2014 / val2014'})")
+        prepared = data.prepare_vqa(data_dir, self.tokenizer, karpathy if split == "karpathy" else None,
+                                    self.cfg.answers, self.cfg.max_len, os.path.join(self.cfg.cache, "prepared"))
+        self.vocab = prepared["answers"]
+        self.collate = functools.partial(data.collate_vqa, pad_id=self.tokenizer.pad_id, num_answers=len(self.vocab))
+        return prepared["splits"]
+
+    def make_model(self, text, d_visual):
+        return VQAModel(text, d_visual, len(self.vocab), self.cfg.prefix), ["head"]
+
+    def loss(self, model, batch):
+        """(sum over the batch of the BCE summed over answers, number of examples)."""
+        ids, mask = batch["input_ids"].to(self.features.device), batch["attention_mask"].to(self.features.device)
+        logits = model(ids, mask, *self.features(batch))  # (B, K)
+        targets = batch["targets"].to(logits.device)
+        return F.binary_cross_entropy_with_logits(logits.float(), targets, reduction="sum"), len(ids)
+
+    def predict(self, model, split):
+        """Argmax answers. A question's accuracy is its soft target for that answer, which data.py computed
+        with eval.vqa_accuracy: the official per-question accuracy exactly."""
+        ds = self.dataset(split)
+        results, acc = [], []
+        for batch in data.progress(self.loader(ds, eval_batches(len(ds), self.cfg.batch_size)), f"evaluate {split}", "batch"):
+            device = self.features.device
+            with autocast(device):
+                logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), *self.features(batch))
+            pred = logits.argmax(-1).cpu()  # (B,)
+            acc += batch["targets"].gather(1, pred[:, None])[:, 0].tolist()
+            results += [{"question_id": q, "answer": self.vocab[p]} for q, p in zip(batch["question_id"].tolist(), pred.tolist())]
+        return metrics.vqa_aggregate(acc, self.splits[split]["answer_type"]), results
+
+    def summary(self, m):
+        return {"vqa_accuracy": m["overall"]}
+
+    def examples(self, results, split, n=8):
+        """n examples for a gallery (shapes.gallery), one question per image; truth: the most common answer."""
+        s, shown, out = self.splits[split], set(), []
+        for m, r in enumerate(results):  # in split order
+            if s["image"][m] not in shown and len(out) < n:
+                shown.add(s["image"][m])
+                out.append({"images": [self.features.path(s["image"][m])], "text": s["question"][m],
+                            "prediction": r["answer"], "truth": Counter(s["answers"][m]).most_common(1)[0][0]})
+        return out
+
+    def text_only_baseline(self, split):
+        """The best training answer (summed soft score) per question type: a model that never sees the image."""
+        totals = defaultdict(Counter)  # question type -> answer id -> summed soft score
+        for qtype, scores in zip(self.splits["train"]["question_type"], soft_targets(self.splits["train"])):
+            totals[qtype].update(scores)
+        prior = {q: min(c, key=lambda i: (-c[i], i)) for q, c in totals.items()}
+        s = self.splits[split]
+        acc = [scores.get(prior.get(qtype), 0.0) for qtype, scores in zip(s["question_type"], soft_targets(s))]
+        return metrics.vqa_aggregate(acc, s["answer_type"])
 
 
 def soft_targets(split):
@@ -669,57 +389,280 @@ def soft_targets(split):
     return [dict(zip(ids[a:b], scores[a:b])) for a, b in zip(off, off[1:])]
 
 
-def vqa_metrics(acc, answer_types):
-    """Official aggregation: x100 and rounded to 2 digits, overall and per answer type."""
-    by_type = defaultdict(list)
-    for a, t in zip(acc, answer_types):
-        by_type[t].append(a)
-    return {"vqa_accuracy": round(100 * sum(acc) / len(acc), 2),
-            "per_answer_type": {t: round(100 * sum(v) / len(v), 2) for t, v in sorted(by_type.items())},
-            "n_questions": len(acc)}
+class Captioning(Task):
+    """COCO captioning, Karpathy split (setting 2): GPT-2 reads [visual prefix; caption; EOS] and is trained with
+    cross-entropy on every caption token and the EOS (a token mean); beam search; CIDEr-D, BLEU, ROUGE-L."""
+
+    name, archs, tiny, headline, dataset_class = "caption", ("gpt2",), "gpt2", ("CIDEr", "Bleu_4"), data.CaptionDataset
+
+    def prepare(self, data_dir):
+        prepared = data.prepare_captions(os.path.join(data_dir, data.KARPATHY), self.tokenizer, self.cfg.max_len,
+                                         os.path.join(self.cfg.cache, "prepared"))
+        self.collate = functools.partial(data.collate_caption, eos_id=self.tokenizer.eos_id)
+        self.references = {}  # split -> PTB-tokenised references, made once (see refs)
+        return prepared["splits"]
+
+    def make_model(self, text, d_visual):
+        return CaptionModel(text, d_visual, self.cfg.prefix, self.tokenizer.bos_id), []
+
+    def loss(self, model, batch):
+        """(summed cross-entropy over the supervised tokens, their number)."""
+        device = self.features.device
+        logits = model(batch["input_ids"].to(device), *self.features(batch))  # (B, N, V)
+        labels = batch["labels"].to(device)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+        return loss, int((labels != -100).sum())
+
+    def predict(self, model, split):
+        """Beam search (cfg.beams) on every image of the split, scored against its references."""
+        s = self.splits[split]
+        keys, ids = s["image"], s["image_id"].tolist()
+        batches = eval_batches(len(keys), self.cfg.batch_size)
+        if self.features.pixels is None:
+            loader = ({"image": [keys[j] for j in b]} for b in batches)
+        else:  # images decoded by DataLoader workers, the ViT run per batch
+            loader = self.loader(data.ImageDataset(keys, self.features.pixels), batches, collate=torch.utils.data.default_collate)
+        captions = {}
+        for b, batch in zip(batches, data.progress(loader, f"evaluate {split}", "batch", total=len(batches))):
+            with autocast(self.features.device):
+                out = model.generate(*self.features(batch), self.cfg.beams, self.cfg.max_new_tokens, self.tokenizer.eos_id)
+            captions.update({ids[j]: self.tokenizer.decode(t, skip_special=True).strip() for j, t in zip(b, out)})
+        return metrics.caption_scores(self.refs(split), captions), [{"image_id": k, "caption": c} for k, c in captions.items()]
+
+    def refs(self, split):
+        if split not in self.references:
+            s = self.splits[split]
+            self.references[split] = {i: [metrics.ptb_tokenize(r) for r in refs]
+                                      for i, refs in zip(s["image_id"].tolist(), s["refs"])}
+        return self.references[split]
+
+    def summary(self, m):
+        return {"CIDEr": m["CIDEr"], "Bleu_4": m["Bleu_4"]}
+
+    def examples(self, results, split, n=8):
+        """The first n images of the split with the generated caption and their references (shapes.gallery)."""
+        s = self.splits[split]
+        return [{"images": [self.features.path(k)], "text": "caption", "prediction": r["caption"], "truth": refs}
+                for k, refs, r in zip(s["image"][:n], s["refs"], results)]
+
+    def text_only_baseline(self, split):
+        """The most frequent training caption, for every image."""
+        counts = Counter(r for refs in self.splits["train"]["refs"] for r in refs)
+        caption = min(counts, key=lambda r: (-counts[r], r))
+        gts = self.refs(split)
+        return metrics.caption_scores(gts, {i: caption for i in gts})
 
 
-# ---- training ------------------------------------------------------------------------------------
+TASKS = {"vqa": (VQA,), "caption": (Captioning,)}  # --task: the tasks trained together, one model
+
+
+# ---- task models: frozen backbone + PEFT layers + head ----------------------------------------------------
+#
+# Where we deliberately differ from the authors' release (Routing_VLPEFT), one line each:
+# - GPT-2's fused c_attn is split into q, k, v and routing runs per projection (models/vit_gpt.py routed
+#   the q|v bottleneck as one 2r-wide matrix in matmul, matmul_expand and ones, mixing q and v).
+# - Two adapters per GPT-2 block, after attn.o and after mlp.fc2 (models/vit_gpt.py shared one adapter
+#   between the attention and the MLP of a block).
+# - Adapters keep their residual h + W_up(...) (models/vit_roberta.py, add_res=False, replaced h by it).
+# - The adapter sits right after its linear layer, before the block's dropout (as Houlsby).
+# - The visual prefix is embedded once (models/vit_roberta.py ran the text embeddings twice).
+# - The VQA head reads the final hidden state at the prefix position (the release put RoBERTa's
+#   never-pretrained, frozen pooler in front of it).
+# - Captions: every caption token and one EOS are supervised, never padding (train_vit_gpt.py).
+# - Base biases are frozen (the release trained the q / v biases next to LoRA).
+# - The VQA loss is BCE summed over the K answers, mean over the batch: K = 3,129 times the release's
+#   mean over answers and batch (train_vit_roberta.py), so our learning rates are not comparable as is.
+
+
+def add_peft(cfg, text):
+    """The PEFT layers of cfg.peft, with cfg.route, into the frozen text model."""
+    if cfg.peft == "lora":
+        rp.add_lora(text, ["attn.q", "attn.v"], cfg.rank, cfg.alpha, cfg.route, cfg.dropout)
+    else:  # Houlsby places, with the backbone's own activation
+        rp.add_adapters(text, ["attn.o", "mlp.fc2"], cfg.rank, cfg.route, nn.GELU(approximate=text.config.gelu))
+
+
+class VisualProjection(nn.Module):
+    """A trainable Linear from the image encoder's width to the text model's, only when they differ (off in
+    the paper: ViT-L/16, RoBERTa-large and GPT2-medium are all 1024 wide)."""
+
+    def __init__(self, d_visual, d):
+        super().__init__()
+        self.proj = nn.Linear(d_visual, d) if d_visual != d else None
+
+    def forward(self, visual, x_R):
+        if self.proj is None:
+            return visual, x_R
+        return self.proj(visual), self.proj(x_R)  # (B, L, d) each
+
+
+class VQAModel(nn.Module):
+    """Frozen RoBERTa with PEFT layers; an MLP head on the final hidden state at the prefix position
+    (without prefix: at <s>) scores K answers."""
+
+    def __init__(self, text, d_visual, num_answers, prefix):
+        super().__init__()
+        d = text.config.d_model
+        self.text, self.prefix, self.visual = text, prefix, VisualProjection(d_visual, d)
+        self.head = nn.Sequential(nn.Linear(d, 2 * d), nn.LayerNorm(2 * d), nn.GELU(), nn.Linear(2 * d, num_answers))
+
+    def forward(self, input_ids, attention_mask, visual, x_R):
+        """input_ids, attention_mask (B, N), visual (B, L, d_visual), x_R (B, L', d_visual) -> logits (B, K)."""
+        visual, x_R = self.visual(visual, x_R)
+        with rp.visual_context(self.text, x_R):
+            h = self.text(input_ids, attention_mask, prefix=visual if self.prefix else None)  # (B, L + N, d)
+        return self.head(h[:, 0])
+
+
+class CaptionModel(nn.Module):
+    """Frozen GPT-2 with PEFT layers. Input [visual; caption; EOS] (without prefix: [<bos>; caption; EOS]);
+    the last prefix position predicts the first caption token."""
+
+    def __init__(self, text, d_visual, prefix, bos_id):
+        super().__init__()
+        self.text, self.prefix, self.bos_id = text, prefix, bos_id
+        self.visual = VisualProjection(d_visual, text.config.d_model)
+
+    def start(self, visual, x_R):
+        """(the prefix embeddings (B, P, d), projected x_R (B, L', d))."""
+        visual, x_R = self.visual(visual, x_R)
+        if self.prefix:
+            return visual, x_R
+        bos = torch.full((visual.shape[0], 1), self.bos_id, dtype=torch.long, device=visual.device)
+        return self.text.wte(bos), x_R  # (B, 1, d)
+
+    def forward(self, input_ids, visual, x_R):
+        """input_ids (B, N) -> logits (B, N, V): position i predicts input_ids[:, i]."""
+        prefix, x_R = self.start(visual, x_R)
+        with rp.visual_context(self.text, x_R):
+            logits = self.text(input_ids, prefix=prefix)  # (B, P + N, V)
+        return logits[:, prefix.shape[1] - 1:-1]
+
+    @torch.no_grad()
+    def generate(self, visual, x_R, beams, max_new_tokens, eos_id):
+        """Token ids of a caption per example: models.beam_search over GPT-2 with its KV cache."""
+        B, k = visual.shape[0], beams
+        # every beam is a row: (B, L, d) -> (B * k, L, d); routed layers need x_R per row too
+        prefix, x_R = self.start(visual.repeat_interleave(k, dim=0), x_R.repeat_interleave(k, dim=0))
+        cache = self.text.new_cache()
+
+        def step(tokens, index):
+            if tokens is None:
+                return self.text(prefix=prefix, cache=cache)[:, -1]  # (B * k, V)
+            cache.reorder(index)
+            return self.text(tokens[:, None], cache=cache)[:, -1]
+
+        with rp.visual_context(self.text, x_R):
+            return models.beam_search(step, B, k, max_new_tokens, eos_id)
+
+
+def build_model(cfg, task, text, d_visual):
+    """Backbone + PEFT layers + head, with only the PEFT weights, the head, the projection (and the blocks'
+    LayerNorms) trainable."""
+    add_peft(cfg, text)
+    model, extra = task.make_model(text, d_visual)
+    extra += ["visual"] if model.visual.proj is not None else []
+    extra += ["ln1", "ln2"] if cfg.train_ln else []
+    return rp.mark_trainable(model, extra)
+
+
+def backbone(name, arch):
+    """A converted checkpoint's path, or "tiny": the demo's `arch` backbone (pretrained on first use)."""
+    if name == "tiny":
+        return shapes.tiny_backbone(arch)
+    if not os.path.isfile(name):
+        raise FileNotFoundError(f"checkpoint not found: {name} (convert one with: python models.py convert "
+                                f"--src HF_DIR --out {name}, or use 'tiny')")
+    return name
+
+
+def build(cfg):
+    """Backbones, tasks and the task model of a run (or of its evaluation). The new weights are drawn after
+    the backbones exist, from cfg.seed alone: the same whether or not the demo's backbones were made first."""
+    check_config(cfg)
+    device = pick_device(cfg.device)
+    classes = TASKS[cfg.task]
+    data_dir = shapes.ensure_world() if cfg.data == "shapes" else cfg.data
+    for name, folder in (("data", data_dir), ("images", cfg.images)):
+        if folder and not os.path.isdir(folder):
+            raise FileNotFoundError(f"--{name} {folder}: no such folder")
+    features = ViTFeatures(cfg, backbone(cfg.vit, "vit"), cfg.images or data_dir, device)
+    text_path = backbone(cfg.text, classes[0].tiny)
+    text = models.load_checkpoint(text_path)
+    if text.config.arch not in classes[0].archs:
+        raise ValueError(f"{text_path} is a {text.config.arch} checkpoint, expected {' or '.join(classes[0].archs)} "
+                         f"for --task {cfg.task}")
+    tokenizer = data.BPETokenizer.from_checkpoint(text_path)
+    tasks = [c(cfg, data_dir, tokenizer, features) for c in classes]
+    features.prepare(sorted(set().union(*(t.image_keys() for t in tasks))))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    return tasks, build_model(cfg, tasks[0], text, features.d).to(device), device
+
+
+# ---- the loop ---------------------------------------------------------------------------------------------
 
 
 def get_lr(step, total, cfg):
-    """Linear warm-up to cfg.lr, then linear decay to 0 at `total` steps."""
-    warmup = cfg.warmup if cfg.warmup >= 1 else cfg.warmup * total
+    """Linear warm-up over int(warmup) steps (a fraction of `total` if < 1) to cfg.lr, reached at the last
+    warm-up step and never exceeded, then linear decay to 0 at `total` steps."""
+    warmup = int(cfg.warmup * total if cfg.warmup < 1 else cfg.warmup)
     if step < warmup:
         return cfg.lr * (step + 1) / warmup
-    return cfg.lr * max(0.0, (total - step) / max(1.0, total - warmup))
+    return cfg.lr * max(0.0, (total - step) / max(1, total - warmup))
 
 
-def epoch_batches(n, cfg, epoch, rank=0, world=1):
-    """The batches of one epoch: a permutation fixed by (seed, epoch), cut into full batches
-    (a shorter last batch is dropped); under DDP each process takes its share of every batch."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch)).tolist()
-    size = min(cfg.batch_size, n)
-    batches = [order[i:i + size] for i in range(0, n - size + 1, size)]
-    batches = batches[:len(batches) // cfg.grad_accum * cfg.grad_accum]  # whole optimizer steps only
-    return [b[rank::world] for b in batches]
+def epoch_plan(tasks, cfg, epoch):
+    """The optimizer steps of one epoch: [(task index, [micro-batches of example indices])]. Each task's
+    training examples in a permutation fixed by (seed, epoch), cut into full batches (a shorter last batch is
+    dropped), grad_accum batches a step; several tasks' steps interleave in an order fixed by (seed, epoch):
+    every batch of every task once an epoch, one task a step (VL-PET's round-robin sampling)."""
+    steps = []
+    for t, task in enumerate(tasks):
+        n = len(task.splits["train"]["image"])
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch)).tolist()
+        size = min(cfg.batch_size, n)
+        batches = [order[i:i + size] for i in range(0, n - size + 1, size)]
+        k = cfg.grad_accum
+        steps += [(t, batches[i:i + k]) for i in range(0, len(batches) - k + 1, k)]
+    if len(tasks) > 1:
+        random.Random(cfg.seed * 100003 + epoch).shuffle(steps)
+    return steps
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def plan_batches(tasks, plan, rank, world):
+    """(task, [collated micro-batches]) for each step of the plan; this process's share of every batch,
+    each task's batches loaded in plan order by its own DataLoader."""
+    loaders = {}
+    for t, task in enumerate(tasks):
+        mine = [b[rank::world] for u, micro in plan if u == t for b in micro]
+        loaders[t] = iter(task.loader(task.dataset("train"), mine)) if mine else None
+    for t, micro in plan:
+        yield tasks[t], [next(loaders[t]) for _ in micro]
 
 
-def pick_device(name):
-    """auto: CUDA, else MPS, else CPU. Under torchrun each process takes the GPU of its LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-        if name == "cpu" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            name = "mps"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: no CUDA device available")
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        return device
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise RuntimeError("--device mps: MPS is not available")
-    return torch.device(name)
+def train_step(model, task, batches, cfg, step, rank, world):
+    """Forward and backward over one step's micro-batches. The gradient is the mean over every example (or
+    token) of the step, however the step is split over processes and micro-batches: each task.loss returns
+    a sum and its count, and the summed gradients are divided by the global count. Returns the step's loss."""
+    total, count = 0.0, 0
+    for i, batch in enumerate(batches):
+        torch.manual_seed(step_seed(cfg, rank, step, i))  # dropout: see step_seed
+        last = i + 1 == len(batches)
+        with model.no_sync() if world > 1 and not last else contextlib.nullcontext():  # DDP syncs once a step
+            with autocast(task.features.device):
+                loss, n = task.loss(model, batch)
+            loss.backward()
+        total, count = total + loss.item(), count + n
+    if world > 1:
+        both = torch.tensor([total, count], dtype=torch.float64, device=task.features.device)
+        torch.distributed.all_reduce(both)  # DDP averaged the gradients over processes: undo, then divide
+        total, count = both.tolist()
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(world / count)
+    return total / count
 
 
 def step_seed(cfg, rank, step, micro):
@@ -729,17 +672,229 @@ def step_seed(cfg, rank, step, micro):
     return ((cfg.seed * 1_000_003 + rank) * 1_000_003 + step) * 4096 + micro
 
 
+def autocast(device):
+    """bf16 autocast on CUDA; full precision elsewhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def pick_device(name):
+    """auto: CUDA, else MPS, else CPU. Under torchrun each process takes the GPU of its LOCAL_RANK."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: no CUDA device available")
+    if name == "mps" and not mps:
+        raise RuntimeError("--device mps: MPS is not available")
+    if name == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(name)
+
+
+def start_distributed(cfg):
+    """torchrun: one process per GPU (or CPU process, gloo); rank 0 evaluates and writes. (rank, world)."""
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1
+    cuda = cfg.device in ("auto", "cuda") and torch.cuda.is_available()
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+@contextlib.contextmanager
+def rank_zero_first(rank, world):
+    """Rank 0 runs the block first (it writes the world, prepared data and feature caches), then the others."""
+    if world > 1 and rank > 0:
+        torch.distributed.barrier()
+    yield
+    if world > 1 and rank == 0:
+        torch.distributed.barrier()
+
+
+def main(cfg, resume=False, overwrite=False):
+    """Train (resume: continue the run in cfg.out; overwrite: replace the run there), evaluate on val after every
+    epoch, and at the end on test next to the text-only baseline. Returns the last record (evaluate_and_save)."""
+    cfg = dataclasses.replace(cfg, out=cfg.out or os.path.join("runs", cfg.task))
+    check_config(cfg)
+    rank, world = start_distributed(cfg)
+    try:
+        with run_folder(cfg, rank, resume, overwrite):
+            return train(cfg, rank, world, resume)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def train(cfg, rank, world, resume):
+    """The loop: build, restore, then steps, an evaluation and a checkpoint after every epoch, the final report."""
+    if cfg.batch_size < world:
+        raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the number of processes ({world})")
+    with rank_zero_first(rank, world):
+        tasks, model, device = build(cfg)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    saved = resume and os.path.isfile(os.path.join(cfg.out, "last.pt"))  # a run killed before it saved starts over
+    step, records = restore(load_run(cfg.out), model, opt, tasks, cfg.out) if saved else (0, [])
+    if rank == 0 and saved:
+        write_records(cfg.out, records)  # a kill between last.pt and metrics.jsonl left the log one record short
+    if records and records[-1].get("final"):
+        print(f"{cfg.out}: finished already; its final record is in {os.path.join(cfg.out, 'metrics.jsonl')}")
+        return records[-1]
+    model.train()  # dropout on, in the frozen backbone too (load_checkpoint returns it in eval mode)
+    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    steps_per_epoch = len(epoch_plan(tasks, cfg, 0))
+    total = steps_per_epoch * cfg.epochs
+    last = min(total, cfg.max_steps or total)
+    if rank == 0:
+        start_run_folder(cfg, model, tasks, total, device)
+    while step < last:
+        epoch, offset = divmod(step, steps_per_epoch)
+        plan, losses, t0 = epoch_plan(tasks, cfg, epoch)[offset:], defaultdict(list), time.time()
+        bar = data.progress(plan_batches(tasks, plan, rank, world), f"epoch {epoch + 1}/{cfg.epochs}", "step", len(plan),
+                            disable=rank != 0)
+        for task, batches in bar:
+            for g in opt.param_groups:
+                g["lr"] = get_lr(step, total, cfg)
+            losses[task.name].append(train_step(ddp, task, batches, cfg, step, rank, world))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if step == last or step % steps_per_epoch == 0:
+                break
+        if rank == 0:
+            record = {"epoch": step / steps_per_epoch, "step": step, "split": "val", "train_loss":
+                      mean([x for v in losses.values() for x in v]), "task_train_loss": {k: mean(v) for k, v in losses.items()}}
+            evaluate_and_save(cfg, tasks, model, opt, step, records, record)
+            print(f"epoch {record['epoch']:.2f} step {step}: loss {record['train_loss']:.4f}, val "
+                  f"{headline(record, tasks)} ({time.time() - t0:.0f}s)")
+        if world > 1:
+            torch.distributed.barrier()
+    if rank == 0 and step >= total:
+        final_report(cfg, tasks, model, opt, step, records)
+    return records[-1] if records else {}
+
+
+RUN_FILES = ("config.json", "last.pt", "metrics.jsonl", "results_*", "metrics_*.json", "gallery_*.png")  # what a run writes
+
+
+@contextlib.contextmanager
+def run_folder(cfg, rank, resume, overwrite):
+    """The run folder, made ready before any expensive step (by rank 0): created and writable; locked (an
+    exclusive lock on OUT/.lock, which the OS releases when the process ends, kill -9 included), so that two
+    processes never train into one folder; holding no other run unless resume or overwrite says so (overwrite
+    deletes that run's files); cleared of the temporary files of writes a kill cut short. Ctrl-C ends the run
+    with one line: what last.pt holds and how to continue."""
+    if rank > 0:
+        yield
+        return
+    os.makedirs(cfg.out, exist_ok=True)
+    with open(os.path.join(cfg.out, ".lock"), "a") as lock:
+        try:
+            lock_file(lock)
+        except OSError:
+            raise RuntimeError(f"{cfg.out} is in use by another train.py process") from None
+        held = os.path.isfile(os.path.join(cfg.out, "config.json"))
+        if held and not (resume or overwrite):
+            raise ValueError(f"{cfg.out} holds a run already: continue it with --resume {cfg.out}, replace it with "
+                             f"--overwrite, or choose another --out")
+        for pattern in (RUN_FILES if overwrite else ()) + (".tmp-*",):
+            for path in glob.glob(os.path.join(glob.escape(cfg.out), pattern)):
+                os.remove(path)
+        try:
+            yield
+        except KeyboardInterrupt:
+            record = final_record(cfg.out, final=False)
+            saved = f"last.pt holds step {record['step']}" if record else "nothing was saved yet"
+            raise KeyboardInterrupt(f"interrupted: {saved}; continue with: python train.py --resume {cfg.out}") from None
+
+
+def lock_file(f):
+    """An exclusive, non-blocking lock on an open file (OSError if another process holds it)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def mean(values):
+    return float(np.mean(values))
+
+
+# ---- records and checkpoints --------------------------------------------------------------------------
+
+
+def start_run_folder(cfg, model, tasks, total, device):
+    os.makedirs(cfg.out, exist_ok=True)
+    metrics.write_json(dataclasses.asdict(cfg), os.path.join(cfg.out, "config.json"))
+    trained, all_params = rp.count_parameters(model)
+    examples = ", ".join(f"{len(t.splits['train']['image']):,} {t.name}" for t in tasks)
+    print(f"{cfg.task}: {cfg.peft} r={cfg.rank} route={cfg.route} visual={cfg.visual} prefix={cfg.prefix}; trainable "
+          f"{trained:,} of {all_params:,} parameters; training examples: {examples}; {total} steps on {device}; "
+          f"run folder {cfg.out}")
+
+
+def headline(record, tasks):
+    """The headline metrics of a record, as in papers: VQA / GQA / NLVR2 accuracy in %, CIDEr and BLEU x100."""
+    return ", ".join(f"{n} {record[n] * (100 if n in ('CIDEr', 'Bleu_4') else 1):.2f}" for t in tasks for n in t.headline)
+
+
+def evaluate_and_save(cfg, tasks, model, opt, step, records, record):
+    """Evaluate every task on record["split"]; the record (its metrics, headline values flat), the results
+    files (and, for the final record, a gallery of test examples per task), then last.pt with every record so
+    far, then metrics.jsonl rewritten from those records: the log always belongs to the checkpoint, and a kill
+    at any point loses no record that last.pt holds."""
+    for task in tasks:
+        m, results = task.evaluate(model, record["split"])
+        task.write_results(results, cfg.out, record["split"])
+        if record.get("final"):
+            shapes.gallery(task.examples(results, record["split"]), os.path.join(cfg.out, f"gallery_{task.name}.png"),
+                           f"{task.name}: {record['split']} examples, {cfg.peft} route {cfg.route}")
+        record.update(task.summary(m))
+        record[task.name] = m
+    records.append(record)
+    save_checkpoint(cfg, model, opt, step, tasks, records)
+
+
+def final_report(cfg, tasks, model, opt, step, records):
+    """Every task on the test split (val where there is none) next to its text-only baseline, as a table."""
+    split = "test" if all("test" in t.splits for t in tasks) else "val"
+    base = {}
+    for task in tasks:
+        base.update(task.summary(task.text_only_baseline(split)))
+    record = {"epoch": cfg.epochs, "step": step, "split": split, "final": True,
+              "trainable_params": rp.count_parameters(model)[0], "text_only": base}
+    evaluate_and_save(cfg, tasks, model, opt, step, records, record)
+    names = [n for t in tasks for n in t.headline]
+    demo = " (the demo's tiny backbones, pretrained on the synthetic world)" if "tiny" in (cfg.vit, cfg.text) else ""
+    print(f"\n{split} split{demo}; accuracy in %, CIDEr and BLEU x100:")
+    print("| model | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
+    for label, values in (("text-only baseline", base), (f"{cfg.peft} r={cfg.rank}, route {cfg.route}", record)):
+        print(f"| {label} | " + " | ".join(f"{values[n] * (100 if n in ('CIDEr', 'Bleu_4') else 1):.2f}" for n in names) + " |")
+    print(f"results, galleries and last.pt in {cfg.out}")
+
+
 def trainable_state(model):
     """What training changed: every trainable parameter (PEFT weights, LayerNorms, head, projection)."""
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path, model, opt, cfg, step, answers):
-    """Atomically: what training changed, the optimizer, the step (the schedule and the dropout seeds are
-    functions of the step and the config: see get_lr, step_seed) and the config. Tensors and plain
+def save_checkpoint(cfg, model, opt, step, tasks, records):
+    """Atomically OUT/last.pt: what training changed, the optimizer, the step (the schedule and the dropout
+    seeds are functions of step and config: see get_lr, step_seed), the config, what the heads depend on
+    (the answer vocabulary) and the records; then OUT/metrics.jsonl from those records. Tensors and plain
     Python values only, so load_run reads it with weights_only=True."""
-    models.atomic_save({"config": dataclasses.asdict(cfg), "trainable": trainable_state(model),
-                        "optimizer": opt.state_dict(), "step": step, "answers": answers}, path)
+    ckpt = {"config": dataclasses.asdict(cfg), "trainable": trainable_state(model), "optimizer": opt.state_dict(),
+            "step": step, "vocab": {t.name: t.vocab for t in tasks}, "records": records}
+    models.atomic_save(ckpt, os.path.join(cfg.out, "last.pt"))
+    write_records(cfg.out, records)
+
+
+def write_records(out, records):
+    """OUT/metrics.jsonl, a record a line: always rewritten whole from the records last.pt holds."""
+    lines = "".join(json.dumps(r) + "\n" for r in records)
+    metrics.atomic_write(os.path.join(out, "metrics.jsonl"), lambda f: f.write(lines))
 
 
 def run_file(path):
@@ -748,195 +903,108 @@ def run_file(path):
 
 
 def load_run(path):
-    """The dict saved by save_checkpoint (path: the file or its run folder); a clear error for anything else."""
+    """The dict save_checkpoint wrote (path: the file or its run folder); a clear error for anything else."""
     file = run_file(path)
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no run checkpoint at {file}")
-    try:
-        ckpt = torch.load(file, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise ValueError(f"{file} is not a train.py checkpoint (torch.load failed: {str(e).splitlines()[0]})") from None
-    if not isinstance(ckpt, dict) or not {"config", "trainable", "optimizer", "step"} <= set(ckpt):
+    ckpt = models.read_torch_file(file, "train.py checkpoint")
+    if not isinstance(ckpt, dict) or not {"config", "trainable", "optimizer", "step", "vocab", "records"} <= set(ckpt):
         raise ValueError(f"{file} is not a train.py checkpoint (models.py checkpoints are backbones)")
-    unknown = sorted(set(ckpt["config"]) - set(Config.__dataclass_fields__))
-    if unknown:
-        raise ValueError(f"{file}: its config has options this train.py does not know: {unknown}")
     return ckpt
 
 
-def load_trainable(model, state, source):
-    """Put a checkpoint's trainable tensors into a freshly built model; they must match it exactly."""
-    ours = trainable_state(model)
-    if set(ours) != set(state):
-        diff = sorted(set(ours) ^ set(state))
-        raise ValueError(f"{source}: checkpoint does not fit the model ({len(diff)} tensors differ, "
-                         f"e.g. {diff[:3]})")
-    bad = [n for n, t in state.items() if t.shape != ours[n].shape]
-    if bad:
-        raise ValueError(f"{source}: checkpoint does not fit the model (shape of {bad[0]}: "
-                         f"{tuple(state[bad[0]].shape)} vs {tuple(ours[bad[0]].shape)})")
-    model.load_state_dict(state, strict=False)
+def run_config(path, **overrides):
+    """The Config of a saved run: from RUN/config.json for a run folder (written first, so also for a run killed
+    before its first checkpoint), else from the checkpoint file; out = the run's folder, plus the overrides."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no run at {path}")
+    if os.path.isdir(path):
+        options = metrics.load_json(os.path.join(path, "config.json"), f"run config of {path} (no run there?)")
+    else:
+        options = load_run(path)["config"]
+    unknown = sorted(set(options) - set(Config.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"{path}: the run has options this train.py does not know: {unknown}")
+    return Config(**{**options, **overrides, "out": os.path.dirname(os.path.abspath(run_file(path)))})
 
 
-def log_metrics(cfg, record):
-    with open(os.path.join(cfg.out, "metrics.jsonl"), "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def setup(cfg):
-    """Backbones, task data, the task model: everything a run or an evaluation needs. Seeded, so the
-    freshly initialised weights are the same in a run, its resumption and its evaluation."""
-    check_config(cfg)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    if cfg.data == DEMO_WORLD:
-        ensure_world(DEMO_WORLD)
-    for name in ("data", "images"):
-        if getattr(cfg, name) and not os.path.isdir(getattr(cfg, name)):
-            raise FileNotFoundError(f"--{name} {getattr(cfg, name)}: no such folder")
-    device = pick_device(cfg.device)
-    text_arch = "roberta" if cfg.task == "vqa" else "gpt2"
-    vit_path = backbone_path(cfg.vit, "vit")
-    text_path = backbone_path(cfg.text, text_arch)
-    vit = models.load_checkpoint(vit_path, arch="vit").to(device)
-    text = models.load_checkpoint(text_path, arch=text_arch)
-    tokenizer = data.BPETokenizer.from_checkpoint(text_path)
-    task = Task(cfg, tokenizer, vit_path, vit, device)
-    model = build_task_model(cfg, text, task.d_visual, len(task.answers or ()), tokenizer).to(device)
-    return task, model, device
-
-
-def main(cfg):
-    """Train, evaluate every epoch, return the last evaluation's metrics (plus the text-only baseline)."""
-    ckpt = None
-    if cfg.resume:  # the run's own options, in its own folder; only RESUME_OVERRIDES come from cfg
-        ckpt = load_run(cfg.resume)
-        overrides = {k: getattr(cfg, k) for k in RESUME_OVERRIDES}
-        cfg = Config(**{**ckpt["config"], **overrides, "out": os.path.dirname(os.path.abspath(run_file(cfg.resume)))})
-    distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    if distributed:  # torchrun: one process per GPU (or CPU process, gloo); each takes its share of every batch
-        torch.distributed.init_process_group("nccl" if cfg.device in ("auto", "cuda") and torch.cuda.is_available()
-                                             else "gloo", timeout=datetime.timedelta(hours=2))  # rank 0 evaluates
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
-    if distributed and rank > 0:
-        torch.distributed.barrier()  # rank 0 writes the world, prepared data and feature caches first
-    task, model, device = setup(cfg)
-    if distributed and rank == 0:
-        torch.distributed.barrier()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    train_set = task.dataset("train")
-    steps_per_epoch = len(epoch_batches(len(train_set), cfg, 0)) // cfg.grad_accum
-    total = steps_per_epoch * cfg.epochs
-    step = 0
-    if ckpt is not None:
-        load_trainable(model, ckpt["trainable"], cfg.resume)
-        opt.load_state_dict(ckpt["optimizer"])
-        step = ckpt["step"]
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
-    trained, total_params = rp.count_parameters(model)
-    if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
-        metrics.write_json(dataclasses.asdict(cfg), os.path.join(cfg.out, "config.json"))  # atomic
-        print(f"{cfg.task}: {cfg.peft} r={cfg.rank} route={cfg.route} visual={cfg.visual} prefix={cfg.prefix}; "
-              f"trainable {trained:,} of {total_params:,} parameters; {len(train_set):,} training examples, "
-              f"{total} steps on {device}")
-    last_step = cfg.max_steps or total
-    eval_split = "val"
-    result = {}
-    model.train()
-    while step < min(total, last_step):
-        epoch, offset = divmod(step, steps_per_epoch)
-        batches = epoch_batches(len(train_set), cfg, epoch, rank, world)[offset * cfg.grad_accum:]
-        t0, losses = time.time(), []
-        bar = tqdm(task.loader(train_set, batches), total=len(batches), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   unit="batch", disable=rank != 0)
-        for i, batch in enumerate(bar):
-            torch.manual_seed(step_seed(cfg, rank, step, i % cfg.grad_accum))  # dropout: see step_seed
-            with autocast(device):
-                loss = task.loss(ddp, batch)
-            (loss / cfg.grad_accum).backward()  # gradients add up over grad_accum batches
-            losses.append(loss.item())
-            if (i + 1) % cfg.grad_accum:
-                continue
-            for g in opt.param_groups:
-                g["lr"] = get_lr(step, total, cfg)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", lr=f"{get_lr(step - 1, total, cfg):.2e}")
-            if step == last_step or step % steps_per_epoch == 0:
-                break
-        bar.close()
-        if rank == 0:
-            m, results = task.evaluate(model, eval_split, cfg.batch_size)
-            record = {"epoch": step / steps_per_epoch, "step": step, "split": eval_split,
-                      "train_loss": float(np.mean(losses)), **m}
-            log_metrics(cfg, record)
-            metrics.write_json(results, os.path.join(cfg.out, f"results_{eval_split}.json"))
-            save_checkpoint(os.path.join(cfg.out, "last.pt"), model, opt, cfg, step, task.answers)
-            headline = m.get("vqa_accuracy", m.get("CIDEr"))
-            print(f"epoch {record['epoch']:.2f} step {step}: loss {record['train_loss']:.4f}, "
-                  f"{eval_split} {'vqa_accuracy' if cfg.task == 'vqa' else 'CIDEr'} {headline:.2f} "
-                  f"({time.time() - t0:.0f}s)")
-            result = m
-        if distributed:
-            torch.distributed.barrier()
-    if rank == 0 and step >= total:
-        result = final_report(cfg, task, model)
-    if distributed:
-        torch.distributed.destroy_process_group()
-    return result
-
-
-def final_report(cfg, task, model):
-    """Test-split evaluation next to the text-only baseline, as a small table."""
-    split = "test" if "test" in task.splits else "val"
-    m, results = task.evaluate(model, split, cfg.batch_size)
-    metrics.write_json(results, os.path.join(cfg.out, f"results_{split}.json"))
-    base = task.text_only_baseline(split)
-    log_metrics(cfg, {"epoch": cfg.epochs, "split": split, "final": True,
-                      "trainable_params": rp.count_parameters(model)[0], "text_only": base, **m})
-    names = ["vqa_accuracy"] if cfg.task == "vqa" else ["CIDEr", "Bleu_4"]
-    demo = " (the demo's tiny backbones, pretrained here on the synthetic world)" if "tiny" in (cfg.vit, cfg.text) else ""
-    print(f"\n{split} split, {m.get('n_questions', m.get('n_images'))} examples{demo}:")
-    print("| model | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
-    print("| text-only baseline | " + " | ".join(f"{base[n]:.2f}" for n in names) + " |")
-    print(f"| {cfg.peft} r={cfg.rank}, route {cfg.route} | " + " | ".join(f"{m[n]:.2f}" for n in names) + " |")
-    return {**m, "baseline": base}
-
-
-# ---- the study: every route x LoRA/Adapter x seeds, with controls (python train.py --study) ----------
-
-
-def study_grid(base, study, routes=STUDY_ROUTES, seeds=STUDY_SEEDS):
-    """{(task, peft, control, route, seed): Config} of every run, each in its own folder under base.out
-    (e.g. vqa-lora-mul-noprefix-s0). study: per-task options ({task: {option: value}})."""
-    tasks = ("vqa", "caption") if base.text == "tiny" else (base.task,)
-    grid = {}
+def restore(ckpt, model, opt, tasks, source):
+    """Put a checkpoint into a freshly built run (resume and evaluation alike): the tasks' vocabularies and
+    the trainable tensors must match it exactly. Returns (step, records)."""
     for task in tasks:
+        if ckpt["vocab"].get(task.name) != task.vocab:
+            raise ValueError(f"{source}: the {task.name} answer vocabulary of the data differs from the one it was "
+                             f"trained with")
+    ours = trainable_state(model)
+    diff = sorted(set(ours) ^ set(ckpt["trainable"]))
+    bad = diff or [n for n, t in ckpt["trainable"].items() if t.shape != ours[n].shape]
+    if bad:
+        raise ValueError(f"{source}: checkpoint does not fit the model ({len(bad)} tensors differ, e.g. {bad[:3]})")
+    model.load_state_dict(ckpt["trainable"], strict=False)
+    if opt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+    return ckpt["step"], ckpt["records"]
+
+
+def evaluate_run(path, split="test", device="auto"):
+    """python train.py --evaluate RUN: rebuild a run from its last.pt, predict `split` and score it. Writes
+    RUN/results_{task}_{split}.json and RUN/metrics_{split}.json; returns ({task: metrics}, that path)."""
+    cfg = run_config(path, device=device)
+    tasks, model, _ = build(cfg)
+    restore(load_run(path), model, None, tasks, run_file(path))
+    out = {}
+    for task in tasks:
+        if split not in task.splits:
+            raise ValueError(f"split {split!r} not in the {task.name} data (it has {sorted(task.splits)})")
+        out[task.name], results = task.evaluate(model, split)
+        task.write_results(results, cfg.out, split)
+    path = os.path.join(cfg.out, f"metrics_{split}.json")
+    metrics.write_json(out, path)
+    return out, path
+
+
+# ---- the study: every route x LoRA/Adapter x seeds, with controls (python train.py --study) ---------------
+#
+# Every route in STUDY_ROUTES x STUDY_PEFTS x STUDY_SEEDS seeds (from --seed on), on both tasks with the tiny
+# backbones (a real text checkpoint serves one task: --task). The controls run for VQA with LoRA only (the
+# 2-core budget): without the visual prefix (routing is then the image's only path) and with every image's
+# features replaced by another image's (a route that still helps is not using the image). STUDY_EPOCHS
+# apply unless --epochs is given.
+STUDY_OUT = "runs/study"
+STUDY_ROUTES = ("none", "add", "mul", "matmul", "matmul_expand")
+STUDY_PEFTS = ("lora", "adapter")
+STUDY_SEEDS = 3
+STUDY_EPOCHS = {"vqa": 3, "caption": 1}  # 60 VQA runs x ~16 s + 30 caption runs x ~14 s: ~23 min on 2 CPU cores
+STUDY_CONTROLS = {"noprefix": {"prefix": False}, "shuffled": {"shuffle_visual": True}}  # name: options
+STUDY_CONTROLLED = ("vqa", "lora")  # the (task, peft) the controls run for
+STUDY_FREE = ("out", "device", "workers", "cache", "max_steps")  # may differ from a finished run's config
+
+
+def study_grid(base, epochs_given, routes=STUDY_ROUTES, seeds=STUDY_SEEDS):
+    """{(task, peft, control, route, seed): Config} of every run, each in its own folder under base.out
+    (e.g. vqa-lora-mul-noprefix-s0). Adapter runs take the LoRA-only options' defaults."""
+    grid = {}
+    for task in (("vqa", "caption") if base.text == "tiny" else (base.task,)):
+        epochs = {} if epochs_given else {"epochs": STUDY_EPOCHS[task]}
         for peft in STUDY_PEFTS:
+            lora_only = {} if peft == "lora" else {n: Config.__dataclass_fields__[n].default for n in LORA_ONLY}
             controls = {"full": {}, **(STUDY_CONTROLS if (task, peft) == STUDY_CONTROLLED else {})}
-            for control, options in controls.items():
-                for route in routes:
-                    for seed in range(base.seed, base.seed + seeds):
-                        name = f"{task}-{peft}-{route}{'' if control == 'full' else '-' + control}-s{seed}"
-                        grid[task, peft, control, route, seed] = Config(**{
-                            **dataclasses.asdict(base), **study.get(task, {}), **options, "task": task, "peft": peft,
-                            "route": route, "seed": seed, "out": os.path.join(base.out, name)})
+            for (control, options), route, seed in itertools.product(controls.items(), routes,
+                                                                     range(base.seed, base.seed + seeds)):
+                name = f"{task}-{peft}-{route}{'' if control == 'full' else '-' + control}-s{seed}"
+                grid[task, peft, control, route, seed] = dataclasses.replace(
+                    base, **epochs, **lora_only, **options, task=task, peft=peft, route=route, seed=seed,
+                    out=os.path.join(base.out, name))
     return grid
 
 
-def final_record(out):
-    """The final evaluation a run wrote (the last line of OUT/metrics.jsonl, marked final), or None."""
+def final_record(out, final=True):
+    """The last record of OUT/metrics.jsonl (final: only if it is the final evaluation), or None."""
     path = os.path.join(out, "metrics.jsonl")
     if not os.path.isfile(path):
         return None
     with open(path, encoding="utf-8") as f:
         lines = [ln for ln in f if ln.strip()]
-    record = json.loads(lines[-1]) if lines else {}
-    return record if record.get("final") else None
+    record = json.loads(lines[-1]) if lines else None
+    return record if record and (record.get("final") or not final) else None
 
 
 def check_same_run(cfg):
@@ -944,22 +1012,21 @@ def check_same_run(cfg):
     path = os.path.join(cfg.out, "config.json")
     if not os.path.isfile(path):
         return
-    with open(path, encoding="utf-8") as f:
-        theirs = json.load(f)
-    ours = dataclasses.asdict(cfg)
+    theirs, ours = metrics.load_json(path, "run config"), dataclasses.asdict(cfg)
     diff = [k for k in ours if k not in STUDY_FREE and theirs.get(k) != ours[k]]
     if diff:
         raise ValueError(f"{cfg.out} holds a run with other options ({diff[0]}: {theirs.get(diff[0])!r}, the study "
                          f"wants {ours[diff[0]]!r}); remove it or choose another --out")
 
 
-def run_study(base, study, routes=STUDY_ROUTES, seeds=STUDY_SEEDS):
+def run_study(base, epochs_given=False, routes=STUDY_ROUTES, seeds=STUDY_SEEDS):
     """Train every run of the grid that has not finished (an interrupted run resumes from its last.pt), then
-    read each run's final metrics from its metrics.jsonl and write the table (study_table) to OUT/study.md.
+    read each run's final record from its metrics.jsonl and write the table (study_table) to OUT/study.md.
     Returns (rows, the table's Markdown)."""
     if base.max_steps:
         raise ValueError("--study compares whole runs: it takes no --max-steps")
-    grid = study_grid(base, study, routes, seeds)
+    base = dataclasses.replace(base, out=base.out or STUDY_OUT)
+    grid = study_grid(base, epochs_given, routes, seeds)
     t0 = time.time()
     for k, cfg in enumerate(grid.values(), 1):
         check_same_run(cfg)
@@ -968,26 +1035,44 @@ def run_study(base, study, routes=STUDY_ROUTES, seeds=STUDY_SEEDS):
             print(f"[{k}/{len(grid)}] {name}: finished, skipped")
             continue
         print(f"[{k}/{len(grid)}] {name} ({time.time() - t0:.0f}s so far)")
-        if os.path.isfile(os.path.join(cfg.out, "last.pt")):
-            main(Config(resume=cfg.out, **{o: getattr(cfg, o) for o in RESUME_OVERRIDES}))
-        else:
-            main(cfg)
-        if final_record(cfg.out) is None:
-            raise RuntimeError(f"{cfg.out}: the run ended without its final evaluation (the study needs whole "
-                               f"runs: no --max-steps)")
-    records = {key: final_record(cfg.out) for key, cfg in grid.items()}
-    rows = study_rows(records)
-    table = study_table(rows, base, study, seeds)
+        resume = os.path.isfile(os.path.join(cfg.out, "last.pt"))
+        main(run_config(cfg.out, **{o: getattr(cfg, o) for o in RESUME_OVERRIDES}) if resume else cfg, resume)
+    rows = study_rows({key: final_record(cfg.out) for key, cfg in grid.items()})
+    table = study_table(rows, grid, seeds)
     path = os.path.join(base.out, "study.md")
-    write_text(table, path)
-    print("\n" + table)
-    print(study_summary(rows) + f"\nstudy: {len(grid)} runs in {base.out}, {time.time() - t0:.0f}s; table in {path}")
+    metrics.atomic_write(path, lambda f: f.write(table))
+    seeds_text = f"{seeds} seed{'s' if seeds > 1 else ''}"
+    shapes.study_chart(rows, os.path.join(base.out, "study.png"), {r["task"]: TASK_HEADLINE[r["task"]][0] for r in rows},
+                       X100, f"Study: mean ± std over {seeds_text} per route, {'the demo' if base.text == 'tiny' else base.text}")
+    print("\n" + table + "\n" + study_summary(rows) + f"\nstudy: {len(grid)} runs in {base.out}, "
+          f"{time.time() - t0:.0f}s; table in {path}, chart in {os.path.join(base.out, 'study.png')}")
     return rows, table
 
 
-def write_text(text, path):
-    """Atomic write of a text file (data.atomic_write: a temporary file, then os.replace)."""
-    data.atomic_write(path, lambda f: f.write(text), mode="w")
+def study_rows(records):
+    """records {(task, peft, control, route, seed): final record} -> one row per (task, peft, control, route):
+    {task, peft, control, route, params (sorted set), split, metric: (mean, std) for each headline metric,
+    gain (relative to route none of the same task, peft and control, on the first metric; None for none)},
+    plus one text-only row per task (peft and control None)."""
+    groups = defaultdict(list)
+    for (task, peft, control, route, seed), r in records.items():
+        groups[task, peft, control, route].append(r)
+    rows = []
+    for (task, peft, control, route), rs in groups.items():
+        row = {"task": task, "peft": peft, "control": control, "route": route, "split": rs[0]["split"],
+               "params": sorted({r["trainable_params"] for r in rs})}
+        rows.append({**row, **{m: mean_std([r[m] for r in rs]) for m in TASK_HEADLINE[task]}})
+    for row in rows:
+        head = TASK_HEADLINE[row["task"]][0]
+        none = next(r for r in rows if (r["task"], r["peft"], r["control"], r["route"]) ==
+                    (row["task"], row["peft"], row["control"], "none")) if "none" in STUDY_ROUTES else None
+        row["gain"] = (None if none is None or row is none or none[head][0] == 0
+                       else (row[head][0] - none[head][0]) / none[head][0])
+    for task in dict.fromkeys(k[0] for k in records):
+        r = next(r for k, r in records.items() if k[0] == task)
+        rows.append({"task": task, "peft": None, "control": None, "route": None, "params": [0], "split": r["split"],
+                     "gain": None, **{m: (r["text_only"][m], 0.0) for m in TASK_HEADLINE[task]}})
+    return rows
 
 
 def mean_std(values):
@@ -995,58 +1080,30 @@ def mean_std(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def study_rows(records):
-    """records {(task, peft, control, route, seed): final record} -> one row per (task, peft, control, route):
-    {task, peft, control, route, seeds, params (set), metric: (mean, std), gain (relative to route none of the
-    same task, peft and control, on the headline metric; None for none or without a none row)}, plus one
-    text-only row per task (peft and control None)."""
-    groups = defaultdict(list)
-    for (task, peft, control, route, seed), r in records.items():
-        groups[task, peft, control, route].append(r)
-    rows = []
-    for (task, peft, control, route), rs in groups.items():
-        row = {"task": task, "peft": peft, "control": control, "route": route, "seeds": len(rs), "split": rs[0]["split"],
-               "params": sorted({r["trainable_params"] for r in rs})}
-        row.update({m: mean_std([r[m] for r in rs]) for m in STUDY_METRICS[task]})
-        rows.append(row)
-    for row in rows:
-        head = STUDY_METRICS[row["task"]][0]
-        none = next((r for r in rows if r["route"] == "none" and
-                     (r["task"], r["peft"], r["control"]) == (row["task"], row["peft"], row["control"])), None)
-        row["gain"] = (None if none is None or row is none or none[head][0] == 0
-                       else (row[head][0] - none[head][0]) / none[head][0])
-    for task in dict.fromkeys(k[0] for k in records):
-        base = next(r["text_only"] for k, r in records.items() if k[0] == task)
-        split = next(r["split"] for k, r in records.items() if k[0] == task)
-        rows.append({"task": task, "peft": None, "control": None, "route": None, "seeds": 1, "params": [0], "split": split,
-                     "gain": None, **{m: (base[m], 0.0) for m in STUDY_METRICS[task]}})
-    return rows
-
-
-def study_table(rows, base, study, seeds):
-    """Markdown: one table per task, mean ± std over seeds; caption metrics x100 as in the paper."""
+def study_table(rows, grid, seeds):
+    """Markdown: one table per task, mean ± std over seeds; CIDEr and BLEU x100 as in papers."""
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
-        names = STUDY_METRICS[task]
-        scale = 1 if task == "vqa" else 100
-        epochs = study.get(task, {}).get("epochs", base.epochs)
+        names = TASK_HEADLINE[task]
+        epochs = next(c.epochs for k, c in grid.items() if k[0] == task)
         split = next(r["split"] for r in rows if r["task"] == task)
-        out += [f"### {task}: {' / '.join(n + (' x100' if scale != 1 else '') for n in names)}, mean ± std over "
+        out += [f"### {task}: {' / '.join(n + (' x100' if n in X100 else ' (%)') for n in names)}, mean ± std over "
                 f"{seeds} seed(s), {epochs} epoch(s), {split} split", "",
                 "| peft | control | route | " + " | ".join(names) + " | trainable params | gain vs none |",
                 "|---|---|---|" + "---:|" * (len(names) + 2)]
         for r in (r for r in rows if r["task"] == task):
             label = ("text-only baseline", "", "") if r["peft"] is None else (r["peft"], r["control"], r["route"])
-            values = " | ".join(f"{scale * r[n][0]:.2f} ± {scale * r[n][1]:.2f}" if r["peft"] else f"{scale * r[n][0]:.2f}"
-                                for n in names)
-            params = "/".join(f"{p:,}" for p in r["params"]) if r["peft"] else "0"
+            values = " | ".join(f"{X100.get(n, 1) * r[n][0]:.2f}" + (f" ± {X100.get(n, 1) * r[n][1]:.2f}" if r["peft"]
+                                                                      else "") for n in names)
+            params = "/".join(f"{p:,}" for p in r["params"])
             gain = "" if r["gain"] is None else f"{100 * r['gain']:+.1f} %"
             out.append(f"| {' | '.join(label)} | {values} | {params} | {gain} |")
         out.append("")
-    out.append("Controls: full = x_R as visual prefix and routing input; noprefix = no visual prefix (routing is the "
-               "image's only path); shuffled = x_R permuted across each batch in training and evaluation (a route "
-               f"that still helps is not using the image). The controls run for {' + '.join(STUDY_CONTROLLED)} only. "
-               "Gain: relative change of the first metric over route none of the same peft and control.")
+    out.append("Controls: full = the image's features as visual prefix and routing input; noprefix = no visual prefix "
+               "(routing is the image's only path); shuffled = every image's features replaced by another image's "
+               "(a fixed derangement), in training and evaluation (a route that still helps is not using the image). "
+               f"The controls run for {' + '.join(STUDY_CONTROLLED)} only. Gain: relative change of the first metric "
+               "over route none of the same peft and control.")
     return "\n".join(out) + "\n"
 
 
@@ -1054,36 +1111,24 @@ def study_summary(rows):
     """A few plain lines: per (task, peft, control), route none, the best route and its gain; the text-only score."""
     lines = []
     for r in rows:
-        head, scale = STUDY_METRICS[r["task"]][0], 1 if r["task"] == "vqa" else 100  # as in the table
+        head = TASK_HEADLINE[r["task"]][0]
+        scale = X100.get(head, 1)
         if r["peft"] is None:
             lines.append(f"{r['task']}: text-only baseline {head} {scale * r[head][0]:.2f}")
-            continue
-        if r["route"] != "none":
-            continue
-        group = [g for g in rows if (g["task"], g["peft"], g["control"]) == (r["task"], r["peft"], r["control"])]
-        best = max(group, key=lambda g: g[head][0])
-        lines.append(f"{r['task']} {r['peft']} {r['control']}: {head} none {scale * r[head][0]:.2f}, best "
-                     f"{best['route']} {scale * best[head][0]:.2f}"
-                     + (f" ({100 * best['gain']:+.1f} %)" if best["gain"] is not None else ""))
+        elif r["route"] == "none":
+            group = [g for g in rows if (g["task"], g["peft"], g["control"]) == (r["task"], r["peft"], r["control"])]
+            best = max(group, key=lambda g: g[head][0])
+            lines.append(f"{r['task']} {r['peft']} {r['control']}: {head} none {scale * r[head][0]:.2f}, best "
+                         f"{best['route']} {scale * best[head][0]:.2f}"
+                         + (f" ({100 * best['gain']:+.1f} %)" if best["gain"] is not None else ""))
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(path, split, device="auto"):
-    """Rebuild a run from its checkpoint (a file or run folder), regenerate the predictions for `split`
-    and score them (python train.py --evaluate RUN --split SPLIT). The results file goes next to the checkpoint.
-    Returns (metrics, path of results_{split}.json)."""
-    ckpt = load_run(path)
-    cfg = Config(**{**ckpt["config"], "device": device})
-    task, model, _ = setup(cfg)
-    if ckpt["answers"] != task.answers:
-        raise ValueError(f"{run_file(path)}: the answer vocabulary of the data differs from the one it was trained with")
-    load_trainable(model, ckpt["trainable"], run_file(path))
-    if split not in task.splits:
-        raise ValueError(f"split {split!r} not in this dataset (it has {sorted(task.splits)})")
-    m, results = task.evaluate(model, split, cfg.batch_size)
-    out = os.path.join(os.path.dirname(os.path.abspath(run_file(path))), f"results_{split}.json")
-    metrics.write_json(results, out)
-    return m, out
+TASK_HEADLINE = {name: [n for c in classes for n in c.headline] for name, classes in TASKS.items()}
+X100 = {"CIDEr": 100, "Bleu_4": 100}  # shown x100, as papers report them
+
+
+# ---- the command line ---------------------------------------------------------------------------------
 
 
 def error_line(e):
@@ -1094,19 +1139,24 @@ def error_line(e):
 
 
 def cli(argv=None):
-    """python train.py: bad input ends in one line "error: ..." (exit status 1; 2 for bad options), no traceback."""
+    """python train.py: bad input ends in one line "error: ..." (exit status 1; 2 for bad options), Ctrl-C in one
+    line saying how to continue (exit status 130); no traceback."""
     try:
-        args = build_parser().parse_args(argv)
-        if args.evaluate:
-            m, path = evaluate_checkpoint(args.evaluate, args.split or "test", args.device or "auto")
-            out = path[:-len(".json")] + ".metrics.json"
-            metrics.write_json(m, out)
-            print(json.dumps(m, indent=1) + f"\nwrote {path} and {out}")
-            return m
-        cfg, study = parse_command_line(argv)
-        return main(cfg) if study is None else run_study(cfg, study)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        cfg, meta = parse_command_line(argv)
+        if meta.get("evaluate"):
+            out, path = evaluate_run(meta["evaluate"], meta.get("split", "test"), cfg.device)
+            print(json.dumps(out, indent=1) + f"\nwrote {path}")
+            return out
+        if meta.get("resume"):
+            return main(run_config(meta["resume"], **{o: getattr(cfg, o) for o in RESUME_OVERRIDES}), resume=True)
+        if meta.get("study"):
+            return run_study(cfg, epochs_given="epochs" in meta["given"])
+        return main(cfg, overwrite=meta.get("overwrite", False))
+    except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {error_line(e)}")
+    except KeyboardInterrupt as e:
+        print(f"\n{e or 'interrupted'}", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,12 @@
-"""data.py: the synthetic world in the real formats, the VQAv2 / Karpathy loaders, answer vocabulary
-and soft targets, images, collate functions and the prepared-data cache.
+"""data.py: the VQAv2 / Karpathy loaders, answer vocabulary and soft targets, images, collate
+functions, the prepared-data cache and the GQA / NLVR2 readers (the world itself: test_shapes.py).
 
     python -m pytest -q tests/test_data.py
 """
-import filecmp
 import functools
 import json
 import os
-from collections import Counter, defaultdict
+import re
 
 import numpy as np
 import pytest
@@ -15,7 +14,8 @@ import torch
 from PIL import Image
 
 import data
-from eval import normalize_answer, vqa_accuracy
+import shapes
+from eval import vqa_accuracy
 
 N_IMAGES = 240  # 160 train2014 + 80 val2014 (24 val, 24 test, 32 restval): 720 questions
 
@@ -23,7 +23,7 @@ N_IMAGES = 240  # 160 train2014 + 80 val2014 (24 val, 24 test, 32 restval): 720 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("shapes"))
-    data.make_shapes(out, n_images=N_IMAGES, seed=0)
+    shapes.make_world(out, n_images=N_IMAGES, seed=0)
     return out
 
 
@@ -33,103 +33,6 @@ def tok(world):
     texts = [s["raw"] for img in karpathy for s in img["sentences"]]
     texts += [r["question"] for r in data.read_vqa(world, "train2014")]
     return data.BPETokenizer(**data.learn_bpe(texts, 500))
-
-
-# ---- the synthetic world ---------------------------------------------------------------------
-
-
-def test_world_has_the_real_formats(world):
-    for subtype, n in (("train2014", 160), ("val2014", 80)):
-        q_path, a_path = data.vqa_files(world, subtype)
-        q, a = json.load(open(q_path)), json.load(open(a_path))
-        assert set(q) == {"info", "task_type", "data_type", "license", "data_subtype", "questions"}
-        assert set(a) == {"info", "license", "data_subtype", "annotations", "data_type"}
-        assert q["data_subtype"] == a["data_subtype"] == subtype and q["task_type"] == "Open-Ended"
-        assert len({x["image_id"] for x in q["questions"]}) == n and len(q["questions"]) == 3 * n
-        for x in q["questions"]:
-            assert set(x) == {"image_id", "question", "question_id"}
-        for x in a["annotations"]:
-            assert set(x) == {"question_type", "multiple_choice_answer", "answers", "image_id",
-                              "answer_type", "question_id"}
-            assert x["answer_type"] in ("yes/no", "number", "other")
-            assert [y["answer_id"] for y in x["answers"]] == list(range(1, 11))
-            assert all(set(y) == {"answer", "answer_confidence", "answer_id"} for y in x["answers"])
-            assert all(y["answer_confidence"] in ("yes", "maybe", "no") for y in x["answers"])
-        for x in q["questions"]:
-            with Image.open(os.path.join(world, data.coco_image_key(subtype, x["image_id"]))) as im:
-                assert im.format == "JPEG" and im.size == (64, 64) and im.mode == "RGB"
-    k = json.load(open(os.path.join(world, "dataset_coco.json")))
-    assert set(k) == {"images", "dataset"}
-    assert Counter(img["split"] for img in k["images"]) == {"train": 160, "restval": 32, "val": 24, "test": 24}
-    sentids = [s["sentid"] for img in k["images"] for s in img["sentences"]]
-    assert sorted(sentids) == list(range(5 * N_IMAGES))
-    for img in k["images"]:
-        assert set(img) == {"filepath", "sentids", "filename", "imgid", "split", "sentences", "cocoid"}
-        assert len(img["sentences"]) == 5 and len({s["raw"] for s in img["sentences"]}) == 5
-        assert img["sentids"] == [s["sentid"] for s in img["sentences"]]
-        assert all(set(s) == {"tokens", "raw", "imgid", "sentid"} and s["imgid"] == img["imgid"] for s in img["sentences"])
-        assert os.path.isfile(os.path.join(world, img["filepath"], img["filename"]))
-
-
-def test_world_is_deterministic(world, tmp_path):
-    again, other = str(tmp_path / "again"), str(tmp_path / "other")
-    data.main(["shapes", "--out", again, "--n-images", str(N_IMAGES), "--seed", "0"])
-    data.make_shapes(other, n_images=N_IMAGES, seed=1)
-    files = sorted(os.path.relpath(os.path.join(d, f), world)
-                   for d, _, fs in os.walk(world) if "prepared" not in d for f in fs)
-    assert len(files) == N_IMAGES + 6
-    match, mismatch, errors = filecmp.cmpfiles(world, again, files, shallow=False)
-    assert not mismatch and not errors
-    _, mismatch, _ = filecmp.cmpfiles(world, other, files, shallow=False)
-    assert "dataset_coco.json" in mismatch and len(mismatch) > N_IMAGES // 2
-
-
-def test_questions_need_the_image(world):
-    """A text-only prior (the most frequent answer per question type, and even per exact question
-    string) scores far below an oracle that knows the scene, with the official accuracy."""
-    train, val = data.read_vqa(world, "train2014"), data.read_vqa(world, "val2014")
-    truth = {q["question_id"]: q["answer"] for q in json.load(open(os.path.join(world, "shapes_scenes.json")))["questions"]}
-    per_type, per_string = defaultdict(Counter), defaultdict(Counter)
-    for r in train:
-        per_type[r["question_type"]].update(normalize_answer(a) for a in r["answers"])
-        per_string[r["question"]].update(normalize_answer(a) for a in r["answers"])
-
-    def score(predict):
-        return 100 * sum(vqa_accuracy(predict(r), r["answers"]) for r in val) / len(val)
-
-    prior_type = score(lambda r: per_type[r["question_type"]].most_common(1)[0][0])
-    prior_string = score(lambda r: (per_string.get(r["question"]) or per_type[r["question_type"]]).most_common(1)[0][0])
-    oracle = score(lambda r: truth[r["question_id"]])
-    assert prior_type < 45 and prior_string < 55 and oracle > 95, (prior_type, prior_string, oracle)
-    # the answers of each answer type are spread out, not dominated by one answer
-    for atype in ("yes/no", "number", "other"):
-        counts = Counter(truth[r["question_id"]] for r in train + val if r["answer_type"] == atype)
-        assert counts.most_common(1)[0][1] / sum(counts.values()) < 0.55, (atype, counts)
-
-
-def test_scenes_match_questions(world):
-    """The stored truth agrees with the drawn objects (counts, existence, colours, sides), and the
-    human answers mostly agree with the truth."""
-    scenes = json.load(open(os.path.join(world, "shapes_scenes.json")))
-    objects = {s["image_id"]: s["objects"] for s in scenes["images"]}
-    truth = {q["question_id"]: q["answer"] for q in scenes["questions"]}
-    checked = Counter()
-    for r in data.read_vqa(world, "train2014") + data.read_vqa(world, "val2014"):
-        objs, q, t = objects[r["image_id"]], r["question"], truth[r["question_id"]]
-        if q in ("How many shapes are there?", "How many objects are in the picture?"):
-            checked["count"] += t == str(len(objs))
-        elif q.startswith("Are there any "):
-            checked["exist"] += (t == "yes") == any(o["shape"] == q[len("Are there any "):-2] for o in objs)
-        elif q.startswith("What color is the "):
-            checked["color"] += [o["color"] for o in objs if o["shape"] == q[len("What color is the "):-1]] == [t]
-        elif q.endswith(" on the left or on the right?"):
-            name = q[len("Is the "):-len(" on the left or on the right?")]
-            checked["side"] += [o["quadrant"].split()[1] for o in objs if f"{o['color']} {o['shape']}" == name] == [t]
-        else:
-            continue
-        checked["total"] += 1
-        assert vqa_accuracy(t, r["answers"]) >= 0.6, (q, t, r["answers"])
-    assert checked["total"] > 100 and checked["count"] + checked["exist"] + checked["color"] + checked["side"] == checked["total"]
 
 
 # ---- answer vocabulary and soft targets -------------------------------------------------------
@@ -364,3 +267,121 @@ def test_missing_and_malformed_files_name_the_file(tmp_path, tok, world):
         g.write(f.read())
     with pytest.raises(ValueError, match="240 questions but .* 239 annotations"):
         data.read_vqa(str(tmp_path), "val2014")
+
+
+# ---- GQA and NLVR2 readers on hand-written official-format snippets ---------------------------
+
+
+def gqa_question(image_id, question, answer, structural="query", semantic="attr", **extra):
+    """One question as in questions1.2's *_balanced_questions.json (the fields the readers see)."""
+    return dict({"imageId": image_id, "question": question, "answer": answer, "fullAnswer": f"It is {answer}.",
+                 "isBalanced": True, "groups": {"global": None, "local": "10c-cup_color"},
+                 "types": {"structural": structural, "semantic": semantic, "detailed": "typeVerifyC"},
+                 "entailed": [], "equivalent": [], "semanticStr": "select: cup ->query: color",
+                 "semantic": [{"operation": "select", "argument": "cup (5)", "dependencies": []},
+                              {"operation": "query", "argument": "color", "dependencies": [0]}],
+                 "annotations": {"answer": {}, "question": {}, "fullAnswer": {}}}, **extra)
+
+
+def test_read_gqa_records_and_image_keys(tmp_path):
+    questions = {"07333408": gqa_question("2375429", "What color is the cup?", "white"),
+                 "201307251": gqa_question("n161313", "Is the plate round?", "yes", "verify", "attr")}
+    path = tmp_path / "testdev_balanced_questions.json"
+    path.write_text(json.dumps(questions))
+    (tmp_path / "images").mkdir()
+    for image_id in ("2375429", "n161313"):
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / f"{image_id}.jpg")
+    records = data.read_gqa(str(path), str(tmp_path / "images"))
+    assert records == [
+        {"question_id": "07333408", "image_id": "2375429", "image": "2375429.jpg", "question": "What color is the cup?",
+         "answer": "white", "types": {"structural": "query", "semantic": "attr", "detailed": "typeVerifyC"}},
+        {"question_id": "201307251", "image_id": "n161313", "image": "n161313.jpg", "question": "Is the plate round?",
+         "answer": "yes", "types": {"structural": "verify", "semantic": "attr", "detailed": "typeVerifyC"}}]
+    assert data.read_gqa(str(path)) == records  # without images_dir nothing is looked up
+    assert data.GQA_QUESTIONS.format("testdev") == path.name
+
+
+def test_read_gqa_errors(tmp_path):
+    path = tmp_path / "q.json"
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "images" / "1.jpg")
+    cases = [
+        ({"a": gqa_question("1", "Q?", "x"), "b": gqa_question("2", "Q?", "y")}, FileNotFoundError,
+         r"question b: image not found: .*images/2\.jpg"),
+        ({"a": {k: v for k, v in gqa_question("1", "Q?", "x").items() if k != "answer"}}, ValueError,
+         "question a has no string field 'answer'"),  # e.g. test_balanced_questions.json
+        ({"a": gqa_question(1, "Q?", "x")}, ValueError, "question a has no string field 'imageId'"),
+        ({"a": gqa_question("1", "Q?", "x", types={"detailed": "x"})}, ValueError, "question a has no 'types'"),
+        ([gqa_question("1", "Q?", "x")], ValueError, "not a GQA questions file"),
+        ({}, ValueError, "not a GQA questions file"),
+    ]
+    for questions, error, message in cases:
+        path.write_text(json.dumps(questions))
+        with pytest.raises(error, match=message):
+            data.read_gqa(str(path), str(tmp_path / "images"))
+    path.write_text("{")
+    with pytest.raises(ValueError, match="q.json: malformed JSON"):
+        data.read_gqa(str(path))
+    with pytest.raises(FileNotFoundError, match="missing.json"):
+        data.read_gqa(str(tmp_path / "missing.json"))
+
+
+def nlvr2_line(identifier, label="True", sentence="The left image has more dogs.", **extra):
+    """One line of nlvr2/data/{train,dev,test1}.json (a subset of the real fields, plus extra)."""
+    return json.dumps(dict({"validation": {"77": label}, "sentence": sentence, "left_url": "http://a/l.jpg",
+                            "writer": "103", "label": label, "right_url": "http://a/r.jpg", "synset": "dog",
+                            "query": "dogs12", "identifier": identifier}, **extra))
+
+
+def test_read_nlvr2_records_and_image_layout(tmp_path):
+    lines = {"train.json": [nlvr2_line("train-10171-0-0", "False", directory=11),
+                            nlvr2_line("train-10171-0-1", directory="11")],
+             "dev.json": [nlvr2_line("dev-850-2-0"), "", nlvr2_line("dev-850-3-0", "False")],
+             "test1.json": [nlvr2_line("test1-0-1-1")]}
+    for name, rows in lines.items():
+        (tmp_path / name).write_text("\n".join(rows) + "\n")
+    train = data.read_nlvr2(str(tmp_path / "train.json"))
+    assert train == [
+        {"identifier": "train-10171-0-0", "sentence": "The left image has more dogs.", "label": False,
+         "images": ["images/train/11/train-10171-0-img0.png", "images/train/11/train-10171-0-img1.png"]},
+        {"identifier": "train-10171-0-1", "sentence": "The left image has more dogs.", "label": True,
+         "images": ["images/train/11/train-10171-0-img0.png", "images/train/11/train-10171-0-img1.png"]}]
+    dev = data.read_nlvr2(str(tmp_path / "dev.json"))
+    assert [(r["label"], r["images"]) for r in dev] == [
+        (True, ["dev/dev-850-2-img0.png", "dev/dev-850-2-img1.png"]),
+        (False, ["dev/dev-850-3-img0.png", "dev/dev-850-3-img1.png"])]
+    assert data.read_nlvr2(str(tmp_path / "test1.json"))[0]["images"] == ["test1/test1-0-1-img0.png",
+                                                                          "test1/test1-0-1-img1.png"]
+    # with the images folder: every image must be there
+    for key in dev[0]["images"] + dev[1]["images"]:
+        (tmp_path / "nlvr2" / key).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "nlvr2" / key, format="JPEG")  # not a PNG inside, as some are
+    assert data.read_nlvr2(str(tmp_path / "dev.json"), str(tmp_path / "nlvr2")) == dev
+    os.remove(tmp_path / "nlvr2" / "dev" / "dev-850-3-img1.png")
+    with pytest.raises(FileNotFoundError, match=r"dev.json: example dev-850-3-0: image not found: .*dev-850-3-img1.png"):
+        data.read_nlvr2(str(tmp_path / "dev.json"), str(tmp_path / "nlvr2"))
+
+
+@pytest.mark.parametrize("bad,message", [
+    ('{"identifier": "dev-1-0-0", "sentence": "x", "label": "True"', "line 2: not valid JSON"),
+    ('["dev-1-0-0", "True"]', "line 2: not a JSON object"),
+    (nlvr2_line("dev-1-0"), "line 2: identifier must look like split-set_id-pair_id-sentence_id"),
+    (nlvr2_line("dev-850-2-0"), "line 2: identifier dev-850-2-0 repeats an earlier line"),
+    (nlvr2_line("dev-1-0-0", "true"), "line 2: label must be \"True\" or \"False\""),
+    (nlvr2_line("dev-1-0-0", sentence=None), "line 2: no string field 'sentence'"),
+    (nlvr2_line("train-1-0-0"), "line 2: a train example needs its image folder number 'directory'"),
+    (nlvr2_line("train-1-0-0", directory="../x"), "line 2: a train example needs"),
+])
+def test_read_nlvr2_malformed_line_names_file_and_line(tmp_path, bad, message):
+    path = tmp_path / "dev.json"
+    path.write_text(nlvr2_line("dev-850-2-0") + "\n" + bad + "\n" + nlvr2_line("dev-850-3-0") + "\n")
+    with pytest.raises(ValueError, match=f"dev.json, {re.escape(message)}"):
+        data.read_nlvr2(str(path))
+
+
+def test_read_nlvr2_missing_or_empty_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="NLVR2 file not found: .*test1.json"):
+        data.read_nlvr2(str(tmp_path / "test1.json"))
+    (tmp_path / "test1.json").write_text("\n")
+    with pytest.raises(ValueError, match="test1.json has no lines"):
+        data.read_nlvr2(str(tmp_path / "test1.json"))

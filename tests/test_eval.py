@@ -3,9 +3,11 @@
 
     python -m pytest -q tests/test_eval.py
 """
+import argparse
 import copy
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -91,13 +93,48 @@ def test_no_side_effects():
 # ---- VQA: the official loop (HEAD) transcribed here as an oracle ----------------------------
 
 
+# vqaEval.py@a013f00 L21-42 (contractions) and L43-55 (manualMap), retyped here as literals so that the
+# oracle does not read its tables from the module under test.
+OFFICIAL_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd",
+    "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've",
+    "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's",
+    "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've", "mightn'tve": "mightn't've",
+    "mightve": "might've", "mustnt": "mustn't", "mustve": "must've", "neednt": "needn't", "notve": "not've",
+    "oclock": "o'clock", "oughtnt": "oughtn't", "ow's'at": "'ow's'at", "'ows'at": "'ow's'at",
+    "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's",
+    "shouldve": "should've", "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've",
+    "someone'dve": "someone'd've", "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've",
+    "they'dve": "they'd've", "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas",
+    "wasnt": "wasn't", "wed've": "we'd've", "we'dve": "we'd've", "weve": "we've", "werent": "weren't",
+    "whatll": "what'll", "whatre": "what're", "whats": "what's", "whatve": "what've", "whens": "when's",
+    "whered": "where'd", "wheres": "where's", "whereve": "where've", "whod": "who'd", "whod've": "who'd've",
+    "who'dve": "who'd've", "wholl": "who'll", "whos": "who's", "whove": "who've", "whyll": "why'll",
+    "whyre": "why're", "whys": "why's", "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't",
+    "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll",
+    "y'allll": "y'all'll", "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've",
+    "youd": "you'd", "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're",
+    "youve": "you've",
+}
+OFFICIAL_MANUAL_MAP = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                       "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+
+
 class OfficialVQAEval:
     """vqaEval.py@a013f00 evaluate(), transcribed for the test: dict answers with answer_ids,
     in-place normalisation of the annotations, setdefault on manualMap (on a copy)."""
 
     def __init__(self):
-        self.manualMap = dict(E.MANUAL_MAP)
-        self.contractions = E.CONTRACTIONS
+        self.manualMap = dict(OFFICIAL_MANUAL_MAP)
+        self.contractions = OFFICIAL_CONTRACTIONS
         self.articles = ["a", "an", "the"]
         self.periodStrip = re.compile(r"(?!<=\d)(\.)(?!\d)")
         self.commaStrip = re.compile(r"(\d)(\,)(\d)")
@@ -351,10 +388,102 @@ tennis-player's racket
 two dogs' heads
 ABC's
 Wash. and wash.
+US$5 bill
+a<b x>y
 """.split("\n")
-TRICKY_KNOWN_DIFFERENT = [
-    "US$5 bill",  # Java "us$ 5 bill", ours "us $ 5 bill"
-    "a<b x>y",  # Java "a <b\xa0x> y" (an SGML tag across a space), ours "a < b x > y"
+TRICKY_KNOWN_DIFFERENT = [  # the stand-in's documented limits (eval.py, PTB section)
+    "red@x b",  # Java "red@x b" (an e-mail address without a dot), ours "red @x b"
+    "3 1/2street",  # Java "3\xa01/2 street", ours "3 1/2street"
+    "a1.5-b",  # Java "a1.5-b", ours "a1 .5 b"
+    "AT&T., x",  # Java "at&t. x", ours "at&t x"
+    "x'em",  # Java "x 'em", ours "x'em"
+    "plan B. The\U0001F600 end",  # Java "plan b. the end", ours "plan b the end"
+]
+
+# Expected tokens from the Java PTBTokenizer (through java_ptb), run once and written here; the rules
+# behind them are in PTBLexer.flex of CoreNLP 3.4.1. test_ptb_tokenize_matches_java re-checks them.
+PTB_JAVA_CASES = [
+    # An abbreviation keeps its own period whatever follows (ABBREV1/2/3, ACRONYM rules); a second
+    # period, an ellipsis or a detached " ." is separate and filtered. ABBREV3 (no, fig) only before
+    # a digit at most one space away. A period before a digit is not part of a word ("v1 .2", "3.5 mm").
+    ('at 3 p.m..', 'at 3 p.m.'),
+    ('at 3 a.m..', 'at 3 a.m.'),
+    ('dogs, cats etc..', 'dogs cats etc.'),
+    ('dogs, cats etc....', 'dogs cats etc.'),
+    ('on St..', 'on st.'),
+    ('He lives in the U.S..', 'he lives in the u.s.'),
+    ('Mr.. Smith', 'mr. smith'),
+    ('Wash..', 'wash.'),
+    ('wash..', 'wash'),
+    ('approx..', 'approx'),
+    ('Fig..', 'fig'),
+    ('e.g.. a dog', 'e.g. a dog'),
+    ('A... ok', 'a. ok'),
+    ('at 3 p.m.…', 'at 3 p.m.'),
+    ('plan B . ok', 'plan b ok'),
+    ('Mr . Smith', 'mr smith'),
+    ('dogs etc .', 'dogs etc'),
+    ('No.5', 'no. 5'),
+    ('No. 5', 'no. 5'),
+    ('No.  5', 'no 5'),
+    ('No.. 5', 'no 5'),
+    ('x.5y', 'x. 5y'),
+    ('a 3.5mm jack', 'a 3.5 mm jack'),
+    ('v1.2', 'v1 .2'),
+    ('5.00street', '5.00 street'),
+    # A word directly followed by "." and , ; : keeps the period (WORD\./{INSENTP}).
+    ('a dog., a cat', 'a dog. a cat'),
+    ('a t-shirt.; a hat', 'a t-shirt. a hat'),
+    ('5., 6', '5. 6'),
+    ('5.5., 6', '5.5 6'),
+    # A one-letter initial before a capitalised sentence start (The, It, A, ...) gives up its period.
+    ('plan B. The end', 'plan b the end'),
+    ('plan B. THE end', 'plan b the end'),
+    ('plan B. Them', 'plan b. them'),
+    ('plan B. a dog', 'plan b. a dog'),
+    ('the U.S. The end', 'the u.s. the end'),
+    # Number characters that are neither letters nor decimal digits (Unicode No, Nl): superscript and
+    # subscript digit runs (SUBSUPNUM) and circled digits (MISCSYMBOL) are tokens of their own, ⅓ is
+    # normalised, Roman numerals and emoji are dropped (untokenizable) but still end a token.
+    ('x²', 'x ²'),
+    ('a 10m² room', 'a 10m ² room'),
+    ('H₂O', 'h ₂ o'),
+    ('x⁻²', 'x ⁻²'),
+    ('x²³', 'x ²³'),
+    ('①②', '① ②'),
+    ('x①y', 'x ① y'),
+    ('⅓ cup', '1/3 cup'),
+    ('⅕ cup', '⅕ cup'),
+    ('xⅫo', 'x o'),
+    ('5Ⅰ', '5'),
+    ('x😀y', 'x y'),
+    ('a…dog', 'a dog'),
+    # Numbers (NUMBER = [-+]? digits with . : , groups).
+    ('-10 degrees', '-10 degrees'),
+    ('1,5 kg', '1,5 kg'),
+    ('x,5', 'x ,5'),
+    # DOLSIGN [A-Z]*\$ (upper case only), SGML tags with their spaces as no-break spaces.
+    ('US$5 bill', 'us$ 5 bill'),
+    ('us$5 bill', 'us $ 5 bill'),
+    ('A$5', 'a$ 5'),
+    ('HK$ 10', 'hk$ 10'),
+    ('a<b x>y', 'a <b\xa0x> y'),
+    ('<b x="1 2">', '<b\xa0x="1\xa02">'),
+    ('<br />', '<br\xa0/>'),
+    ('</b >', '</b\xa0>'),
+    ('<!-- a comment -->', '<!--\xa0a\xa0comment\xa0-->'),
+    ('<b 1>', '< b 1 >'),
+    ('<3 you', '< 3 you'),
+    # A clitic or APOWORD at the start of a token.
+    ("a man 's hat", "a man 's hat"),
+    ("they 're here", "they 're here"),
+    ("rock 'n roll", "rock 'n roll"),
+    ("'em all", "'em all"),
+    ("'N' x", "'n' x"),
+    ("'emma' x", "'em ma x"),
+    ("the '10s", 'the 10s'),
+    ("the '90 x", "the '90 x"),
+    ("the U.S.'s flag", "the u.s. 's flag"),
 ]
 
 
@@ -390,13 +519,18 @@ def test_ptb_tokenize_matches_java():
     if shutil.which("java") is None:
         pytest.skip("java is not installed: the reference PTBTokenizer needs it")
     realistic = realistic_captions(300, 0)
-    tricky = TRICKY + TRICKY_KNOWN_DIFFERENT
+    tricky = TRICKY + TRICKY_KNOWN_DIFFERENT + [c for c, _ in PTB_JAVA_CASES]
     java = java_ptb(realistic + tricky)
     ours = [E.ptb_tokenize(c) for c in realistic + tricky]
     realistic_diff = [(c, j, o) for c, j, o in zip(realistic, java, ours) if j != o]
     tricky_diff = [c for c, j, o in zip(tricky, java[len(realistic):], ours[len(realistic):]) if j != o]
     assert realistic_diff == []  # 300 of 300 equal
-    assert tricky_diff == TRICKY_KNOWN_DIFFERENT  # measured: 57 of 59 equal
+    assert tricky_diff == TRICKY_KNOWN_DIFFERENT  # measured: 129 of 135 equal
+    assert java[-len(PTB_JAVA_CASES):] == [j for _, j in PTB_JAVA_CASES]  # the literals are Java's
+
+
+def test_ptb_tokenize_java_cases():
+    assert [(c, E.ptb_tokenize(c)) for c, _ in PTB_JAVA_CASES] == PTB_JAVA_CASES
 
 
 def test_ptb_tokenize_documented_cases():
@@ -495,3 +629,358 @@ def test_cli_caption_bad_input(tmp_path, capsys, results, message):
     with pytest.raises(SystemExit) as e:
         E.main(["caption", "--results", r, "--karpathy", k])
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def one_error_line(capsys, message):
+    """The command line's error contract: one line "error: ...", containing message."""
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    return err
+
+
+def cli_error(capsys, argv, message):
+    """eval.py's command line on argv: exit status 2 and one error line containing message."""
+    with pytest.raises(SystemExit) as e:
+        E.main(argv)
+    assert e.value.code == 2
+    return one_error_line(capsys, message)
+
+
+# ---- GQA: the official eval.py's accuracy on a hand-written balanced questions file ----------
+
+
+def gqa_q(question, answer, structural, semantic, program, balanced=True):
+    """One question of *_balanced_questions.json; program = [(operation, argument)]."""
+    return {"imageId": "2375429", "question": question, "answer": answer, "fullAnswer": answer + ".",
+            "isBalanced": balanced, "types": {"structural": structural, "semantic": semantic, "detailed": "x"},
+            "groups": {"global": None, "local": "x"}, "entailed": [], "equivalent": [],
+            "semantic": [{"operation": o, "argument": a, "dependencies": []} for o, a in program]}
+
+
+GQA_QUESTIONS = {  # questionId: (question, prediction)
+    "01": (gqa_q("Is the cup to the left of the plate?", "yes", "verify", "rel",
+                 [("select", "plate (1)"), ("relate", "cup,to the left of,s (2)"), ("exist", "?")]), "yes"),
+    "02": (gqa_q("What color is the cup?", "white", "query", "attr", [("select", "cup (2)"), ("query", "color")]),
+           "White"),  # exact match: wrong
+    "03": (gqa_q("Who is wearing the hat?", "man", "query", "rel",
+                 [("select", "hat (3)"), ("relate", "person,wearing,s (4)"), ("query", "name")]), "man"),
+    "04": (gqa_q("Is the table wooden or metallic?", "wooden", "choose", "attr",
+                 [("select", "table (5)"), ("choose material", "wooden|metallic")]), "wooden"),
+    "05": (gqa_q("Are there both cups and plates?", "no", "logical", "obj",
+                 [("select", "cup (2)"), ("exist", "?"), ("select", "plate (1)"), ("exist", "?"), ("and", "")]),
+           "no "),  # no stripping: wrong
+    "06": (gqa_q("What is the cup on?", "table", "query", "rel", [("select", "cup (2)"), ("relate", "_,on,o (5)"),
+                                                                  ("query", "name")], balanced=False), "floor"),
+    "07": (gqa_q("Is this a cat or a dog?", "cat", "choose", "cat", [("select", "animal (6)"), ("choose name", "cat|dog")]),
+           "cat"),
+}
+
+
+def test_gqa_steps_quirks():
+    prog = lambda *ops: [{"operation": o, "argument": a} for o, a in ops]  # noqa: E731
+    assert E.gqa_steps(prog(("select", "cup"), ("query", "color"))) == 2
+    assert E.gqa_steps(prog(("select", "cup"), ("query", "name"), ("exist", "?"), ("choose name", "a|b"))) == 1
+    assert E.gqa_steps(prog(("select", "existence (3)"))) == 0  # a substring test on "op: arg"
+    assert E.gqa_steps(prog(("verify color", "choose name"))) == 0
+
+
+def test_gqa_scores_hand_worked():
+    questions = {qid: q for qid, (q, _) in GQA_QUESTIONS.items()}
+    preds = {qid: p for qid, (_, p) in GQA_QUESTIONS.items()}
+    m = E.gqa_scores(preds, questions)
+    # balanced: 01 02 03 04 05 07 (06 is not); right: 01 03 04 07 -> 4 / 6
+    assert m["accuracy"] == pytest.approx(200 / 3, abs=1e-12) and m["n_questions"] == 6
+    assert m["binary"] == 75.0  # verify/choose/logical/choose: 01 04 05 07 -> 3 / 4 (04, 07 are not yes/no)
+    assert m["open"] == 50.0  # query: 02 03 -> 1 / 2
+    assert m["accuracyPerStructuralType"] == {"choose": [100.0, 2], "logical": [0.0, 1], "query": [50.0, 2],
+                                              "verify": [100.0, 1]}
+    assert m["accuracyPerSemanticType"] == {"attr": [50.0, 2], "cat": [100.0, 1], "obj": [0.0, 1], "rel": [100.0, 2]}
+    # steps: 01 2 (exist dropped), 02 2, 03 2 (query: name dropped), 04 2, 05 3, 07 1 (choose name dropped)
+    assert m["accuracyPerSteps"] == {"1": [100.0, 1], "2": [75.0, 4], "3": [0.0, 1]}
+    # words: 01 9, 02 5, 03 5, 04 6, 05 6, 07 7
+    assert m["accuracyPerLength"] == {"5": [50.0, 2], "6": [50.0, 2], "7": [100.0, 1], "9": [100.0, 1]}
+    assert E.gqa_scores(dict(preds, **{"06": "table"}), questions) == m  # unbalanced questions never count
+    only_binary = {k: v for k, v in questions.items() if v["types"]["structural"] != "query"}
+    assert E.gqa_scores(preds, only_binary)["open"] is None  # the original would print 0.00
+
+
+def official_gqa_accuracy(questions, predictions):
+    """The accuracy part of the GQA website's eval.py main loop, transcribed for the test."""
+    scores = {"accuracy": [], "binary": [], "open": [], "accuracyPerStructuralType": {}, "accuracyPerSemanticType": {},
+              "accuracyPerLength": {}, "accuracyPerSteps": {}}
+    for qid, question in questions.items():
+        score = float(1 if predictions[qid] == question["answer"] else 0)
+        words = len(question["question"].split())
+        steps = len([c for c in question["semantic"] if not (any([o in "{}: {}".format(c["operation"], c["argument"])
+                                                                 for o in ["exist", "query: name", "choose name"]]))])
+        if question["isBalanced"]:
+            scores["accuracy"].append(score)
+            scores["accuracyPerLength"].setdefault(words, []).append(score)
+            scores["accuracyPerSteps"].setdefault(steps, []).append(score)
+            scores["accuracyPerStructuralType"].setdefault(question["types"]["structural"], []).append(score)
+            scores["accuracyPerSemanticType"].setdefault(question["types"]["semantic"], []).append(score)
+            scores["open" if question["types"]["structural"] == "query" else "binary"].append(score)
+    avg = lambda l: float(sum(l)) / len(l) if l else 0  # noqa: E731
+    out = {k: avg(scores[k]) * 100 for k in ("accuracy", "binary", "open")}
+    for k in ("accuracyPerStructuralType", "accuracyPerSemanticType", "accuracyPerSteps", "accuracyPerLength"):
+        out[k] = {str(t): [avg(v) * 100, len(v)] for t, v in scores[k].items()}
+    return out
+
+
+def test_gqa_matches_official_loop_on_random_questions():
+    rng = random.Random(0)
+    answers = ["yes", "no", "red", "Red", "table", "man", "left", "right"]
+    ops = [("select", "cup"), ("exist", "?"), ("relate", "x,on,o"), ("query", "name"), ("query", "color"),
+           ("choose name", "a|b"), ("filter color", "red"), ("verify", "existence"), ("and", "")]
+    questions, preds = {}, {}
+    for i in range(400):
+        program = [rng.choice(ops) for _ in range(rng.randint(1, 6))]
+        structural = rng.choice(["query", "verify", "logical", "choose", "compare"])
+        words = " ".join(rng.choice(["what", "is", "the", "cup", "on"]) for _ in range(rng.randint(2, 9)))
+        questions[str(i)] = gqa_q(words + "?", rng.choice(answers), structural,
+                                  rng.choice(["attr", "rel", "obj", "cat", "global"]), program, rng.random() < 0.7)
+        preds[str(i)] = rng.choice(answers)
+    ours = E.gqa_scores(preds, questions)
+    official = official_gqa_accuracy(questions, preds)
+    assert {k: ours[k] for k in official} == official  # exactly: the same floats in the same order
+
+
+def gqa_files(tmp_path, predictions):
+    q = write(tmp_path / "testdev_balanced_questions.json", {qid: q for qid, (q, _) in GQA_QUESTIONS.items()})
+    r = write(tmp_path / "gqa_predictions.json", predictions)
+    return q, r
+
+
+def test_cli_gqa(tmp_path, capsys):
+    q, r = gqa_files(tmp_path, [{"questionId": qid, "prediction": p} for qid, (_, p) in GQA_QUESTIONS.items()])
+    out = str(tmp_path / "m.json")
+    proc = subprocess.run([sys.executable, "eval.py", "gqa", "--results", r, "--questions", q, "--out", out],
+                          capture_output=True, text=True, cwd=E.__file__.rsplit("/", 1)[0])
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads(open(out).read())
+    assert metrics["accuracy"] == pytest.approx(200 / 3) and metrics["binary"] == 75.0
+    assert metrics["accuracyPerSteps"]["2"] == [75.0, 4]
+    assert "accuracy: 66.6667" in proc.stdout and "accuracyPerSteps: 1: 100.00 (1), 2: 75.00 (4)" in proc.stdout
+    assert E.main(["gqa", "--results", r, "--questions", q]) == metrics
+    assert json.loads((tmp_path / "gqa_predictions.metrics.json").read_text()) == metrics
+
+
+ALL_GQA = [{"questionId": qid, "prediction": "x"} for qid in GQA_QUESTIONS]
+
+
+@pytest.mark.parametrize("results,message", [
+    (ALL_GQA[1:], "1 of 7 questionIds have no prediction (e.g. ['01'])"),  # unbalanced ones too
+    (ALL_GQA + [{"questionId": "99", "prediction": "x"}], "1 questionIds not in the reference set (e.g. ['99'])"),
+    (ALL_GQA + ALL_GQA[:1], "1 duplicate questionIds"),
+    ([{"questionId": 1, "prediction": "x"}], "questionId must be a string, got 1"),
+    ([{"questionId": "01", "answer": "x"}], "fields 'questionId' and 'prediction'"),
+    ([{"questionId": "01", "prediction": None}], "prediction must be a string"),
+    ({"01": "x"}, "must be a JSON list"),
+])
+def test_cli_gqa_bad_results(tmp_path, capsys, results, message):
+    q, r = gqa_files(tmp_path, results)
+    cli_error(capsys, ["gqa", "--results", r, "--questions", q], message)
+    assert not (tmp_path / "gqa_predictions.metrics.json").exists()
+
+
+def test_cli_gqa_bad_questions(tmp_path, capsys):
+    _, r = gqa_files(tmp_path, ALL_GQA[:1])
+    for questions, message in [
+        ({"01": {k: v for k, v in GQA_QUESTIONS["01"][0].items() if k != "isBalanced"}}, "question 01: field 'isBalanced'"),
+        ({"01": dict(GQA_QUESTIONS["01"][0], types={"semantic": "rel"})}, "question 01: field 'types' has no string 'structural'"),
+        ({"01": dict(GQA_QUESTIONS["01"][0], semantic=[{"argument": "x"}])}, "question 01: a 'semantic' operation lacks"),
+        ({"01": dict(GQA_QUESTIONS["01"][0], isBalanced=False)}, "no balanced GQA questions"),
+        ([], "must be a non-empty JSON object"),
+    ]:
+        q = write(tmp_path / "q.json", questions)
+        cli_error(capsys, ["gqa", "--results", r, "--questions", q], message)
+
+
+# ---- NLVR2: lil-lab/nlvr nlvr2/eval/metrics.py on hand-written identifiers ---------------------
+
+
+NLVR2_LABELS = [("test1-0-0-0", "True"), ("test1-0-1-0", "False"), ("test1-0-2-0", "True"),  # sentence test1-0--0
+                ("test1-0-0-1", "False"), ("test1-0-3-1", "False"),                       # sentence test1-0--1
+                ("test1-7-1-0", "True"), ("test1-9-0-0", "False")]                         # one pair each
+NLVR2_CSV = ("test1-9-0-0,True\n"       # wrong: sentence test1-9--0 inconsistent
+             "test1-0-0-0,True\n"
+             "test1-0-1-0,false\n"      # lower-cased before comparing: right
+             "test1-0-2-0,False\n"      # wrong: sentence test1-0--0 inconsistent
+             "test1-0-0-1,FALSE\n"
+             "test1-0-3-1,False\n"
+             "test1-7-1-0,True,0.93\n")  # fields after the second are ignored
+
+
+def nlvr2_files(tmp_path, csv=NLVR2_CSV, labels=NLVR2_LABELS):
+    lines = [json.dumps({"sentence": "s", "left_url": "u", "right_url": "v", "label": label, "identifier": i,
+                         "writer": "1", "synset": "dog", "query": "dogs1"}) for i, label in labels]
+    return write(tmp_path / "test1.json", "\n".join(lines) + "\n"), write(tmp_path / "predictions.csv", csv)
+
+
+def test_nlvr2_sentence_groups():
+    assert E.nlvr2_sentence("dev-850-2-0") == "dev-850--0"
+    assert E.nlvr2_sentence("dev-850-3-0") == E.nlvr2_sentence("dev-850-2-0") != E.nlvr2_sentence("dev-850-2-1")
+    for bad in ["dev-850-2", "dev-850-2-0-1", "dev--2-0", 12]:
+        with pytest.raises(ValueError, match="split-set_id-pair_id-sentence_id"):
+            E.nlvr2_sentence(bad)
+
+
+def test_nlvr2_scores_hand_worked():
+    preds = {"test1-0-0-0": "True", "test1-0-1-0": "false", "test1-0-2-0": "False", "test1-0-0-1": "FALSE",
+             "test1-0-3-1": "False", "test1-7-1-0": "True", "test1-9-0-0": "True"}
+    m = E.nlvr2_scores(preds, dict(NLVR2_LABELS))
+    # 5 of 7 right; sentences test1-0--0 (one wrong), test1-0--1 (all right), test1-7--0 (right),
+    # test1-9--0 (wrong): 2 of 4 consistent
+    assert m == {"accuracy": 5 / 7, "consistency": 0.5, "n_examples": 7, "n_sentences": 4}
+
+
+def test_cli_nlvr2(tmp_path):
+    labels, csv = nlvr2_files(tmp_path)
+    proc = subprocess.run([sys.executable, "eval.py", "nlvr2", "--results", csv, "--labels", labels],
+                          capture_output=True, text=True, cwd=E.__file__.rsplit("/", 1)[0])
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((tmp_path / "predictions.metrics.json").read_text())  # .csv -> .metrics.json
+    assert metrics == {"accuracy": pytest.approx(0.7142857142857143, abs=1e-15), "consistency": 0.5,
+                       "n_examples": 7, "n_sentences": 4}
+    assert "accuracy: 0.7143" in proc.stdout and "consistency: 0.5000" in proc.stdout
+
+
+@pytest.mark.parametrize("csv,message", [
+    (NLVR2_CSV.replace("test1-0-0-1,FALSE\n", ""), "1 of 7 identifiers have no prediction (e.g. ['test1-0-0-1'])"),
+    (NLVR2_CSV + "test1-5-0-0,True\n", "identifiers not in the reference set (e.g. ['test1-5-0-0'])"),
+    (NLVR2_CSV + "test1-0-0-0,False\n", "1 duplicate identifiers"),
+    (NLVR2_CSV.replace("test1-0-1-0,false", "test1-0-1-0;false"), "predictions.csv, line 3: expected 'identifier,prediction'"),
+    (NLVR2_CSV.replace("test1-0-1-0,false", "test1-0-1-0,1"), "predictions.csv, line 3: prediction must be True or False, got '1'"),
+    (NLVR2_CSV.replace("test1-0-1-0,false", "test1-0-1-0, false"), "line 3: prediction must be True or False, got ' false'"),
+])
+def test_cli_nlvr2_bad_results(tmp_path, capsys, csv, message):
+    labels, path = nlvr2_files(tmp_path, csv)
+    cli_error(capsys, ["nlvr2", "--results", path, "--labels", labels], message)
+
+
+@pytest.mark.parametrize("labels,message", [
+    (NLVR2_LABELS[:2] + [("test1-0-2", "True")], "test1.json, line 3: identifier must look like"),
+    (NLVR2_LABELS[:2] + [("test1-0-2-0", "yes")], "test1.json, line 3: label must be \"True\" or \"False\""),
+    (NLVR2_LABELS[:2] + NLVR2_LABELS[:1], "test1.json, line 3: identifier test1-0-0-0 repeats an earlier line"),
+])
+def test_cli_nlvr2_bad_labels(tmp_path, capsys, labels, message):
+    path, csv = nlvr2_files(tmp_path, labels=labels)
+    cli_error(capsys, ["nlvr2", "--results", csv, "--labels", path], message)
+    (tmp_path / "test1.json").write_text(open(path).read().replace('"label"', '"label', 1))
+    cli_error(capsys, ["nlvr2", "--results", csv, "--labels", path], "test1.json, line 1: not valid JSON")
+
+
+# ---- issue 13: eval.py's own bad input --------------------------------------------------------
+
+
+def vqa_results(tmp_path, ids=(1, 2, 3)):
+    return write(tmp_path / "r.json", [{"question_id": q, "answer": "yes"} for q in ids])
+
+
+def test_results_folder_is_one_error_line(tmp_path, capsys):
+    q, a = vqa_files(tmp_path)
+    (tmp_path / "results").mkdir()
+    cli_error(capsys, ["vqa", "--results", str(tmp_path / "results"), "--questions", q, "--annotations", a,
+                       "--out", str(tmp_path / "m.json")], f"results file {tmp_path / 'results'} is a folder")
+
+
+def test_annotation_answer_without_answer_field(tmp_path, capsys):
+    q, a = vqa_files(tmp_path)
+    anns = json.loads(open(a).read())
+    del anns["annotations"][1]["answers"][4]["answer"]
+    write(tmp_path / "a.json", anns)
+    cli_error(capsys, ["vqa", "--results", vqa_results(tmp_path), "--questions", q, "--annotations", a],
+              "a.json: question 2, answer 4 has no string field 'answer'")
+
+
+@pytest.mark.parametrize("out,message", [
+    ("missing/m.json", "output folder {tmp}/missing does not exist"),
+    ("file.txt/m.json", "output folder {tmp}/file.txt does not exist"),
+    ("", "output {tmp}/ is a folder"),
+])
+def test_bad_out_is_found_before_scoring(tmp_path, capsys, out, message):
+    q, a = vqa_files(tmp_path)
+    (tmp_path / "file.txt").write_text("x")
+    out, message = str(tmp_path) + "/" + out, message.format(tmp=tmp_path)
+    # good results: before the fix, a traceback after scoring
+    cli_error(capsys, ["vqa", "--results", vqa_results(tmp_path), "--questions", q, "--annotations", a,
+                       "--out", out], message)
+    # bad results too: the output is checked first, before any scoring
+    cli_error(capsys, ["vqa", "--results", vqa_results(tmp_path, (1, 2)), "--questions", q, "--annotations", a,
+                       "--out", out], message)
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_unwritable_out_folder_is_found_before_scoring(tmp_path, capsys):
+    q, a = vqa_files(tmp_path)
+    (tmp_path / "ro").mkdir()
+    os.chmod(tmp_path / "ro", 0o555)
+    try:
+        cli_error(capsys, ["vqa", "--results", vqa_results(tmp_path, (1, 2)), "--questions", q, "--annotations", a,
+                           "--out", str(tmp_path / "ro" / "m.json")], "cannot write to output folder")
+    finally:
+        os.chmod(tmp_path / "ro", 0o755)
+
+
+def karpathy_vqa_files(tmp_path):
+    """train2014 + val2014 VQA files over four images: 201 (train2014, Karpathy train), 301 (val2014,
+    test), 302 (val2014, test), 303 (val2014, restval); one question per image (id = 10 * image)."""
+    def files(subtype, images):
+        anns = [{"question_id": 10 * i, "image_id": i, "question_type": "what", "answer_type": t,
+                 "multiple_choice_answer": "x",
+                 "answers": [{"answer": a, "answer_confidence": "yes", "answer_id": j + 1} for j, a in enumerate(ans)]}
+                for i, t, ans in images]
+        qs = [{"question_id": a["question_id"], "image_id": a["image_id"], "question": "?"} for a in anns]
+        return (write(tmp_path / f"q_{subtype}.json", {"questions": qs}),
+                write(tmp_path / f"a_{subtype}.json", {"annotations": anns}))
+    train = files("train2014", [(201, "other", ["cat"] * 10)])
+    val = files("val2014", [(301, "yes/no", ["yes"] * 10), (302, "other", ["cat"] * 2 + ["dog"] * 8),
+                            (303, "other", ["dog"] * 10)])
+    images = [{"filepath": fp, "filename": f"{i}.jpg", "cocoid": i, "split": s, "sentences": []}
+              for fp, i, s in [("train2014", 201, "train"), ("val2014", 301, "test"), ("val2014", 302, "test"),
+                               ("val2014", 303, "restval")]]
+    return train, val, write(tmp_path / "dataset_coco.json", {"images": images})
+
+
+def test_vqa_karpathy_split_scores_one_split(tmp_path, capsys):
+    (q_train, a_train), (q_val, a_val), karpathy = karpathy_vqa_files(tmp_path)
+    r = write(tmp_path / "results_test.json", [{"question_id": 3010, "answer": "yes"},
+                                               {"question_id": 3020, "answer": "cat"}])
+    # without --karpathy every question of the annotation file is wanted
+    cli_error(capsys, ["vqa", "--results", r, "--questions", q_val, "--annotations", a_val],
+              "1 of 3 question_ids have no answer (e.g. [3030])")
+    m = E.main(["vqa", "--results", r, "--questions", q_val, "--annotations", a_val, "--karpathy", karpathy])
+    # split test (the default): 301 yes -> 1, 302 cat with 2 of 10 matching -> 0.6: (1 + 0.6) / 2
+    assert m["overall"] == 80.0 and m["n_questions"] == 2
+    assert m == E.main(["vqa", "--results", r, "--questions", q_val, "--annotations", a_val, "--karpathy", karpathy,
+                        "--split", "test"])
+    # Karpathy train = train + restval spans train2014 and val2014: both files are needed
+    r = write(tmp_path / "results_train.json", [{"question_id": 2010, "answer": "cat"},
+                                                {"question_id": 3030, "answer": "cat"}])
+    cli_error(capsys, ["vqa", "--results", r, "--questions", q_val, "--annotations", a_val, "--karpathy", karpathy,
+                       "--split", "train"], "1 of 2 images of Karpathy split 'train' have no question in")
+    m = E.main(["vqa", "--results", r, "--questions", q_train, q_val, "--annotations", a_train, a_val,
+                "--karpathy", karpathy, "--split", "train"])
+    assert m["overall"] == 50.0 and m["n_questions"] == 2  # cat right on 201, wrong on 303
+    cli_error(capsys, ["vqa", "--results", r, "--questions", q_val, "--annotations", a_val, "--split", "test"],
+              "--split needs --karpathy")
+
+
+def test_every_option_has_help_and_help_cites_public_sources():
+    parser = E.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(subparsers.choices) == ["caption", "gqa", "nlvr2", "vqa"]
+    texts = [parser.format_help()]
+    for name, sub in subparsers.choices.items():
+        texts.append(sub.format_help())
+        for action in sub._actions:
+            assert action.help, f"eval.py {name} {action.option_strings} has no help text"
+    for text in texts:
+        for private in ("EVAL_NOTES", "SPEC.md", "shared/"):
+            assert private not in text
+    assert "\\" not in texts[0]  # no mangled backslash continuation in the docstring
+
+
+def test_bad_options_are_one_line(capsys):
+    for argv in (["gqa", "--results", "r.json"], ["nlvr2", "--bogus", "x"], ["bleu"], []):
+        cli_error(capsys, argv, "")

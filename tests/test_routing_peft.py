@@ -1,4 +1,5 @@
-"""Tests of routing_peft.py: routes, LoRA / Adapter invariants, context, state, merging, foreign models.
+"""Tests of routing_peft.py: routes, LoRA / Adapter / VL-PET invariants, context, state, merging, foreign models,
+VL-PET's hand-worked gates and its parameter counts on bart-base shapes.
 
     python -m pytest -q tests/test_routing_peft.py
 """
@@ -8,6 +9,7 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import routing_peft as rp
@@ -395,9 +397,15 @@ def test_hf_gpt2_conv1d_lora_merge_and_beam_search():
     rp.add_adapters(model, ["c_proj"], 4, "add", nn.GELU(approximate="tanh"))  # attn.c_proj and mlp.c_proj
     assert torch.equal(run(model, ids, x_R).logits, want)
     randomize_up(model)
-    with rp.visual_context(model, x_R.repeat_interleave(3, 0)):  # beam search expands the batch 3 times
-        beams = model.generate(ids, num_beams=3, max_new_tokens=3, do_sample=False, min_new_tokens=3)
-    assert beams.shape == (2, 9)
+
+    def beam_search(ids, x_R):
+        with rp.visual_context(model, x_R.repeat_interleave(3, 0)):  # beam search expands the batch 3 times
+            return model.generate(ids, num_beams=3, max_new_tokens=5, do_sample=False).tolist()
+
+    strong = x_R * 30  # a visual feature large enough to change the decoded tokens
+    both = beam_search(ids, strong)  # each example's beams see its own x_R: as if it were decoded alone
+    assert both == [beam_search(ids[i:i + 1], strong[i:i + 1])[0] for i in range(2)]
+    assert both != beam_search(ids, strong.flip(0))  # and x_R steers the routed decoder
 
     plain = randomize_up(rp.add_lora(copy.deepcopy(base), ["c_attn"], 4, 4, "none"))
     want = plain(ids).logits
@@ -447,3 +455,412 @@ def test_our_gpt2_kv_cache_decoding_with_routing():
         steps = [model(None, prefix=x_R[:, None], cache=cache)] + [model(ids[:, i:i + 1], cache=cache)
                                                                   for i in range(6)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+# ---- VL-PET: gates, sub-layer wrapper, parallel adapter --------------------------------------------------
+
+GATE_R = {"large": 3, "middleX": None, "middleY": None, "small": None}  # gate_r: the large gate's rank only
+
+
+def roberta(d=D):
+    """Our RoBERTa (post-LN, like BART's encoder), two blocks: blocks[i].attn and blocks[i].mlp are sub-layers."""
+    import models
+    return models.build_model(models.Config("roberta", d, 2, 4, 2 * d, 1e-5, vocab_size=50, max_positions=40))
+
+
+def vlpet_roberta(gate, route, r=4):
+    return rp.add_vlpet(roberta(), ["attn", "mlp"], gate, r, route, GATE_R[gate])
+
+
+def parallel_toy(route):
+    return rp.add_parallel_adapters(Toy(), ["attn.v", "mlp.fc2"], r=4, route=route)
+
+
+def set_linear(linear, weight, bias):
+    with torch.no_grad():
+        linear.weight.copy_(torch.tensor(weight, dtype=torch.float32))
+        linear.bias.copy_(torch.tensor(bias, dtype=torch.float32))
+
+
+def neutralise(model):
+    """W_up = 0, b_up = 0 in every VL-PET / parallel bottleneck and z = 0 in every middleY gate: each module
+    then returns its sub-layer's (or base layer's) output exactly, which checks the plumbing alone."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (rp.VLPET, rp.ParallelAdapter)):
+                m.up.weight.zero_()
+                m.up.bias.zero_()
+            if isinstance(m, rp.MiddleYGate):
+                m.z.zero_()
+    return model
+
+
+# Worked by hand (d = 2, r = 2, B = 1, N = 2; g = tanh GELU, s = sigmoid; g(1) = 0.841192, g(-1) = -0.158808,
+# g(2) = 1.954598, g(-2) = -0.045402):
+#   sub-layer: H = X with its two channels swapped;  X = [[1, 0], [0, -1]]  ->  H = [[0, 1], [-1, 0]]
+#   W_down = [[1, 1], [1, -1]], b_down = [0, 1];  W_up = [[1, 0], [0, 2]], b_up = [0, 0.5]
+#   none:   x_t = W_down H + b_down = [[1, 0], [-1, 0]];  H1 = H + W_up g(x_t) + b_up
+#           = [[0.841192, 1.5], [-1.158808, 0.5]]
+#   matmul, x_R = [1, 0]:  x_v = W_down x_R + b_down = [1, 2];  <x_t, x_v> = 1, -1  ->  f = [[1, 2], [-1, -2]]
+#           H1 = [[g(1), 1 + 2 g(2) + 0.5], [-1 + g(-1), 2 g(-2) + 0.5]]
+#              = [[0.841192, 5.409195], [-1.158808, 0.409195]]
+#   large (gate_r = 1): W_gd = [[1, 1]], b_gd = 0, W_gu = [[1], [-1]], b_gu = 0:  W_gd X = [1, -1]
+#           G = s([[g(1), -g(1)], [g(-1), -g(-1)]]) = [[0.698716, 0.301284], [0.460381, 0.539619]]
+#   middleX: w = [1, -1], b = 0: w . (X + H1) = none [0.341192, -0.658808] -> G = [0.584480, 0.341007]
+#                                               matmul [-3.568003, -0.568003] -> G = [0.027438, 0.361698]
+#   middleY: z = [0.5, -0.25] -> G = [1.5, 0.75] (no sigmoid)
+#   small:  w = [1, 0, 0, 1], b = -1 on [X; H1]: X_0 + H1_1 - 1 = none [1.5, -0.5] -> s = [0.817574, 0.377541]
+#           -> G = mean = 0.597558;  matmul [5.409195, -0.590805] -> s = [0.995545, 0.356450] -> G = 0.675997
+#   out = H1 * G:
+VLPET_HAND = {
+    ("large", "none"): [[0.587754, 0.451926], [-0.533493, 0.269809]],
+    ("middleX", "none"): [[0.491660, 0.876720], [-0.395162, 0.170504]],
+    ("middleY", "none"): [[1.261788, 1.125000], [-1.738212, 0.375000]],
+    ("small", "none"): [[0.502661, 0.896336], [-0.692455, 0.298779]],
+    ("large", "matmul"): [[0.587754, 1.629703], [-0.533493, 0.220810]],
+    ("middleX", "matmul"): [[0.023081, 0.148418], [-0.419138, 0.148005]],
+    ("middleY", "matmul"): [[1.261788, 4.056897], [-1.738212, 0.306897]],
+    ("small", "matmul"): [[0.568644, 3.656602], [-0.783351, 0.276615]],
+}
+
+
+@pytest.mark.parametrize("gate, route", list(VLPET_HAND))
+def test_vlpet_gates_against_hand_computed_example(gate, route):
+    swap = nn.Linear(2, 2)
+    set_linear(swap, [[0, 1], [1, 0]], [0, 0])
+    layer = rp.VLPET(swap, r=2, gate=rp.make_gate(gate, 2, 1 if gate == "large" else None), route=route)
+    set_linear(layer.down, [[1, 1], [1, -1]], [0, 1])
+    set_linear(layer.up, [[1, 0], [0, 2]], [0, 0.5])
+    g = layer.gate
+    if gate == "large":
+        set_linear(g.down, [[1, 1]], [0])
+        set_linear(g.up, [[1], [-1]], [0, 0])
+    elif gate == "middleX":
+        set_linear(g.w, [[1, -1]], [0])
+    elif gate == "middleY":
+        with torch.no_grad():
+            g.z.copy_(torch.tensor([0.5, -0.25]))
+    else:
+        set_linear(g.w, [[1, 0, 0, 1]], [-1])
+    X = torch.tensor([[[1., 0.], [0., -1.]]])
+    with rp.visual_context(layer, torch.tensor([[1., 0.]])):
+        out = layer(X)
+    torch.testing.assert_close(out, torch.tensor([VLPET_HAND[gate, route]]), rtol=0, atol=2e-6)
+
+
+# Worked by hand: base W = [[1, 2], [0, 1]], b = [0, -1];  x = [[1, -1], [2, 0]]  ->  base(x) = [[-1, -2], [2, -1]]
+#   W_down = [[1, 0], [1, 1]], b_down = [0, -1];  W_up = [[1, 1], [0, -1]], b_up = [0.5, 0]
+#   none: x_t = [[1, -1], [2, 1]];  W_up g(x_t) + b_up = [[g(1) + g(-1) + 0.5, -g(-1)], [g(2) + g(1) + 0.5, -g(1)]]
+#   mul, x_R = [1, 2]: x_v = [1, 2];  x_t * x_v = [[1, -2], [2, 2]]
+#         W_up g(.) + b_up = [[g(1) + g(-2) + 0.5, -g(-2)], [2 g(2) + 0.5, -g(2)]]
+PARALLEL_HAND = {"none": [[0.182384, -1.841192], [5.295790, -1.841192]],
+                 "mul": [[0.295790, -1.954598], [6.409195, -2.954598]]}
+
+
+@pytest.mark.parametrize("route", list(PARALLEL_HAND))
+def test_parallel_adapter_against_hand_computed_example(route):
+    base = nn.Linear(2, 2)
+    set_linear(base, [[1, 2], [0, 1]], [0, -1])
+    layer = rp.ParallelAdapter(base, r=2, route=route)
+    set_linear(layer.down, [[1, 0], [1, 1]], [0, -1])
+    set_linear(layer.up, [[1, 1], [0, -1]], [0.5, 0])
+    with rp.visual_context(layer, torch.tensor([[1., 2.]])):
+        out = layer(torch.tensor([[[1., -1.], [2., 0.]]]))
+    torch.testing.assert_close(out, torch.tensor([PARALLEL_HAND[route]]), rtol=0, atol=2e-6)
+
+
+def test_release_multihead_down_projection_is_one_linear():
+    # The release: 4 heads Linear(d, r/4) on the same H, concatenated, tanh GELU, one Linear(r, d). Our single
+    # W_down with the heads' rows stacked computes the same thing, routed or not (the route sees the
+    # concatenation).
+    d, r = D, 8
+    heads = [nn.Linear(d, r // 4) for _ in range(4)]
+    up = nn.Linear(r, d)
+    H, x_R = torch.randn(3, 5, d), torch.randn(3, 1, d)
+    with torch.no_grad():
+        x_t = torch.cat([h(H) for h in heads], dim=-1)  # (3, 5, r)
+        x_v = torch.cat([h(x_R) for h in heads], dim=-1)
+        for route in ("none", "matmul"):
+            released = up(F.gelu(rp.ROUTES[route](x_t, x_v), approximate="tanh"))
+            layer = rp.VLPET(nn.Linear(d, d), r, rp.make_gate("middleY", d), route)
+            layer.down.weight.copy_(torch.cat([h.weight for h in heads]))  # (r, d): the heads' rows stacked
+            layer.down.bias.copy_(torch.cat([h.bias for h in heads]))
+            layer.up.load_state_dict(up.state_dict())
+            with rp.visual_context(layer, x_R):
+                torch.testing.assert_close(layer.branch(H), released)
+
+
+def test_vlpet_init_as_the_release():
+    torch.manual_seed(0)
+    sub = nn.Linear(768, 768)
+    before = copy.deepcopy(sub.state_dict())
+    layer = rp.VLPET(sub, 96, rp.make_gate("large", 768, 96))
+    weights = [layer.down.weight, layer.up.weight, layer.gate.down.weight, layer.gate.up.weight]
+    for w in weights:
+        assert abs(w.std().item() - 0.02) < 0.001 and abs(w.mean().item()) < 0.001
+    assert all(torch.count_nonzero(b) == 0 for b in (layer.down.bias, layer.up.bias, layer.gate.down.bias,
+                                                      layer.gate.up.bias))
+    assert all(torch.equal(v, before[k]) for k, v in layer.module.state_dict().items())  # the sub-layer untouched
+    z = rp.make_gate("middleY", 768).z
+    assert abs(z.std().item() - 0.02) < 0.002
+    for gate in ("middleX", "small"):
+        w = rp.make_gate(gate, 768).w
+        assert abs(w.weight.std().item() - 0.02) < 0.003 and torch.count_nonzero(w.bias) == 0
+    pa = rp.ParallelAdapter(nn.Linear(768, 768), 96)
+    assert abs(pa.up.weight.std().item() - 0.02) < 0.001 and torch.count_nonzero(pa.up.bias) == 0
+
+
+def test_vlpet_option_errors():
+    with pytest.raises(ValueError, match="unknown gate 'medium'"):
+        rp.add_vlpet(roberta(), ["attn"], "medium", 4, "none")
+    with pytest.raises(ValueError, match="gate_r .* required"):
+        rp.add_vlpet(roberta(), ["attn"], "large", 4, "none")
+    with pytest.raises(ValueError, match="refused for the others"):
+        rp.add_vlpet(roberta(), ["attn"], "small", 4, "none", gate_r=4)
+    with pytest.raises(ValueError, match="unknown route"):
+        rp.add_parallel_adapters(Toy(), ["attn.v"], 4, "mull")
+    with pytest.raises(TypeError, match="holds no linear layer"):
+        rp.add_vlpet(roberta(), ["ln1"], "small", 4, "none")
+
+
+@pytest.mark.parametrize("gate", list(rp.GATES))
+def test_vlpet_routing_adds_zero_parameters(gate):
+    counts = {route: rp.count_parameters(rp.mark_trainable(vlpet_roberta(gate, route))) for route in rp.ROUTES}
+    assert len(set(counts.values())) == 1, counts
+    trainable, total = counts["none"]
+    d, r = D, 4
+    gate_size = {"large": 2 * d * 3 + 3 + d, "middleX": d + 1, "middleY": d, "small": 2 * d + 1}[gate]
+    assert trainable == 4 * (2 * d * r + r + d + gate_size)  # 2 blocks x (attn, mlp)
+    assert total == rp.count_parameters(roberta())[1] + trainable
+
+
+def test_parallel_adapter_routing_adds_zero_parameters():
+    counts = {route: rp.count_parameters(rp.mark_trainable(parallel_toy(route))) for route in rp.ROUTES}
+    assert len(set(counts.values())) == 1, counts
+    # attn.v: Linear(16, 16), mlp.fc2: Linear(32, 16): W_down, b_down, W_up, b_up
+    assert counts["none"][0] == 2 * ((D * 4 + 4 + 4 * D + D) + (2 * D * 4 + 4 + 4 * D + D))
+
+
+def test_vlpet_mark_trainable_selects_exactly_the_module_weights_plus_extra():
+    model = rp.add_parallel_adapters(vlpet_roberta("large", "matmul"), ["attn.module.v"], 4, "add")
+    rp.mark_trainable(model, extra=["ln1", "ln2"])
+    ids, x_R = torch.randint(3, 50, (2, 6)), torch.randn(2, D)
+    names = [n for n, _ in model.named_parameters()]
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n in names if any(k in n for k in (".down.", ".up.", ".gate.", ".ln1.", ".ln2."))}
+    # per block, weights and biases: attn and mlp (down, up, gate.down, gate.up), attn.v's adapter (down, up), LNs
+    assert len(trainable) == 2 * (8 + 8 + 4 + 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    run(model, ids, x_R).square().mean().backward()
+    opt.step()
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]) != (name in trainable), name
+
+
+def test_vlpet_state_dict_round_trip_and_pickling():
+    ids, x_R = torch.randint(3, 50, (2, 6)), torch.randn(2, D)
+
+    def build(seed):
+        torch.manual_seed(seed)
+        model = rp.add_vlpet(roberta(), ["attn"], "middleY", 4, "matmul")
+        rp.add_vlpet(model, ["mlp"], "small", 4, "mul")
+        return rp.add_parallel_adapters(model, ["attn.module.v"], 4, "add")
+
+    trained = build(0)
+    sd = rp.peft_state_dict(trained)
+    sub_layers = ("attn", "mlp", "attn.module.v")
+    assert sorted(sd) == sorted([f"blocks.{i}.{s}.{m}.{w}" for i in range(2) for s in sub_layers
+                                 for m in ("down", "up") for w in ("weight", "bias")]
+                                + [f"blocks.{i}.attn.gate.z" for i in range(2)]
+                                + [f"blocks.{i}.mlp.gate.w.{w}" for i in range(2) for w in ("weight", "bias")])
+    fresh = build(1)
+    fresh.load_state_dict(trained.state_dict())  # the PEFT weights are part of the full state dict ...
+    assert torch.equal(run(fresh, ids, x_R), run(trained, ids, x_R))
+    fresh = build(1)
+    with torch.no_grad():
+        for name, p in fresh.named_parameters():  # ... so copy only the frozen backbone here
+            if name not in sd:
+                p.copy_(trained.get_parameter(name))
+    assert not torch.equal(run(fresh, ids, x_R), run(trained, ids, x_R))
+    rp.load_peft_state_dict(fresh, {k: v.clone() for k, v in sd.items()})
+    assert torch.equal(run(fresh, ids, x_R), run(trained, ids, x_R))
+    assert torch.equal(run(pickle.loads(pickle.dumps(trained)), ids, x_R), run(trained, ids, x_R))
+
+
+def test_vlpet_visual_context_checks():
+    ids, x_R = torch.randint(3, 50, (2, 6)), torch.randn(2, D)
+    model = vlpet_roberta("small", "matmul")
+    with pytest.raises(RuntimeError, match="visual_context"):
+        model(ids)
+    with pytest.raises(ValueError, match=r"width 7 but layer 'blocks.0.attn' \(VLPET\) needs width 16"):
+        with rp.visual_context(model, torch.randn(2, 7)):
+            pass
+    with pytest.raises(ValueError, match="repeat_interleave"):
+        run(model, ids, x_R[:1])
+    vlpet_roberta("small", "none")(ids)  # route none needs no context
+    pa = rp.add_parallel_adapters(Toy(), ["mlp.fc2"], 4, "mul")
+    with pytest.raises(ValueError, match=r"'blocks.0.mlp.fc2' \(ParallelAdapter\) needs width 32"):
+        with rp.visual_context(pa, torch.randn(2, D)):
+            pass
+
+
+def test_merge_lora_merges_only_lora_and_refuses_a_model_without_one():
+    with pytest.raises(ValueError, match="has no LoRA layer"):
+        rp.merge_lora(vlpet_roberta("large", "none"))
+    ids = torch.randint(3, 50, (2, 6))
+    model = rp.add_lora(vlpet_roberta("large", "none"), ["attn.module.q"], 4, 4, "none")
+    randomize_up(model)
+    want = model(ids)
+    rp.merge_lora(model)
+    assert not any(isinstance(m, rp.LoRA) for m in model.modules())
+    assert sum(isinstance(m, rp.VLPET) for m in model.modules()) == 4
+    torch.testing.assert_close(model(ids), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("gate", list(rp.GATES))
+def test_vlpet_on_our_roberta(gate):
+    ids, x_R = torch.randint(3, 50, (2, 6)), torch.randn(2, D)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]])
+    base = roberta().eval()
+    want = base(ids, mask)
+    model = rp.add_vlpet(copy.deepcopy(base), ["attn", "mlp"], gate, 4, "matmul", GATE_R[gate])
+    if gate == "middleY":
+        assert torch.equal(run(neutralise(copy.deepcopy(model)), ids, x_R), base(ids))  # the wrapper's plumbing
+    # the wrapped attention, called with the block's arguments (x, mask), against the formula
+    attn = model.blocks[0].attn
+    X, key_mask = torch.randn(2, 6, D), mask.bool()[:, None, None, :]
+    with torch.no_grad():
+        H = attn.module(X, key_mask)
+        x_v = attn.down(x_R[:, None])  # (2, 1, r)
+        H1 = H + attn.up(F.gelu(rp.ROUTES["matmul"](attn.down(H), x_v), approximate="tanh"))
+        g = attn.gate
+        G = {"large": lambda: torch.sigmoid(g.up(F.gelu(g.down(X), approximate="tanh"))),
+             "middleX": lambda: torch.sigmoid(g.w(X + H1)),
+             "middleY": lambda: 1 + g.z,
+             "small": lambda: torch.sigmoid(g.w(torch.cat([X, H1], -1))).mean(1, keepdim=True)}[gate]()
+    with rp.visual_context(model, x_R):
+        torch.testing.assert_close(attn(X, key_mask), H1 * G)
+    rp.mark_trainable(model, extra=["ln1", "ln2"])
+    with rp.visual_context(model, x_R):
+        out = model(ids, mask)
+    assert not torch.allclose(out, want)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def tiny_bart():
+    import transformers
+    cfg = transformers.BartConfig(vocab_size=60, d_model=16, encoder_layers=2, decoder_layers=2,
+                                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                  decoder_ffn_dim=32, max_position_embeddings=32, pad_token_id=1, bos_token_id=0,
+                                  eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
+    return transformers.BartForConditionalGeneration(cfg).eval()
+
+
+def test_vlpet_on_hf_bart_attention_sublayers():
+    # HF BART's attention returns (output, weights) and gets its input positionally or as hidden_states=; its
+    # FFN is inline in the layer (not a module), so only attention can be wrapped as a sub-layer there. We wrap
+    # every attention kind (encoder self, decoder self with its cache, cross) to show the wrapper is generic.
+    base = tiny_bart()
+    ids, x_R = torch.randint(3, 60, (2, 7)), torch.randn(2, 16)
+    dec = torch.randint(3, 60, (2, 4))
+    want = base(input_ids=ids, decoder_input_ids=dec).logits
+    model = rp.add_vlpet(copy.deepcopy(base), ["self_attn", "encoder_attn"], "middleY", 4, "matmul")
+    rp.add_parallel_adapters(model.model.decoder, ["encoder_attn.module.v_proj"], 4, "mul")
+    assert sum(isinstance(m, rp.VLPET) for m in model.modules()) == 6
+    assert sum(isinstance(m, rp.ParallelAdapter) for m in model.modules()) == 2
+    with rp.visual_context(model, x_R):
+        assert torch.equal(neutralise(copy.deepcopy(model))(input_ids=ids, decoder_input_ids=dec).logits, want)
+
+    model = rp.add_vlpet(copy.deepcopy(base).model.encoder, ["self_attn"], "large", 4, "matmul", gate_r=3)
+    attn = model.layers[0].self_attn
+    X = torch.randn(2, 7, 16)
+    with torch.no_grad():
+        H, weights = attn.module(X)
+        H1 = H + attn.up(F.gelu(rp.ROUTES["matmul"](attn.down(H), attn.down(x_R[:, None])), approximate="tanh"))
+        G = torch.sigmoid(attn.gate.up(F.gelu(attn.gate.down(X), approximate="tanh")))
+    with rp.visual_context(attn, x_R):
+        out, out_weights = attn(hidden_states=X)  # the keyword form of VL-PET's transformers 4.2.1 copy
+    torch.testing.assert_close(out, H1 * G)
+    assert out_weights is None if weights is None else torch.equal(out_weights, weights)
+
+
+def test_vlpet_on_hf_bart_trains_and_generates_with_beams():
+    model = tiny_bart()
+    rp.add_vlpet(model.model.encoder, ["self_attn"], "small", 4, "add")
+    rp.add_parallel_adapters(model.model.decoder, ["encoder_attn.v_proj"], 4, "matmul")
+    rp.mark_trainable(model, extra=["encoder.layernorm_embedding", "encoder.layers.0.self_attn_layer_norm"])
+    ids, x_R = torch.randint(3, 60, (2, 7)), torch.randn(2, 16)
+    with rp.visual_context(model, x_R):
+        loss = model(input_ids=ids, labels=torch.randint(3, 60, (2, 4))).loss
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters() if p.requires_grad)
+    # generate() runs the encoder once on the 2 examples, then the decoder on 2 x 3 beams: one x_R cannot fit
+    # both, so run the encoder with x_R and generate from its output with x_R repeated per beam.
+    with rp.visual_context(model, x_R):
+        with pytest.raises(ValueError, match="repeat_interleave"):
+            model.generate(ids, num_beams=3, max_new_tokens=3, do_sample=False)
+        encoded = model.get_encoder()(input_ids=ids)
+    with rp.visual_context(model, x_R.repeat_interleave(3, 0)):
+        beams = model.generate(encoder_outputs=encoded, num_beams=3, max_new_tokens=3, min_new_tokens=3,
+                               do_sample=False)
+    assert beams.shape[0] == 2
+
+
+def bart_base_vlpet(gate):
+    """VL-PET's trainable set on bart-base shapes, on the meta device (no weights, no forward):
+    HF BartForConditionalGeneration (vocab 50265 + the 200 added <extra_id_*> / <vis_extra_id_*> tokens);
+    VL-PET on every encoder self-attention and FFN, a parallel adapter on every decoder cross-attention value
+    projection (r = 96, gate_r = 96), plus the trainable encoder LayerNorms and VL-Adapter's visual embedding."""
+    import transformers
+    cfg = transformers.BartConfig(vocab_size=50265 + 200, d_model=768, encoder_layers=6, decoder_layers=6,
+                                  encoder_attention_heads=12, decoder_attention_heads=12, encoder_ffn_dim=3072,
+                                  decoder_ffn_dim=3072, max_position_embeddings=1024)
+    with torch.device("meta"):
+        model = transformers.BartForConditionalGeneration(cfg)
+        # HF BART runs fc1, act, fc2 inline in the layer, so its FFN is no module. For this count only, each
+        # encoder layer gets an `ffn` module holding its own fc1, act and fc2 (shared, counted once) to wrap: a
+        # VL-PET module's size depends only on the width of the sub-layer it wraps, 768 here.
+        for layer in model.model.encoder.layers:
+            layer.ffn = nn.Sequential(layer.fc1, layer.activation_fn, layer.fc2)
+        rp.add_vlpet(model.model.encoder, ["self_attn", "ffn"], gate, 96, "none", 96 if gate == "large" else None)
+        rp.add_parallel_adapters(model.model.decoder, ["encoder_attn.v_proj"], 96, "none")
+        # Stand-in for VL-Adapter's visual embedding (it belongs to the CLIP-BART model, not to this file; only its
+        # size matters here): Linear(2048, 768) + LN on the CLIP features, Linear(5, 768) + LN on the boxes, the
+        # image-order Embedding(2, 768). Its object-order embedding is BART's shared token table, counted above.
+        model.visual_embedding = nn.ModuleDict({
+            "feat": nn.Sequential(nn.Linear(2048, 768), nn.LayerNorm(768)),
+            "pos": nn.Sequential(nn.Linear(5, 768), nn.LayerNorm(768)),
+            "img_order": nn.Embedding(2, 768)})
+    encoder_lns = ["encoder.layernorm_embedding"] + [f"encoder.layers.{i}.{ln}" for i in range(6)
+                                                     for ln in ("self_attn_layer_norm", "final_layer_norm")]
+    return rp.mark_trainable(model, extra=encoder_lns + ["visual_embedding"])
+
+
+def test_vlpet_parameter_counts_reproduce_the_paper_on_bart_base_shapes():
+    def size(module):
+        return sum(p.numel() for p in module.parameters())
+
+    # BART-base has 139,420,416 parameters (VL-PET's trainer_base.py: orig_param_size); + 200 token rows of 768;
+    # visual embedding 2048*768 + 768 + 2*768 + 5*768 + 768 + 2*768 + 2*768 = 1,582,848;
+    # encoder LayerNorms: (6 layers x 2 + layernorm_embedding) x 2 x 768 = 19,968.
+    frozen_and_visual = 139_420_416 + 200 * 768 + 1_582_848
+    modules = {"large": 4_449_600, "small": 2_688_204, "middleX": 2_678_988, "middleY": 2_678_976}
+    trainable = {"large": 6_052_416, "small": 4_291_020, "middleX": 4_281_804, "middleY": 4_281_792}
+    paper = {"large": 4.16, "small": 2.98, "middleX": 2.98, "middleY": 2.98}  # VL-PET Table 2, % trainable
+    for gate in rp.GATES:
+        model = bart_base_vlpet(gate)
+        layer = model.model.encoder.layers[0]
+        assert size(layer.self_attn.down) + size(layer.self_attn.up) == 148_320  # 768*96 + 96 + 96*768 + 768
+        assert size(layer.ffn.gate) == {"large": 148_320, "small": 1_537, "middleX": 769, "middleY": 768}[gate]
+        assert size(model.model.decoder.layers[0].encoder_attn.v_proj) - 768 * 768 - 768 == 148_320
+        # modules: 12 encoder sub-layers x (148,320 + gate) + 6 decoder value adapters x 148,320
+        assert 12 * (148_320 + size(layer.ffn.gate)) + 6 * 148_320 == modules[gate]
+        assert sum(p.numel() for p in rp.peft_state_dict(model).values()) == modules[gate]
+        got = rp.count_parameters(model)
+        assert got == (trainable[gate], frozen_and_visual + modules[gate]), gate
+        assert trainable[gate] == modules[gate] + 19_968 + 1_582_848
+        assert round(100 * got[0] / got[1], 2) == paper[gate]
+    assert frozen_and_visual + modules["large"] == 145_606_464

@@ -1,4 +1,4 @@
-"""train.py end to end on a tiny synthetic world with tiny random backbones (issue 5, "How it is verified").
+"""train.py end to end on a tiny synthetic world with tiny random backbones.
 
     python -m pytest -q tests/test_train.py
 
@@ -10,17 +10,21 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 import data
 import eval as E
 import models
+import shapes
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,15 +42,15 @@ def tiny_config(arch, tokenizer=None, **kw):
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("train")
     path = str(root / "world")
-    data.make_shapes(path, n_images=60)
-    questions, captions = train.world_texts(path)
+    shapes.make_world(path, n_images=60)
+    questions, captions = shapes.world_texts(path)
     tokenizer = data.BPETokenizer(**data.learn_bpe(questions + captions, 300))
     torch.manual_seed(0)
     w = SimpleNamespace(root=root, data=path, cache=str(root / "cache"), tokenizer=tokenizer)
     for arch in ("vit", "roberta", "gpt2"):
         setattr(w, arch, str(root / f"{arch}.pt"))
         model = models.build_model(tiny_config(arch, tokenizer))
-        train.save_backbone(model, getattr(w, arch), None if arch == "vit" else tokenizer)
+        models.save_checkpoint(model, getattr(w, arch), None if arch == "vit" else tokenizer.to_data())
     return w
 
 
@@ -64,6 +68,8 @@ def config(world, out, **kw):
     base = dict(vit=world.vit, text=world.roberta if task == "vqa" else world.gpt2, data=world.data, epochs=1,
                 batch_size=16, max_len=12, answers=20, rank=4, alpha=4, lr=1e-2, beams=2, max_new_tokens=6,
                 workers=0, out=str(out), cache=world.cache)
+    if kw.get("peft") == "adapter":
+        del base["alpha"]  # LoRA only
     return train.Config(**{**base, **kw})
 
 
@@ -88,32 +94,47 @@ def test_main_vqa(world, tmp_path, peft, route, prefix):
     records = read_records(cfg.out)
     assert [(r["epoch"], r["split"]) for r in records] == [(1.0, "val"), (2.0, "val"), (2, "test")]
     for r in records[:2]:
-        assert math.isfinite(r["train_loss"]) and r["train_loss"] > 0
-    for r in records:
-        assert 0 <= r["vqa_accuracy"] <= 100 and set(r["per_answer_type"]) <= {"yes/no", "number", "other"}
-    assert result["vqa_accuracy"] == records[-1]["vqa_accuracy"] and "vqa_accuracy" in result["baseline"]
-    # official results format, one answer per question of the split
-    prepared = train.Task(cfg, world.tokenizer, world.vit, models.load_checkpoint(world.vit), torch.device("cpu"))
-    for split in ("val", "test"):
-        results = read_json(os.path.join(cfg.out, f"results_{split}.json"))
-        assert all(set(r) == {"question_id", "answer"} and isinstance(r["answer"], str) for r in results)
-        assert sorted(r["question_id"] for r in results) == sorted(prepared.splits[split]["question_id"].tolist())
-        assert {r["answer"] for r in results} <= set(prepared.answers)
+        assert math.isfinite(r["train_loss"]) and r["train_loss"] > 0 and r["task_train_loss"] == {"vqa": r["train_loss"]}
+    assert result == records[-1] and result["final"] and "vqa_accuracy" in result["text_only"]
+    with Image.open(os.path.join(cfg.out, "gallery_vqa.png")) as im:  # 8 test examples, 2 rows of 4
+        assert im.format == "PNG" and im.width > 4 * 128 and im.height > 2 * 128
+    tasks, _, _ = train.build(cfg)
+    for r in records[1:]:  # the accuracy is the official score of the results file written with it (the last of a split)
+        split = tasks[0].splits[r["split"]]
+        results = read_json(os.path.join(cfg.out, f"results_vqa_{r['split']}.json"))
+        assert all(set(x) == {"question_id", "answer"} and x["answer"] in tasks[0].vocab for x in results)
+        assert sorted(x["question_id"] for x in results) == sorted(split["question_id"].tolist())
+        annotations = [a for s in ("train2014", "val2014") for a in read_json(data.vqa_files(world.data, s)[1])["annotations"]
+                       if a["question_id"] in set(split["question_id"].tolist())]
+        official = E.vqa_scores({x["question_id"]: x["answer"] for x in results}, annotations)
+        assert r["vqa_accuracy"] == official["overall"] and r["vqa"]["perAnswerType"] == official["perAnswerType"]
     # last.pt rebuilds the same model: the same scores on both splits
-    m, path = train.evaluate_checkpoint(cfg.out, "val")
-    assert m == {k: records[1][k] for k in m} and path == os.path.join(cfg.out, "results_val.json")
-    m, _ = train.evaluate_checkpoint(os.path.join(cfg.out, "last.pt"), "test")
-    assert m["vqa_accuracy"] == result["vqa_accuracy"]
+    out, path = train.evaluate_run(cfg.out, "val")
+    assert out == {"vqa": records[1]["vqa"]} and path == os.path.join(cfg.out, "metrics_val.json")
+    out, _ = train.evaluate_run(os.path.join(cfg.out, "last.pt"), "test")
+    assert out["vqa"]["overall"] == result["vqa_accuracy"]
 
 
 def test_vqa_official_split_scored_by_eval_py(world, tmp_path):
-    """vqa_split official: results_val.json scored by eval.py against the official files = our accuracy."""
+    """vqa_split official: results_vqa_val.json scored by eval.py against the official files = our accuracy."""
     cfg = config(world, tmp_path / "run", vqa_split="official", max_steps=3)
     result = train.main(cfg)
-    official = E.score_vqa_files(os.path.join(cfg.out, "results_val.json"),
-                                 *data.vqa_files(world.data, "val2014"))
+    official = E.score_vqa_files(os.path.join(cfg.out, "results_vqa_val.json"), *data.vqa_files(world.data, "val2014"))
     assert official["overall"] == result["vqa_accuracy"]
-    assert official["perAnswerType"] == result["per_answer_type"]
+    assert official["perAnswerType"] == result["vqa"]["perAnswerType"]
+
+
+def test_vqa_split_auto(world, tmp_path, capsys):
+    """Official VQAv2 files without dataset_coco.json: --vqa-split auto (the default) trains on train2014 / val2014
+    and says so; with the file it takes the Karpathy split."""
+    folder = tmp_path / "vqa_only"
+    shutil.copytree(world.data, folder, ignore=shutil.ignore_patterns("dataset_coco.json", "prepared"))
+    tasks, _, _ = train.build(config(world, tmp_path / "run", data=str(folder)))
+    assert sorted(tasks[0].splits) == ["train", "val"] and "vqa: official split" in capsys.readouterr().out
+    tasks, _, _ = train.build(config(world, tmp_path / "run"))
+    assert sorted(tasks[0].splits) == ["test", "train", "val"] and "vqa: karpathy split" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="VQAv2 file not found"):
+        train.build(config(world, tmp_path / "run", data=str(folder), vqa_split="karpathy"))
 
 
 @pytest.mark.parametrize("peft,route,cache", [("lora", "mul", True), ("adapter", "matmul", False)])
@@ -124,24 +145,41 @@ def test_main_caption(world, tmp_path, peft, route, cache):
     assert [(r["epoch"], r["split"]) for r in records] == [(1.0, "val"), (1, "test")]
     assert math.isfinite(records[0]["train_loss"])
     for r in records:
-        assert {"CIDEr", "Bleu_4", "Bleu_1", "ROUGE_L"} <= set(r) and all(math.isfinite(r[k]) for k in ("CIDEr", "Bleu_4"))
-    results = read_json(os.path.join(cfg.out, "results_test.json"))
+        assert {"CIDEr", "Bleu_4", "Bleu_1", "ROUGE_L"} <= set(r["caption"]) and r["CIDEr"] == r["caption"]["CIDEr"]
+    with Image.open(os.path.join(cfg.out, "gallery_caption.png")) as im:
+        assert im.format == "PNG" and im.width > 4 * 128
+    results = read_json(os.path.join(cfg.out, "results_caption_test.json"))
     assert all(set(r) == {"image_id", "caption"} and isinstance(r["caption"], str) for r in results)
     # the official-format file, scored by eval.py's CLI path, gives the returned numbers
-    scored = E.score_caption_files(os.path.join(cfg.out, "results_test.json"),
+    scored = E.score_caption_files(os.path.join(cfg.out, "results_caption_test.json"),
                                    os.path.join(world.data, data.KARPATHY), "test")
     for k in ("CIDEr", "Bleu_4", "ROUGE_L"):
-        assert scored[k] == pytest.approx(result[k], abs=1e-12)
-    m, _ = train.evaluate_checkpoint(cfg.out, "test")
-    assert m == {k: result[k] for k in m}
+        assert scored[k] == pytest.approx(result["caption"][k], abs=1e-12)
+    out, _ = train.evaluate_run(cfg.out, "test")
+    assert out == {"caption": result["caption"]}
 
 
 @pytest.mark.parametrize("task", ["vqa", "caption"])
 def test_patches_with_matmul(world, tmp_path, task):
-    """x_R = all patch tokens (L = 4): the prefix has 4 positions and only route matmul routes them."""
+    """x_R = all patch tokens (L = 4, a 32-px image in 16-px patches): the prefix has 4 positions, route matmul
+    routes them, and the element-wise routes refuse them."""
     cfg = config(world, tmp_path / "run", task=task, visual="patches", route="matmul", max_steps=2)
     result = train.main(cfg)
-    assert math.isfinite(read_records(cfg.out)[0]["train_loss"]) and ("vqa_accuracy" in result or "CIDEr" in result)
+    assert math.isfinite(read_records(cfg.out)[0]["train_loss"]) and result["step"] == 2
+    tasks, model, _ = train.build(cfg)
+    batch = next(iter(tasks[0].loader(tasks[0].dataset("train"), [[0, 1, 2]])))
+    visual, x_R = tasks[0].features(batch)
+    assert visual.shape == x_R.shape == (3, 4, D)
+    seen = []
+    model.text.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
+    tasks[0].loss(model, batch)
+    assert seen == [4 + batch["input_ids"].shape[1]]  # 4 prefix positions + the text
+    with pytest.raises(ValueError, match="patches"):
+        train.check_config(dataclasses.replace(cfg, route="mul"))
+    layer = model.text.blocks[0].attn.q
+    layer.route = "mul"  # a routed layer given 4 visual tokens refuses them
+    with pytest.raises(ValueError, match="one visual vector per example"):
+        tasks[0].loss(model, batch)
 
 
 def test_no_feature_cache_trains_like_the_cache(world, tmp_path):
@@ -170,7 +208,7 @@ def test_resume_is_exact(world, tmp_path, grad_accum):
     split = config(world, tmp_path / "split", epochs=2, max_steps=n // 2, batch_size=size, grad_accum=grad_accum)
     train.main(split)
     assert train.load_run(split.out)["step"] == n // 2
-    train.main(train.Config(resume=split.out, max_steps=n, workers=0))
+    train.main(train.run_config(split.out, max_steps=n, workers=0), resume=True)
     a, b = train.load_run(straight.out), train.load_run(split.out)
     assert a["step"] == b["step"] == n
     assert a["trainable"].keys() == b["trainable"].keys()
@@ -189,7 +227,8 @@ def test_checkpoint_holds_only_what_training_changed(world, tmp_path):
     cfg = config(world, tmp_path / "run", max_steps=1)
     train.main(cfg)
     ckpt = torch.load(os.path.join(cfg.out, "last.pt"), weights_only=True)  # tensors and plain values only
-    assert set(ckpt) == {"config", "trainable", "optimizer", "step", "answers"}
+    assert set(ckpt) == {"config", "trainable", "optimizer", "step", "vocab", "records"}
+    assert ckpt["records"] == read_records(cfg.out) and ckpt["vocab"]["vqa"] == train.build(cfg)[0][0].vocab
     names = set(ckpt["trainable"])
     assert any(".A." in n or "lora" in n.lower() or ".B." in n for n in names) and "head.0.weight" in names
     assert not any(n.endswith(("attn.q.weight", "attn.q.base.weight", "wte.weight", "mlp.fc1.weight")) for n in names)
@@ -202,12 +241,12 @@ def test_checkpoint_holds_only_what_training_changed(world, tmp_path):
 def test_feature_cache_hits_and_invalidates(world, tmp_path, monkeypatch):
     cache = str(tmp_path / "cache")
     calls = []
-    compute = train.compute_features
-    monkeypatch.setattr(train, "compute_features", lambda *a, **k: calls.append(1) or compute(*a, **k))
+    compute = data.ImageFeatures.write
+    monkeypatch.setattr(data.ImageFeatures, "write", lambda *a, **k: calls.append(1) or compute(*a, **k))
 
     def run(**kw):
         calls.clear()
-        train.main(config(world, tmp_path / "run", cache=cache, max_steps=1, **kw))
+        train.main(config(world, tmp_path / "run", cache=cache, max_steps=1, **kw), overwrite=True)
         return len(calls), len([f for f in os.listdir(cache) if f.startswith("features-")])
 
     assert run() == (1, 1)
@@ -215,20 +254,24 @@ def test_feature_cache_hits_and_invalidates(world, tmp_path, monkeypatch):
     assert run(task="caption") == (0, 1)      # the same images (every Karpathy image): shared across tasks
     assert run(visual="cls") == (1, 2)        # other feature kind
     vit2 = str(tmp_path / "vit2.pt")          # other checkpoint: other weights
-    train.save_backbone(models.build_model(tiny_config("vit")), vit2)
+    models.save_checkpoint(models.build_model(tiny_config("vit")), vit2)
     assert run(vit=vit2) == (1, 3)
     assert run(vit=vit2) == (0, 3)
     # other preprocessing (same weights, other mean/std), written over the same file
     model = models.load_checkpoint(vit2)
     model.config = dataclasses.replace(model.config, image_mean=(0.4, 0.4, 0.4))
-    train.save_backbone(model, vit2)
+    models.save_checkpoint(model, vit2)
     assert run(vit=vit2) == (1, 4)
+    monkeypatch.setattr(train.ViTFeatures, "VERSION", train.ViTFeatures.VERSION + 1)  # changed feature code
+    assert run(vit=vit2) == (1, 5)
+    monkeypatch.undo()
+    monkeypatch.setattr(data.ImageFeatures, "write", lambda *a, **k: calls.append(1) or compute(*a, **k))
     # a changed image file invalidates too
     image = os.path.join(world.data, data.coco_image_key("train2014", 9))
     st = os.stat(image)
     os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     try:
-        assert run() == (1, 5)
+        assert run() == (1, 6)
     finally:
         os.utime(image, ns=(st.st_atime_ns, st.st_mtime_ns))
 
@@ -247,6 +290,10 @@ def error_cases(world, tmp_path):
     preset.write_text(json.dumps({"rank": 8, "ranks": 9}))
     empty = tmp_path / "empty"
     empty.mkdir()
+    evil, noise, broken = tmp_path / "evil.pt", tmp_path / "noise.pt", tmp_path / "broken.json"
+    torch.save({"x": Exploit()}, evil)
+    noise.write_bytes(bytes(range(256)) * 40)
+    broken.write_text('{"rank": 8,')
     base = ["--vit", world.vit, "--text", world.roberta, "--data", world.data, "--cache", str(tmp_path / "c"),
             "--out", str(tmp_path / "out"), "--workers", "0", "--max-steps", "1"]
     return {
@@ -263,10 +310,29 @@ def error_cases(world, tmp_path):
         "unknown preset key": (base + ["--preset", str(preset)], "unknown options ['ranks']"),
         "unknown preset": (base + ["--preset", "vqa-huge"], "unknown preset"),
         "resume changes math": (["--resume", str(tmp_path / "out"), "--lr", "1"], "--lr"),
-        "resume nothing": (["--resume", str(tmp_path / "nothing")], "no run checkpoint"),
+        "resume nothing": (["--resume", str(tmp_path / "nothing")], "no run at"),
         "resume a backbone": (["--resume", world.vit], "not a train.py checkpoint"),
         "corrupt image, worker": (base + ["--data", str(corrupt), "--workers", "1"], "corrupt image"),
+        "alpha with adapters": (base + ["--peft", "adapter", "--alpha", "8"], "--alpha applies to LoRA only"),
+        "negative max steps": (base + ["--max-steps", "-1"], "--max-steps must be >= 0"),
+        "negative warm-up": (base + ["--warmup", "-5"], "--warmup must be >= 0"),
+        "alpha 0": (base + ["--alpha", "0"], "--alpha must be > 0"),
+        "negative lr": (base + ["--lr", "-1"], "--lr must be > 0"),
+        "dropout 2": (base + ["--dropout", "2"], "--dropout must be in [0, 1)"),
+        "negative workers": (base + ["--workers", "-1"], "--workers must be >= 0"),
+        "out under a file": (base + ["--out", str(preset / "run")], "Not a directory"),
+        "pickle with code": (base + ["--vit", str(evil)], "pickled Python objects"),
+        "random bytes": (base + ["--vit", str(noise)], "not the zip archive torch.save writes"),
+        "malformed preset": (base + ["--preset", str(broken)], str(broken)),
+        "dropout with adapters": (base + ["--peft", "adapter", "--dropout", "0.1"], "--dropout applies to LoRA only"),
     }
+
+
+class Exploit:
+    """Unpickling it would run a shell command: weights_only loading must refuse it, never run it."""
+
+    def __reduce__(self):
+        return os.system, ("touch pwned",)
 
 
 def test_command_line_errors(world, tmp_path, capsys):
@@ -283,7 +349,8 @@ def test_command_line_errors_in_a_process(world, tmp_path):
     """python train.py itself: non-zero exit, one stderr line (besides progress bars), no traceback."""
     cases = error_cases(world, tmp_path)
     names = ["unknown route", "wrong architecture", "corrupt image, worker"]  # argparse, main, a worker
-    procs = {name: subprocess.Popen([sys.executable, "train.py", *cases[name][0]], cwd=ROOT, stdout=subprocess.PIPE,
+    procs = {name: subprocess.Popen([sys.executable, "train.py", *cases[name][0], "--out", str(tmp_path / name)],
+                                    cwd=ROOT, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
              for name in names}
     for name, proc in procs.items():
@@ -322,14 +389,14 @@ def test_presets(tmp_path):
 def test_evaluate_a_run(world, tmp_path, capsys):
     cfg = config(world, tmp_path / "run", task="caption", beams=3)
     result = train.main(cfg)
-    os.remove(os.path.join(cfg.out, "results_test.json"))
+    os.remove(os.path.join(cfg.out, "results_caption_test.json"))
     proc = subprocess.run([sys.executable, "train.py", "--evaluate", os.path.join(cfg.out, "last.pt"),
                            "--split", "test"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
-    metrics = read_json(os.path.join(cfg.out, "results_test.metrics.json"))
-    assert metrics["CIDEr"] == pytest.approx(result["CIDEr"], abs=1e-12)
-    assert os.path.isfile(os.path.join(cfg.out, "results_test.json"))
+    metrics = read_json(os.path.join(cfg.out, "metrics_test.json"))
+    assert metrics["caption"]["CIDEr"] == pytest.approx(result["CIDEr"], abs=1e-12)
+    assert os.path.isfile(os.path.join(cfg.out, "results_caption_test.json"))
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         train.cli(["--evaluate", world.vit])
@@ -362,7 +429,7 @@ def sequence_score(model, x_R, tokens, eos, limit):
     """The beam score of one hypothesis: sum log p (with EOS if it ended by EOS) / its length."""
     ended = len(tokens) < limit
     ids = torch.tensor([tokens + ([eos] if ended else [])])
-    logp = F.log_softmax(model(ids, x_R[None]), -1)[0]  # (n, V): position i predicts ids[i]
+    logp = F.log_softmax(model(ids, x_R[None], x_R[None]), -1)[0]  # (n, V): position i predicts ids[i]
     return logp.gather(1, ids[0][:, None]).sum().item() / ids.shape[1]
 
 
@@ -370,7 +437,7 @@ def greedy(model, x_R, eos, limit):
     """Argmax decoding without a cache: the whole sequence again at every step."""
     out = []
     for _ in range(limit):
-        logits = model(torch.tensor([out + [0]]), x_R[None])[0, -1]  # the last position predicts the next token
+        logits = model(torch.tensor([out + [0]]), x_R[None], x_R[None])[0, -1]  # the last position predicts the next token
         tok = logits.argmax().item()
         if tok == eos:
             break
@@ -384,7 +451,7 @@ def test_generate_matches_transformers_beam_search(scale):
     x_R = torch.randn(8, 1, D) * 3
     lengths = set()
     for k in (1, 2, 3, 5):
-        ours = train.generate(model, x_R, k, 10, 7)
+        ours = model.generate(x_R, x_R, k, 10, 7)
         out = ref.generate(inputs_embeds=x_R, attention_mask=torch.ones(8, 1, dtype=torch.long), num_beams=k,
                            max_new_tokens=10, length_penalty=1.0, early_stopping=False, do_sample=False,
                            eos_token_id=7, pad_token_id=7)
@@ -398,9 +465,9 @@ def test_generate_matches_transformers_beam_search(scale):
 def test_generate_greedy_and_beam_scores():
     model, _ = caption_model(5.0, seed=1)
     x_R = torch.randn(6, 1, D) * 3
-    greedy_out = train.generate(model, x_R, 1, 8, 7)
+    greedy_out = model.generate(x_R, x_R, 1, 8, 7)
     assert greedy_out == [greedy(model, x_R[i], 7, 8) for i in range(6)]
-    beam_out = train.generate(model, x_R, 4, 8, 7)
+    beam_out = model.generate(x_R, x_R, 4, 8, 7)
     for i in range(6):
         g, b = (sequence_score(model, x_R[i], t, 7, 8) for t in (greedy_out[i], beam_out[i]))
         assert b >= g - 1e-6
@@ -410,22 +477,23 @@ def test_generate_greedy_and_beam_scores():
 # ---- the study (issue 6) ----------------------------------------------------------------------------------
 
 
-def test_shuffle_visual_permutes_x_R(world, tmp_path):
-    """Every example gets another position's features, the same way each time for the same batch."""
-    x_R = torch.arange(6.0)[:, None, None].expand(6, 1, 3)  # (B, L, d): row i holds i
-    keys = [f"img{i}" for i in range(6)]
-    a = train.shuffle_rows(x_R, keys, seed=0)
-    rows = a[:, 0, 0].long().tolist()
-    assert sorted(rows) == list(range(6)) and all(r != i for i, r in enumerate(rows))
-    assert torch.equal(a, train.shuffle_rows(x_R, keys, seed=0))
-    assert not all(torch.equal(a, train.shuffle_rows(x_R, keys, seed=s)) for s in range(1, 4))
-    # Task.x_R (the one input of prefix and routes) applies it when shuffle_visual is on
-    vit = models.load_checkpoint(world.vit)
-    plain, shuffled = (train.Task(config(world, tmp_path, shuffle_visual=s), world.tokenizer, world.vit, vit,
-                                  torch.device("cpu")) for s in (False, True))
-    batch = {"image": sorted(set(plain.splits["train"]["image"]))[:8]}
-    x, y = plain.x_R(batch), shuffled.x_R(batch)
-    assert not torch.equal(x, y) and torch.equal(y, train.shuffle_rows(x, batch["image"], 0))
+def test_shuffle_visual_deranges_images(world, tmp_path):
+    """Every row, also of an image that occurs several times in a batch, gets another image's features; the
+    same pairs in every split, run and evaluation (fixed by the seed)."""
+    keys = ["a", "a", "a", "b", "c", "c", "d"]  # 3 questions on image a, 2 on c
+    splits = {"train": {"image": keys, "x": 1}, "val": {"image": ["d", "e"]}}
+    out = train.derange_images(splits, seed=0)
+    assert out["train"]["x"] == 1 and all(o != k for o, k in zip(out["train"]["image"], keys))
+    partner = dict(zip(keys + ["d", "e"], out["train"]["image"] + out["val"]["image"]))
+    assert sorted(partner.values()) == sorted(partner) and len(set(out["train"]["image"][:3])) == 1  # a bijection
+    assert out == train.derange_images(splits, seed=0) and out != train.derange_images(splits, seed=1)
+    # the task's splits and hence the features (the one input of prefix and routes) follow it
+    plain, shuffled = (train.build(config(world, tmp_path, shuffle_visual=s))[0][0] for s in (False, True))
+    batch = {"image": plain.splits["train"]["image"][:8]}
+    moved = {"image": shuffled.splits["train"]["image"][:8]}
+    assert all(a != b for a, b in zip(batch["image"], moved["image"]))
+    assert torch.equal(shuffled.features(moved)[0], plain.features(moved)[0])
+    assert not torch.equal(shuffled.features(moved)[1], plain.features(batch)[1])
 
 
 def test_study(world, tmp_path, monkeypatch, capsys):
@@ -434,28 +502,31 @@ def test_study(world, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(train, "STUDY_ROUTES", ("none", "mul"))
     monkeypatch.setattr(train, "STUDY_SEEDS", 1)
     monkeypatch.setattr(train, "STUDY_EPOCHS", {"vqa": 2, "caption": 1})
-    monkeypatch.setattr(train, "backbone_path", lambda name, arch: {"vit": world.vit, "roberta": world.roberta,
-                                                                    "gpt2": world.gpt2}[arch])
+    monkeypatch.setattr(train, "backbone", lambda name, arch: {"vit": world.vit, "roberta": world.roberta,
+                                                               "gpt2": world.gpt2}[arch])
     out = tmp_path / "study"
     args = ["--study", "--data", world.data, "--cache", world.cache, "--out", str(out), "--workers", "0",
             "--batch-size", "16", "--lr", "1e-2", "--max-len", "12", "--answers", "20", "--rank", "4", "--alpha", "4",
             "--beams", "2", "--max-new-tokens", "4"]
-    cfg, study = train.parse_command_line(args)
-    assert study == {"vqa": {"epochs": 2}, "caption": {"epochs": 1}} and cfg.text == "tiny"
-    assert train.parse_command_line(args + ["--epochs", "3"])[1] == {"vqa": {}, "caption": {}}
-    assert train.parse_command_line(["--study"])[0].out == train.STUDY_OUT
-    assert train.parse_command_line([])[1] is None
+    cfg, meta = train.parse_command_line(args)
+    assert meta["study"] and "epochs" not in meta["given"] and cfg.text == "tiny"
+    assert "epochs" in train.parse_command_line(args + ["--epochs", "3"])[1]["given"]
+    grid = train.study_grid(cfg, False, train.STUDY_ROUTES, train.STUDY_SEEDS)
+    assert {k: c.epochs for k, c in grid.items()} == {k: 2 if k[0] == "vqa" else 1 for k in grid}
+    assert {c.epochs for c in train.study_grid(cfg, True, train.STUDY_ROUTES, 1).values()} == {cfg.epochs}
+    assert {(c.peft, c.alpha) for c in grid.values()} == {("lora", 4), ("adapter", train.Config.alpha)}
     # an interrupted run (stopped after its first epoch, last.pt written) is resumed, not restarted
-    grid = train.study_grid(cfg, study, train.STUDY_ROUTES, train.STUDY_SEEDS)
     train.main(dataclasses.replace(grid["vqa", "adapter", "full", "mul", 0], max_steps=9))
-    rows, table = train.run_study(cfg, study, train.STUDY_ROUTES, train.STUDY_SEEDS)
+    rows, table = train.run_study(cfg, False, train.STUDY_ROUTES, train.STUDY_SEEDS)
     assert [(r["step"], r["split"]) for r in read_records(out / "vqa-adapter-mul-s0")[:2]] == [(9, "val"), (18, "val")]
     folders = sorted(os.listdir(out))
-    runs = [f for f in folders if f != "study.md"]
+    runs = [f for f in folders if f not in ("study.md", "study.png")]
     expected = sorted([f"vqa-{p}-{r}-s0" for p in ("lora", "adapter") for r in ("none", "mul")] +
                       [f"vqa-lora-{r}-{c}-s0" for r in ("none", "mul") for c in ("noprefix", "shuffled")] +
                       [f"caption-{p}-{r}-s0" for p in ("lora", "adapter") for r in ("none", "mul")])
-    assert runs == expected and "study.md" in folders
+    assert runs == expected and "study.md" in folders and "study.png" in folders
+    with Image.open(out / "study.png") as im:
+        assert im.format == "PNG" and im.width > 300
     with open(out / "study.md", encoding="utf-8") as f:
         assert f.read() == table
     lines = table.splitlines()
@@ -472,10 +543,10 @@ def test_study(world, tmp_path, monkeypatch, capsys):
         record = read_records(out / name)[-1]
         assert record["split"] == "test" and record["final"] and record["epoch"] == (2 if row["task"] == "vqa" else 1)
         scale = 1 if row["task"] == "vqa" else 100
-        for m in train.STUDY_METRICS[row["task"]]:
+        for m in train.TASK_HEADLINE[row["task"]]:
             assert row[m] == (record[m], 0.0)
         cells = f"| {row['peft']} | {row['control']} | {row['route']} | " + " | ".join(
-            f"{scale * record[m]:.2f} ± 0.00" for m in train.STUDY_METRICS[row["task"]])
+            f"{scale * record[m]:.2f} ± 0.00" for m in train.TASK_HEADLINE[row["task"]])
         assert any(ln.startswith(cells) for ln in lines), cells
         assert read_json(os.path.join(out, name, "config.json"))["shuffle_visual"] == (row["control"] == "shuffled")
     for task in ("vqa", "caption"):
@@ -492,11 +563,242 @@ def test_study(world, tmp_path, monkeypatch, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     monkeypatch.setattr(train, "main", lambda cfg: pytest.fail(f"re-trained {cfg.out}"))
     capsys.readouterr()
-    rows, table = train.run_study(cfg, study, train.STUDY_ROUTES, train.STUDY_SEEDS)
+    rows, table = train.run_study(cfg, False, train.STUDY_ROUTES, train.STUDY_SEEDS)
     assert capsys.readouterr().out.count("finished, skipped") == len(expected)
     assert "| lora | full | mul | 12.34 ± 0.00 | " in table
     # a folder holding a run with other options is an error, not a silent reuse
     with pytest.raises(ValueError, match="holds a run with other options"):
-        train.run_study(dataclasses.replace(cfg, lr=0.5), study, train.STUDY_ROUTES, train.STUDY_SEEDS)
+        train.run_study(dataclasses.replace(cfg, lr=0.5), False, train.STUDY_ROUTES, train.STUDY_SEEDS)
     with pytest.raises(ValueError, match="no --max-steps"):
-        train.run_study(dataclasses.replace(cfg, max_steps=1), study, train.STUDY_ROUTES, train.STUDY_SEEDS)
+        train.run_study(dataclasses.replace(cfg, max_steps=1), False, train.STUDY_ROUTES, train.STUDY_SEEDS)
+
+
+# ---- defects found in review: each test failed before its fix ----------------------------------------------
+
+
+def test_warmup_never_exceeds_the_peak_lr():
+    """The warm-up reaches cfg.lr and never passes it, also when warmup * total is fractional (30 steps at
+    5 % once gave 1.33 x lr)."""
+    for total in (7, 30, 100, 361, 5000):
+        for warmup in (0.0, 0.01, 0.05, 0.1, 0.5, 1, 3, 10):
+            cfg = train.Config(lr=2.0, warmup=warmup)
+            lrs = [train.get_lr(s, total, cfg) for s in range(total)]
+            peak = lrs.index(max(lrs))
+            assert max(lrs) <= 2.0 and (max(lrs) == 2.0 or warmup > total), (total, warmup)
+            assert lrs[:peak + 1] == sorted(lrs[:peak + 1]) and lrs[peak:] == sorted(lrs[peak:], reverse=True)
+            assert lrs[-1] > 0
+
+
+def test_new_weights_depend_on_the_seed_only(world, tmp_path, monkeypatch):
+    """The demo's first run pretrains the tiny backbones (random draws) before the model is built: its new
+    weights must still be those of every later run with the same seed."""
+    cfg = config(world, tmp_path / "run")
+    before = train.trainable_state(train.build(cfg)[1])
+    real = train.backbone
+    monkeypatch.setattr(train, "backbone", lambda name, arch: (torch.randn(1000), real(name, arch))[1])
+    after = train.trainable_state(train.build(cfg)[1])
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_resume_checks_the_answer_vocabulary(world, tmp_path):
+    """A run resumed on data whose answer vocabulary changed is refused, as evaluation refuses it."""
+    folder = tmp_path / "world"
+    shutil.copytree(world.data, folder, ignore=shutil.ignore_patterns("prepared"))
+    cfg = config(world, tmp_path / "run", data=str(folder), max_steps=1)
+    train.main(cfg)
+    path = data.vqa_files(str(folder), "train2014")[1]
+    annotations = read_json(path)
+    for a in annotations["annotations"]:
+        for x in a["answers"]:
+            x["answer"] = "purple " + x["answer"]
+    E.write_json(annotations, path)
+    for call in (lambda: train.main(train.run_config(cfg.out, max_steps=2), resume=True),
+                 lambda: train.evaluate_run(cfg.out, "val")):
+        with pytest.raises(ValueError, match="answer vocabulary"):
+            call()
+
+
+def test_caption_preset_keeps_long_captions():
+    assert train.config_from_args(["--preset", "caption-lora"]).max_len == 50  # the release's length, not 20
+
+
+def dropout_free_backbones(world, tmp_path):
+    """The world's text backbones with dropout 0: each process draws its own dropout masks."""
+    paths = {}
+    for arch in ("roberta", "gpt2"):
+        model = models.load_checkpoint(getattr(world, arch))
+        model.config = dataclasses.replace(model.config, dropout=0.0)
+        paths[arch] = str(tmp_path / f"{arch}.pt")
+        models.save_checkpoint(model, paths[arch], world.tokenizer.to_data())
+    return paths
+
+
+@pytest.mark.parametrize("task,procs,accum", [("vqa", 3, 1), ("caption", 2, 2)])
+def test_ddp_matches_one_process(world, tmp_path, task, procs, accum):
+    """torchrun with 3 or 2 CPU processes (gloo) against one process: batches of 16 split 6 + 5 + 5, or 8 split
+    4 + 4 with gradient accumulation (captions: the processes hold different numbers of tokens). The gradient is normalised by the global number of examples
+    (VQA) or tokens (captions), so the weights after 4 steps and the logged train loss agree to 1e-6."""
+    text = dropout_free_backbones(world, tmp_path)[{"vqa": "roberta", "caption": "gpt2"}[task]]
+    args = ["--task", task, "--vit", world.vit, "--text", text, "--data", world.data, "--cache", world.cache,
+            "--batch-size", str(16 // accum), "--grad-accum", str(accum), "--max-steps", "4", "--max-len", "12",
+            "--answers", "20", "--rank", "4", "--alpha", "4", "--lr", "1e-2", "--beams", "1", "--max-new-tokens", "4",
+            "--workers", "0", "--device", "cpu"]
+    one = tmp_path / "one"
+    train.main(train.config_from_args(args + ["--out", str(one)]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(procs), "train.py", *args, "--out", str(tmp_path / "ddp")], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = train.load_run(str(one)), train.load_run(str(tmp_path / "ddp"))
+    assert a["step"] == b["step"] == 4 and a["trainable"].keys() == b["trainable"].keys()
+    for name in a["trainable"]:
+        torch.testing.assert_close(a["trainable"][name], b["trainable"][name], rtol=0, atol=1e-6)
+    assert a["records"][0]["train_loss"] == pytest.approx(b["records"][0]["train_loss"], abs=1e-6)
+    assert all(t.abs().sum() > 0 for n, t in a["trainable"].items() if n.endswith(".B.weight"))  # LoRA B left 0
+
+
+# ---- losing no work: run folders, early checks, truncated files, kills, Ctrl-C ------------------------------
+
+
+def test_run_folders_are_not_shared(world, tmp_path, monkeypatch, capsys):
+    """Each demo has its own default folder; a folder holding a run is refused unless --resume or --overwrite;
+    two processes cannot train into one folder; a finished run resumed is not evaluated again."""
+    monkeypatch.chdir(tmp_path)
+    for task in ("vqa", "caption"):
+        train.main(config(world, "", task=task, max_steps=1))
+    assert sorted(os.listdir("runs")) == ["caption", "vqa"]
+    assert read_json("runs/vqa/config.json")["task"] == "vqa" and read_json("runs/caption/config.json")["task"] == "caption"
+    cfg = config(world, tmp_path / "run", epochs=1)
+    first = train.main(cfg)
+    with pytest.raises(ValueError, match="holds a run already: continue it with --resume"):
+        train.main(dataclasses.replace(cfg, lr=0.5))
+    capsys.readouterr()
+    assert train.main(train.run_config(cfg.out), resume=True) == first and "finished already" in capsys.readouterr().out
+    assert read_records(cfg.out) == train.load_run(cfg.out)["records"] and sum(r.get("final", False) for r in read_records(cfg.out)) == 1
+    again = train.main(dataclasses.replace(cfg, lr=0.5), overwrite=True)
+    assert read_json(os.path.join(cfg.out, "config.json"))["lr"] == 0.5 and len(read_records(cfg.out)) == 2 and again != first
+    with open(os.path.join(cfg.out, ".lock"), "a") as lock:  # another process holds the folder
+        train.lock_file(lock)
+        proc = subprocess.run([sys.executable, "-c", "import sys, train; train.cli(sys.argv[1:])", "--resume", cfg.out],
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.strip().endswith("is in use by another train.py process"), proc.stderr
+
+
+def test_bad_options_fail_before_any_work(world, tmp_path, monkeypatch):
+    """Options, the output folder and empty splits are errors before training (and before the features)."""
+    monkeypatch.setattr(train, "build", lambda cfg: pytest.fail("built before checking the options"))
+    for bad in (dict(max_steps=-1), dict(warmup=-5), dict(alpha=0), dict(lr=-1), dict(dropout=2), dict(workers=-1)):
+        with pytest.raises(ValueError, match="must be"):
+            train.main(config(world, tmp_path / "run", **bad))
+    monkeypatch.undo()
+    for split, moved in (("test", "restval"), ("val", "restval"), ("train", "val")):
+        folder = tmp_path / f"no_{split}"
+        shutil.copytree(world.data, folder, ignore=shutil.ignore_patterns("prepared"))
+        karpathy = read_json(folder / data.KARPATHY)
+        for img in karpathy["images"]:
+            if data.karpathy_split(img["split"]) == split:
+                img["split"] = moved
+        E.write_json(karpathy, str(folder / data.KARPATHY))
+        for task in ("vqa", "caption"):
+            with pytest.raises(ValueError, match=f"the {split} split of .* is empty"):
+                train.main(config(world, tmp_path / f"run_{split}_{task}", task=task, data=str(folder)))
+
+
+@pytest.mark.parametrize("size", [0, 5_000, 50_000])
+def test_truncated_checkpoint_names_the_file(world, tmp_path, size):
+    cfg = config(world, tmp_path / "run", max_steps=1)
+    train.main(cfg)
+    path = os.path.join(cfg.out, "last.pt")
+    with open(path, "r+b") as f:
+        f.truncate(min(size, os.path.getsize(path) - 1))
+    for args in (["--resume", cfg.out], ["--evaluate", cfg.out]):
+        with pytest.raises(SystemExit) as e:
+            train.cli(args)
+        assert e.value.code.startswith(f"error: {path} is not a train.py checkpoint") and "\n" not in e.value.code
+
+
+def test_damaged_feature_cache_is_rebuilt(world, tmp_path, capsys):
+    cache = str(tmp_path / "cache")
+    train.main(config(world, tmp_path / "a", cache=cache, max_steps=1))
+    entry = next(os.path.join(cache, f) for f in os.listdir(cache) if f.startswith("features-"))
+    with open(entry, "r+b") as f:
+        f.truncate(os.path.getsize(entry) // 2)
+    capsys.readouterr()
+    train.main(config(world, tmp_path / "b", cache=cache, max_steps=1))
+    assert f"cache entry {entry} is damaged" in capsys.readouterr().out and np.load(entry).shape[0] == 60
+
+
+KILLER = """import os, sys, train
+n, die = 0, int(sys.argv[1])
+real = os.replace
+def replace(src, dst):  # the die-th rename of last.pt: a kill -9 in the middle of writing it
+    global n
+    n += dst.endswith("last.pt")
+    if dst.endswith("last.pt") and n == die:
+        os._exit(9)
+    real(src, dst)
+os.replace = replace
+train.cli(sys.argv[2:])
+"""
+
+
+@pytest.mark.parametrize("die", [1, 2, 3])
+def test_killed_runs_resume_exactly(world, tmp_path, die):
+    """A run killed while it writes its 1st, 2nd or 3rd (final) last.pt, then --resume: the same weights, bit
+    for bit, and the same records as a run never killed, without duplicates, and no temporary file left."""
+    straight = config(world, tmp_path / "straight", epochs=2)
+    train.main(straight)
+    out = str(tmp_path / "killed")
+    args = ["--vit", world.vit, "--text", world.roberta, "--data", world.data, "--cache", world.cache, "--epochs", "2",
+            "--batch-size", "16", "--max-len", "12", "--answers", "20", "--rank", "4", "--alpha", "4", "--lr", "1e-2",
+            "--workers", "0", "--out", out]
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(die), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    assert any(f.startswith(".tmp-") for f in os.listdir(out))  # the cut write's temporary file
+    train.cli(["--resume", out])
+    a, b = train.load_run(straight.out), train.load_run(out)
+    assert a["step"] == b["step"] and all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])
+    assert read_records(straight.out) == read_records(out) == b["records"] and len(b["records"]) == 3
+    assert not [f for f in os.listdir(out) if f.startswith(".tmp-")]
+
+
+def test_ctrl_c_says_how_to_continue(world, tmp_path):
+    out = str(tmp_path / "run")
+    args = ["--vit", world.vit, "--text", world.roberta, "--data", world.data, "--cache", world.cache, "--epochs", "500",
+            "--batch-size", "16", "--max-len", "12", "--answers", "20", "--workers", "0", "--out", out]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    for line in proc.stdout:
+        if line.startswith("epoch 1.00"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    step = train.load_run(out)["step"]
+    assert err.strip().splitlines()[-1] == f"interrupted: last.pt holds step {step}; continue with: python train.py --resume {out}"
+
+
+def test_logs_have_no_progress_bars_and_files_follow_the_umask(world, tmp_path):
+    """Redirected output: one line per epoch, no progress bars; files get 0666 minus the umask, not 0600."""
+    proc = subprocess.run([sys.executable, "train.py", "--vit", world.vit, "--text", world.roberta, "--data", world.data,
+                           "--cache", world.cache, "--epochs", "1", "--batch-size", "16", "--max-len", "12", "--answers", "20",
+                           "--workers", "0", "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr[-2000:]
+    assert "epoch 1.00" in proc.stdout and len(proc.stdout) < 2000
+    old = os.umask(0o027)
+    try:
+        E.write_json({}, str(tmp_path / "m.json"))
+    finally:
+        os.umask(old)
+    assert os.stat(tmp_path / "m.json").st_mode & 0o777 == 0o640
+    assert os.stat(tmp_path / "run" / "last.pt").st_mode & 0o777 == 0o666 & ~old
+
+
+def test_help_and_defaults_need_no_repository_files():
+    """--help cites what users have (the README), lists the presets; the demo's world and backbones live beside
+    shapes.py wherever train.py runs from."""
+    text = train.build_parser().format_help()
+    assert "SPEC" not in text and "EVAL_NOTES" not in text and all(name in text for name in train.PRESETS)
+    assert all(os.path.dirname(p) == os.path.join(ROOT, "data") for p in (shapes.WORLD, shapes.TINY_DIR))
