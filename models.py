@@ -706,11 +706,7 @@ def read_safetensors(path):
 
 def read_torch_state_dict(path):
     """{name: tensor} from a torch.save'd dict of tensors (.bin / .pt), read with weights_only=True."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a bad file; all mean "cannot read it"
-        msg = " ".join(str(e).split())[:300]
-        raise ValueError(f"{path}: cannot read weights, truncated or not a weights file ({type(e).__name__}: {msg})") from None
+    sd = read_torch_file(path, "weights file")
     if not isinstance(sd, dict) or not all(isinstance(t, torch.Tensor) for t in sd.values()):
         raise ValueError(f"{path}: not a state dict of tensors")
     return sd
@@ -1190,7 +1186,10 @@ def convert(src, out_path, heads=None):
         arch, config, hf_sd, weights_path, notes = read_hf_dir(src)
     elif os.path.isfile(src):
         arch, hf_sd, weights_path = "clip_resnet", read_state_dict_file(src), src
-        config, notes = clip_config(hf_sd, heads), []
+        config = clip_config(hf_sd, heads)
+        notes = [f"config from the shapes: stages {config.stages}, grid width {config.d_model}, output "
+                 f"{config.output_dim}, {config.image_size} px, {config.n_heads} pool heads "
+                 + ("(--heads)" if heads else "(OpenAI's rule: width / 64)")]
     else:
         raise FileNotFoundError(f"{src}: no such file or directory")
     sd, ignored = convert_state_dict(arch, hf_sd, config, notes)
