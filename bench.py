@@ -1,6 +1,8 @@
 """Benchmarks: speed and memory as ratios measured in one run (tests never time anything).
 
-    python bench.py models      # our ViT-L/16, RoBERTa-large, GPT2-medium vs transformers (forward)
+    python bench.py models      # our ViT-L/16, RoBERTa-large, GPT2-medium vs transformers (forward);
+                                # BART-base + LoRA vs transformers + peft (forward + backward);
+                                # CLIP RN101 forward: images/s and GFLOP/s vs plain conv/matmul rates
     python bench.py routing     # routed LoRA vs plain LoRA vs peft; a VL-PET-large layer per route (fwd + bwd)
     python bench.py eval        # CIDEr-D vs pycocoevalcap; VQA accuracy over 200k questions
     python bench.py train       # VQA training step: ours (cached / recomputed ViT) vs transformers + peft
@@ -34,7 +36,7 @@ def print_table(header, rows):
         print("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in row) + " |")
 
 
-# ---- models (issue 2) -------------------------------------------------------
+# ---- models (issues 2, 10) --------------------------------------------------
 def _hub_state_dict(ref):
     """The state dict of a transformers model under its hub key names (transformers 5 renames some
     modules internally, e.g. ViT's q_proj, and reverts the names when saving; 4.x needs nothing)."""
@@ -81,15 +83,40 @@ def _models_pair(name):
     return ours, ref, ours_args, theirs_kwargs
 
 
-MODEL_ROUNDS = {"vit-l16": 3, "roberta-large": 15, "gpt2-medium": 15}  # ViT-L takes ~10 s a forward here
+MODEL_ROUNDS = {"vit-l16": 6, "roberta-large": 15, "gpt2-medium": 15}  # ViT-L takes ~5-10 s a forward here
+
+
+def _paired_rounds(fns, rounds):
+    """Times of each of fns (a dict of callables) over `rounds` rounds; within a round each runs once, the
+    order reversed every other round (so neither side always runs first, after the other's memory churn)."""
+    times = {k: [] for k in fns}
+    for r in range(rounds):
+        for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+            times[k].append(median_seconds(fns[k], repeat=1, warmup=0))
+    return times
+
+
+def _load():
+    """The 1-minute load average (the machine is shared: a load above the 2 threads slows everything)."""
+    import os
+    return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
 
 
 def bench_models():
+    """Our backbones against the references: bench_text_vision (ViT, RoBERTa, GPT-2 forward), bench_bart
+    (BART-base + LoRA training step), bench_clip (RN101 forward rate)."""
+    bench_text_vision()
+    bench_bart()
+    bench_clip()
+
+
+def bench_text_vision():
     """Forward time of our backbones vs transformers on the same random weights (batch 8, inference_mode),
     fp32 and bf16 autocast. Ours and theirs alternate within each round (the machine is shared, so both
     see the same load); times are medians over rounds, the ratio is the median of the per-round ratios."""
     import gc
     rows = []
+    print(_load(), flush=True)
     for name in ("vit-l16", "roberta-large", "gpt2-medium"):
         ours, ref, args, kwargs = _models_pair(name)
         with torch.inference_mode():  # same numbers first, so we time the same computation
@@ -103,10 +130,9 @@ def bench_models():
                                                             enabled=dtype == torch.bfloat16):
                     model(*model_args, **model_kwargs)
             run(ours, *args), run(ref, **kwargs)  # warm-up
-            t_ours, t_ref = [], []
-            for _ in range(MODEL_ROUNDS[name]):
-                t_ours.append(median_seconds(lambda: run(ours, *args), repeat=1, warmup=0))
-                t_ref.append(median_seconds(lambda: run(ref, **kwargs), repeat=1, warmup=0))
+            times = _paired_rounds({"ours": lambda: run(ours, *args), "ref": lambda: run(ref, **kwargs)},
+                                   MODEL_ROUNDS[name])
+            t_ours, t_ref = times["ours"], times["ref"]
             ratio = statistics.median(o / r for o, r in zip(t_ours, t_ref))  # paired: same load in a round
             rows.append([name, str(dtype).replace("torch.", ""), statistics.median(t_ours),
                          statistics.median(t_ref), ratio, f"{diff:.1e}"])
@@ -114,6 +140,133 @@ def bench_models():
         del ours, ref
         gc.collect()
     print_table(["model (batch 8)", "dtype", "ours s", "transformers s", "ours/theirs", "max |diff| fp32"], rows)
+    print(_load())
+
+
+def _bart_pair(B=8, n_enc=56, n_dec=20):
+    """BART-base with the same random weights, ours and transformers', each with LoRA r = alpha = 128 on q
+    and v of every attention (encoder, decoder self- and cross-attention: 18 x 2 layers; ours via
+    routing_peft, theirs via peft), everything else frozen, dropout 0.1 everywhere (VL-PET's recipe).
+    Returns (ours, theirs, inputs): n_enc = 56 encoder tokens (a CLIP-BART input: ~20 text + 36 visual),
+    n_dec = 20 decoder tokens, right-padded encoder rows."""
+    import peft
+    import transformers as hf
+
+    import models
+    import routing_peft as rp
+    torch.manual_seed(0)
+    cfg = hf.BartConfig(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+                        decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072,
+                        max_position_embeddings=1024, dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)
+    ref = hf.BartForConditionalGeneration(cfg)
+    config = models.bart_config(cfg.to_dict())
+    sd, _ = models.convert_state_dict("bart", ref.state_dict(), config)
+    ours = models.build_model(config)
+    ours.load_state_dict(sd, strict=True)
+    rp.mark_trainable(rp.add_lora(ours, ["attn.q", "attn.v", "cross.q", "cross.v"], 128, 128, "none"))
+    theirs = peft.get_peft_model(ref, peft.LoraConfig(r=128, lora_alpha=128, lora_dropout=0.0,
+                                                      target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(3, 50265, (B, n_enc))
+    mask = (torch.arange(n_enc) < torch.randint(n_enc // 2, n_enc + 1, (B, 1))).long()  # (B, n_enc)
+    ids = ids.masked_fill(mask == 0, 1)
+    dec = torch.randint(3, 50265, (B, n_dec))
+    labels = torch.randint(3, 50265, (B, n_dec))
+    return ours, theirs, (ids, mask, dec, labels)
+
+
+def bench_bart(rounds=7):
+    """Training step (forward + backward, no optimizer) of BART-base + LoRA: ours vs transformers + peft on
+    the same weights (_bart_pair), fp32 and bf16 autocast; paired rounds, median of per-round ratios."""
+    import routing_peft as rp
+    import torch.nn.functional as F
+    ours, theirs, (ids, mask, dec, labels) = _bart_pair()
+    n_ours, n_theirs = rp.count_parameters(ours), rp.count_parameters(theirs)
+    assert n_ours == n_theirs, (n_ours, n_theirs)  # the same trainable and total parameters
+    ours.eval(), theirs.eval()
+    with torch.no_grad():  # LoRA's B starts at zero: both are the base model, to the last digit or nearly
+        diff = (ours(ids, mask, dec) - theirs(input_ids=ids, attention_mask=mask, decoder_input_ids=dec,
+                                              use_cache=False).logits).abs().max().item()
+    ours.train(), theirs.train()
+    params = [p for m in (ours, theirs) for p in m.parameters() if p.requires_grad]
+
+    def loss_of(logits):
+        return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+
+    def step(forward, dtype):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                loss = loss_of(forward())
+            loss.backward()
+            for p in params:
+                p.grad = None
+        return run
+    fwd = {"ours": lambda: ours(ids, mask, dec),
+           "theirs": lambda: theirs(input_ids=ids, attention_mask=mask, decoder_input_ids=dec, use_cache=False).logits}
+    rows = []
+    print(_load(), flush=True)
+    for dtype in ("fp32", "bf16"):
+        fns = {k: step(f, dtype) for k, f in fwd.items()}
+        for fn in fns.values():
+            fn()  # warm-up
+        times = _paired_rounds(fns, rounds)
+        ratio = statistics.median(o / t for o, t in zip(times["ours"], times["theirs"]))
+        rows.append(["bart-base + LoRA q,v r=128", dtype, statistics.median(times["ours"]),
+                     statistics.median(times["theirs"]), ratio, f"{diff:.1e}"])
+        print(dtype, {k: [round(t, 3) for t in v] for k, v in times.items()}, flush=True)
+    print(f"forward + backward, batch 8, 56 encoder / 20 decoder tokens, trainable {n_ours[0]:,} of {n_ours[1]:,}, "
+          f"{torch.get_num_threads()} threads; goal: ours/theirs <= 1.0")
+    print_table(["model", "dtype", "ours s/step", "transformers + peft s/step", "ours/theirs", "max |diff| fp32"], rows)
+    print(_load())
+
+
+def bench_clip(rounds=3, B=8):
+    """Our CLIP RN101 visual tower, random weights, 224 px, batch B, inference_mode: images/s in fp32 and
+    bf16 autocast, the achieved GFLOP/s (FLOPs counted by torch.utils.flop_counter: convolutions, matmuls,
+    attention; 2 per multiply-add) next to what a plain 2048^3 matmul and a 3x3 conv (256 -> 256 channels,
+    56 x 56, batch 8, channels_last) reach in the same run. Times: fastest of `rounds` (a shared machine
+    only adds time); the model's runs and the plain kernels alternate."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import models
+    model = _random_weights(lambda: models.build_model(models.PRESETS["clip-rn101"])).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_var.fill_(1.0)  # unit statistics: activations stay finite in bf16
+    x = torch.randn(B, 3, 224, 224)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(x)
+    flops = counter.get_total_flops()
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    feat = torch.randn(8, 256, 56, 56).contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(256, 256, 3, 3)
+
+    def under(dtype, fn):
+        def run():
+            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                fn()
+        return run
+    kernels = {"RN101 forward": (lambda: model(x), flops),
+               "plain matmul 2048^3": (lambda: a @ b, 2 * 2048 ** 3),
+               "plain conv 3x3 256->256 @56x56": (lambda: F.conv2d(feat, weight, padding=1), 2 * 8 * 256 * 256 * 9 * 56 * 56)}
+    rows = []
+    print(_load(), flush=True)
+    for dtype in ("fp32", "bf16"):
+        runs = {name: under(dtype, fn) for name, (fn, _) in kernels.items()}
+        for run in runs.values():
+            run()  # warm-up
+        times = _paired_rounds(runs, rounds)
+        rates = {name: [n / t / 1e9 for t in times[name]] for name, (_, n) in kernels.items()}  # GFLOP/s
+        for name, (fn, n) in kernels.items():
+            best = max(rates[name])
+            per_image = B * best * 1e9 / flops if name == "RN101 forward" else "-"
+            rows.append([name, dtype, per_image, best, best / max(rates["plain conv 3x3 256->256 @56x56"])])
+        print(dtype, {k: [round(r, 1) for r in v] for k, v in rates.items()}, flush=True)
+    print(f"RN101 visual tower, {flops / B / 1e9:.1f} GFLOP per 224 px image, batch {B}, "
+          f"{torch.get_num_threads()} threads")
+    print_table(["what", "dtype", "images/s", "GFLOP/s", "vs plain conv"], rows)
+    print(_load())
 
 
 # ---- routing (issue 3) ------------------------------------------------------
