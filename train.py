@@ -104,6 +104,12 @@ CHOICES = {"task": ("vqa", "caption", "multitask"), "vqa_split": ("auto", "karpa
            "peft": ("lora", "adapter", "vlpet-large", "vlpet-middlex", "vlpet-middley", "vlpet-small"),
            "route": tuple(rp.ROUTES), "visual": ("pooler", "cls", "mean", "patches"),
            "device": ("auto", "cpu", "cuda", "mps")}
+# The demo's defaults of a setting other than the first (the Config defaults are the VQA demo's): below a preset
+# and explicit options. CLIP-BART: x_R the mean embedded visual token; VL-PET-large with route mul; VL-PET's
+# optimiser settings (AdamW eps 1e-6, weight decay 0.01, 10 % warm-up, gradient clipping at 5); caption beams 5,
+# at most 40 tokens.
+TASK_DEFAULTS = {"multitask": dict(visual="mean", peft="vlpet-large", adam_eps=1e-6, weight_decay=0.01, warmup=0.1,
+                                   clip=5.0, max_new_tokens=40, epochs=3, batch_size=64, lr=3e-3)}
 LORA_ONLY = ("alpha", "dropout")
 RESUME_OVERRIDES = ("max_steps", "device", "workers")  # what --resume may change: not the math
 META = ("preset", "resume", "overwrite", "evaluate", "split", "study")  # command-line options that are not Config fields
@@ -177,7 +183,8 @@ def parse_command_line(argv=None):
                          f"not {', '.join('--' + k.replace('_', '-') for k in fixed)}")
     options = load_preset(meta["preset"]) if "preset" in meta else {}
     meta["given"] = set(options) | set(args)
-    return Config(**{**options, **args}), meta
+    task = args.get("task", options.get("task", Config.task))
+    return Config(**{**TASK_DEFAULTS.get(task, {}), **options, **args}), meta
 
 
 def config_from_args(argv=None):
@@ -202,6 +209,12 @@ def check_config(cfg):
     changed = [n for n in LORA_ONLY if getattr(cfg, n) != Config.__dataclass_fields__[n].default]
     if cfg.peft != "lora" and changed:
         raise ValueError(f"--{changed[0]} applies to LoRA only; --peft {cfg.peft} would ignore it")
+    clip_bart = cfg.task == "multitask"
+    if cfg.peft.startswith("vlpet") and not clip_bart:
+        raise ValueError(f"--peft {cfg.peft}: VL-PET is built for the CLIP-BART setting (--task multitask)")
+    if clip_bart and cfg.visual not in ("mean", "patches"):
+        raise ValueError(f"--visual {cfg.visual}: the CLIP-BART setting routes the mean embedded visual token (mean) "
+                         f"or all of them (patches)")
 
 
 # ---- frozen visual features ------------------------------------------------------------------------------
@@ -314,7 +327,8 @@ class Task:
                 raise ValueError(f"{self.name}: the {split} split of {data_dir} is empty")
 
     def image_keys(self):
-        return {k for s in self.splits.values() for k in s["image"]}
+        """Every image of every split (an NLVR2 example has a pair)."""
+        return {k for s in self.splits.values() for ks in s["image"] for k in (ks if isinstance(ks, tuple) else (ks,))}
 
     def dataset(self, split):
         return self.dataset_class(self.splits[split], self.features.pixels)
@@ -969,7 +983,7 @@ def epoch_plan(tasks, cfg, epoch):
     every batch of every task once an epoch, one task a step (VL-PET's round-robin sampling)."""
     steps = []
     for t, task in enumerate(tasks):
-        n = len(task.splits["train"]["image"])
+        n = len(task.dataset("train"))  # examples (captions: every reference is one)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch)).tolist()
         size = min(task.batch_size, n)
         batches = [order[i:i + size] for i in range(0, n - size + 1, size)]
@@ -1178,7 +1192,7 @@ def start_run_folder(cfg, model, tasks, total, device):
     os.makedirs(cfg.out, exist_ok=True)
     metrics.write_json(dataclasses.asdict(cfg), os.path.join(cfg.out, "config.json"))
     trained, all_params = rp.count_parameters(model)
-    examples = ", ".join(f"{len(t.splits['train']['image']):,} {t.name}" for t in tasks)
+    examples = ", ".join(f"{len(t.dataset('train')):,} {t.name}" for t in tasks)
     print(f"{cfg.task}: {cfg.peft} r={cfg.rank} route={cfg.route} visual={cfg.visual} prefix={cfg.prefix}; trainable "
           f"{trained:,} of {all_params:,} parameters; training examples: {examples}; {total} steps on {device}; "
           f"run folder {cfg.out}")

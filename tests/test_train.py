@@ -65,7 +65,7 @@ def one_thread():
 
 def config(world, out, **kw):
     task = kw.get("task", "vqa")
-    base = dict(vit=world.vit, text=world.roberta if task == "vqa" else world.gpt2, data=world.data, epochs=1,
+    base = dict(vision=world.vit, text=world.roberta if task == "vqa" else world.gpt2, data=world.data, epochs=1,
                 batch_size=16, max_len=12, answers=20, rank=4, alpha=4, lr=1e-2, beams=2, max_new_tokens=6,
                 workers=0, out=str(out), cache=world.cache)
     if kw.get("peft") == "adapter":
@@ -144,6 +144,8 @@ def test_main_caption(world, tmp_path, peft, route, cache):
     records = read_records(cfg.out)
     assert [(r["epoch"], r["split"]) for r in records] == [(1.0, "val"), (1, "test")]
     assert math.isfinite(records[0]["train_loss"])
+    captions = sum(len(refs) for refs in train.build(cfg)[0][0].splits["train"]["refs"])
+    assert records[0]["step"] == captions // 16  # an epoch visits every training caption, 16 a batch
     for r in records:
         assert {"CIDEr", "Bleu_4", "Bleu_1", "ROUGE_L"} <= set(r["caption"]) and r["CIDEr"] == r["caption"]["CIDEr"]
     with Image.open(os.path.join(cfg.out, "gallery_caption.png")) as im:
@@ -255,15 +257,15 @@ def test_feature_cache_hits_and_invalidates(world, tmp_path, monkeypatch):
     assert run(visual="cls") == (1, 2)        # other feature kind
     vit2 = str(tmp_path / "vit2.pt")          # other checkpoint: other weights
     models.save_checkpoint(models.build_model(tiny_config("vit")), vit2)
-    assert run(vit=vit2) == (1, 3)
-    assert run(vit=vit2) == (0, 3)
+    assert run(vision=vit2) == (1, 3)
+    assert run(vision=vit2) == (0, 3)
     # other preprocessing (same weights, other mean/std), written over the same file
     model = models.load_checkpoint(vit2)
     model.config = dataclasses.replace(model.config, image_mean=(0.4, 0.4, 0.4))
     models.save_checkpoint(model, vit2)
-    assert run(vit=vit2) == (1, 4)
-    monkeypatch.setattr(train.ViTFeatures, "VERSION", train.ViTFeatures.VERSION + 1)  # changed feature code
-    assert run(vit=vit2) == (1, 5)
+    assert run(vision=vit2) == (1, 4)
+    monkeypatch.setattr(train.Features, "VERSION", train.Features.VERSION + 1)  # changed feature code
+    assert run(vision=vit2) == (1, 5)
     monkeypatch.undo()
     monkeypatch.setattr(data.ImageFeatures, "write", lambda *a, **k: calls.append(1) or compute(*a, **k))
     # a changed image file invalidates too
@@ -294,17 +296,17 @@ def error_cases(world, tmp_path):
     torch.save({"x": Exploit()}, evil)
     noise.write_bytes(bytes(range(256)) * 40)
     broken.write_text('{"rank": 8,')
-    base = ["--vit", world.vit, "--text", world.roberta, "--data", world.data, "--cache", str(tmp_path / "c"),
+    base = ["--vision", world.vit, "--text", world.roberta, "--data", world.data, "--cache", str(tmp_path / "c"),
             "--out", str(tmp_path / "out"), "--workers", "0", "--max-steps", "1"]
     return {
         "missing data folder": (base + ["--data", str(tmp_path / "nowhere")], "no such folder"),
         "missing VQA files": (base + ["--data", str(no_vqa)], "v2_OpenEnded_mscoco_train2014_questions.json"),
         "missing images folder": (base + ["--images", str(tmp_path / "no_images")], "no such folder"),
         "missing images": (base + ["--images", str(empty)], "image not found"),
-        "missing checkpoint": (base + ["--vit", str(tmp_path / "nope.pt")], "not found"),
+        "missing checkpoint": (base + ["--vision", str(tmp_path / "nope.pt")], "not found"),
         "wrong architecture": (base + ["--text", world.vit], "is a vit checkpoint, expected roberta"),
         "gpt2 for vqa": (base + ["--text", world.gpt2], "is a gpt2 checkpoint, expected roberta"),
-        "not a checkpoint": (base + ["--vit", str(preset)], "not a converted checkpoint"),
+        "not a checkpoint": (base + ["--vision", str(preset)], "not a converted checkpoint"),
         "unknown route": (base + ["--route", "sideways"], "--route"),
         "patches, element-wise": (base + ["--visual", "patches", "--route", "mul"], "patches"),
         "unknown preset key": (base + ["--preset", str(preset)], "unknown options ['ranks']"),
@@ -321,8 +323,8 @@ def error_cases(world, tmp_path):
         "dropout 2": (base + ["--dropout", "2"], "--dropout must be in [0, 1)"),
         "negative workers": (base + ["--workers", "-1"], "--workers must be >= 0"),
         "out under a file": (base + ["--out", str(preset / "run")], "Not a directory"),
-        "pickle with code": (base + ["--vit", str(evil)], "pickled Python objects"),
-        "random bytes": (base + ["--vit", str(noise)], "not the zip archive torch.save writes"),
+        "pickle with code": (base + ["--vision", str(evil)], "pickled Python objects"),
+        "random bytes": (base + ["--vision", str(noise)], "not the zip archive torch.save writes"),
         "malformed preset": (base + ["--preset", str(broken)], str(broken)),
         "dropout with adapters": (base + ["--peft", "adapter", "--dropout", "0.1"], "--dropout applies to LoRA only"),
     }
@@ -639,7 +641,7 @@ def test_ddp_matches_one_process(world, tmp_path, task, procs, accum):
     4 + 4 with gradient accumulation (captions: the processes hold different numbers of tokens). The gradient is normalised by the global number of examples
     (VQA) or tokens (captions), so the weights after 4 steps and the logged train loss agree to 1e-6."""
     text = dropout_free_backbones(world, tmp_path)[{"vqa": "roberta", "caption": "gpt2"}[task]]
-    args = ["--task", task, "--vit", world.vit, "--text", text, "--data", world.data, "--cache", world.cache,
+    args = ["--task", task, "--vision", world.vit, "--text", text, "--data", world.data, "--cache", world.cache,
             "--batch-size", str(16 // accum), "--grad-accum", str(accum), "--max-steps", "4", "--max-len", "12",
             "--answers", "20", "--rank", "4", "--alpha", "4", "--lr", "1e-2", "--beams", "1", "--max-new-tokens", "4",
             "--workers", "0", "--device", "cpu"]
@@ -749,7 +751,7 @@ def test_killed_runs_resume_exactly(world, tmp_path, die):
     straight = config(world, tmp_path / "straight", epochs=2)
     train.main(straight)
     out = str(tmp_path / "killed")
-    args = ["--vit", world.vit, "--text", world.roberta, "--data", world.data, "--cache", world.cache, "--epochs", "2",
+    args = ["--vision", world.vit, "--text", world.roberta, "--data", world.data, "--cache", world.cache, "--epochs", "2",
             "--batch-size", "16", "--max-len", "12", "--answers", "20", "--rank", "4", "--alpha", "4", "--lr", "1e-2",
             "--workers", "0", "--out", out]
     proc = subprocess.run([sys.executable, "-c", KILLER, str(die), *args], cwd=ROOT, capture_output=True, text=True,
@@ -765,7 +767,7 @@ def test_killed_runs_resume_exactly(world, tmp_path, die):
 
 def test_ctrl_c_says_how_to_continue(world, tmp_path):
     out = str(tmp_path / "run")
-    args = ["--vit", world.vit, "--text", world.roberta, "--data", world.data, "--cache", world.cache, "--epochs", "500",
+    args = ["--vision", world.vit, "--text", world.roberta, "--data", world.data, "--cache", world.cache, "--epochs", "500",
             "--batch-size", "16", "--max-len", "12", "--answers", "20", "--workers", "0", "--out", out]
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
@@ -781,7 +783,7 @@ def test_ctrl_c_says_how_to_continue(world, tmp_path):
 
 def test_logs_have_no_progress_bars_and_files_follow_the_umask(world, tmp_path):
     """Redirected output: one line per epoch, no progress bars; files get 0666 minus the umask, not 0600."""
-    proc = subprocess.run([sys.executable, "train.py", "--vit", world.vit, "--text", world.roberta, "--data", world.data,
+    proc = subprocess.run([sys.executable, "train.py", "--vision", world.vit, "--text", world.roberta, "--data", world.data,
                            "--cache", world.cache, "--epochs", "1", "--batch-size", "16", "--max-len", "12", "--answers", "20",
                            "--workers", "0", "--out", str(tmp_path / "run")], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
