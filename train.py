@@ -1028,6 +1028,15 @@ def train_step(model, task, batches, cfg, step, rank, world):
     return total / count
 
 
+def optimizer(model, cfg):
+    """AdamW on the trainable parameters; biases are not decayed (VL-PET's and Hugging Face's no_decay rule:
+    "LayerNorm.weight" is in it too but matches none of BART's LayerNorm names there, so LN weights are decayed)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in named if not n.endswith("bias")], "weight_decay": cfg.weight_decay},
+              {"params": [p for n, p in named if n.endswith("bias")], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, eps=cfg.adam_eps)
+
+
 def step_seed(cfg, rank, step, micro):
     """The seed of the random draws (dropout) of one micro-batch: a function of (seed, process, optimizer
     step, micro-batch), so a resumed run draws exactly what an uninterrupted one would, whatever ran in
@@ -1094,9 +1103,9 @@ def train(cfg, rank, world, resume):
         raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the number of processes ({world})")
     with rank_zero_first(rank, world):
         tasks, model, device = build(cfg)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = optimizer(model, cfg)
     saved = resume and os.path.isfile(os.path.join(cfg.out, "last.pt"))  # a run killed before it saved starts over
-    step, records = restore(load_run(cfg.out), model, opt, tasks, cfg.out) if saved else (0, [])
+    step, records, partial = restore(load_run(cfg.out), model, opt, tasks, cfg.out) if saved else (0, [], {})
     if rank == 0 and saved:
         write_records(cfg.out, records)  # a kill between last.pt and metrics.jsonl left the log one record short
     if records and records[-1].get("final"):
@@ -1111,13 +1120,16 @@ def train(cfg, rank, world, resume):
         start_run_folder(cfg, model, tasks, total, device)
     while step < last:
         epoch, offset = divmod(step, steps_per_epoch)
-        plan, losses, t0 = epoch_plan(tasks, cfg, epoch)[offset:], defaultdict(list), time.time()
+        losses = defaultdict(list, {k: list(v) for k, v in partial.items()} if offset else {})  # steps before a stop
+        plan, t0 = epoch_plan(tasks, cfg, epoch)[offset:], time.time()
         bar = data.progress(plan_batches(tasks, plan, rank, world), f"epoch {epoch + 1}/{cfg.epochs}", "step", len(plan),
                             disable=rank != 0)
         for task, batches in bar:
             for g in opt.param_groups:
                 g["lr"] = get_lr(step, total, cfg)
             losses[task.name].append(train_step(ddp, task, batches, cfg, step, rank, world))
+            if cfg.clip:
+                torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -1126,7 +1138,7 @@ def train(cfg, rank, world, resume):
         if rank == 0:
             record = {"epoch": step / steps_per_epoch, "step": step, "split": "val", "train_loss":
                       mean([x for v in losses.values() for x in v]), "task_train_loss": {k: mean(v) for k, v in losses.items()}}
-            evaluate_and_save(cfg, tasks, model, opt, step, records, record)
+            evaluate_and_save(cfg, tasks, model, opt, step, records, record, {} if step % steps_per_epoch == 0 else losses)
             print(f"epoch {record['epoch']:.2f} step {step}: loss {record['train_loss']:.4f}, val "
                   f"{headline(record, tasks)} ({time.time() - t0:.0f}s)")
         if world > 1:
@@ -1203,7 +1215,7 @@ def headline(record, tasks):
     return ", ".join(f"{n} {record[n] * (100 if n in ('CIDEr', 'Bleu_4') else 1):.2f}" for t in tasks for n in t.headline)
 
 
-def evaluate_and_save(cfg, tasks, model, opt, step, records, record):
+def evaluate_and_save(cfg, tasks, model, opt, step, records, record, losses=None):
     """Evaluate every task on record["split"]; the record (its metrics, headline values flat), the results
     files (and, for the final record, a gallery of test examples per task), then last.pt with every record so
     far, then metrics.jsonl rewritten from those records: the log always belongs to the checkpoint, and a kill
@@ -1217,7 +1229,7 @@ def evaluate_and_save(cfg, tasks, model, opt, step, records, record):
         record.update(task.summary(m))
         record[task.name] = m
     records.append(record)
-    save_checkpoint(cfg, model, opt, step, tasks, records)
+    save_checkpoint(cfg, model, opt, step, tasks, records, losses or {})
 
 
 def final_report(cfg, tasks, model, opt, step, records):
@@ -1243,13 +1255,13 @@ def trainable_state(model):
     return {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(cfg, model, opt, step, tasks, records):
+def save_checkpoint(cfg, model, opt, step, tasks, records, losses):
     """Atomically OUT/last.pt: what training changed, the optimizer, the step (the schedule and the dropout
     seeds are functions of step and config: see get_lr, step_seed), the config, what the heads depend on
     (the answer vocabulary) and the records; then OUT/metrics.jsonl from those records. Tensors and plain
     Python values only, so load_run reads it with weights_only=True."""
     ckpt = {"config": dataclasses.asdict(cfg), "trainable": trainable_state(model), "optimizer": opt.state_dict(),
-            "step": step, "vocab": {t.name: t.vocab for t in tasks}, "records": records}
+            "step": step, "vocab": {t.name: t.vocab for t in tasks}, "records": records, "losses": dict(losses)}
     models.atomic_save(ckpt, os.path.join(cfg.out, "last.pt"))
     write_records(cfg.out, records)
 
@@ -1269,7 +1281,7 @@ def load_run(path):
     """The dict save_checkpoint wrote (path: the file or its run folder); a clear error for anything else."""
     file = run_file(path)
     ckpt = models.read_torch_file(file, "train.py checkpoint")
-    if not isinstance(ckpt, dict) or not {"config", "trainable", "optimizer", "step", "vocab", "records"} <= set(ckpt):
+    if not isinstance(ckpt, dict) or not {"config", "trainable", "optimizer", "step", "vocab", "records", "losses"} <= set(ckpt):
         raise ValueError(f"{file} is not a train.py checkpoint (models.py checkpoints are backbones)")
     return ckpt
 
@@ -1291,7 +1303,7 @@ def run_config(path, **overrides):
 
 def restore(ckpt, model, opt, tasks, source):
     """Put a checkpoint into a freshly built run (resume and evaluation alike): the tasks' vocabularies and
-    the trainable tensors must match it exactly. Returns (step, records)."""
+    the trainable tensors must match it exactly. Returns (step, records, the step losses of an unfinished epoch)."""
     for task in tasks:
         if ckpt["vocab"].get(task.name) != task.vocab:
             raise ValueError(f"{source}: the {task.name} answer vocabulary of the data differs from the one it was "
@@ -1304,7 +1316,7 @@ def restore(ckpt, model, opt, tasks, source):
     model.load_state_dict(ckpt["trainable"], strict=False)
     if opt is not None:
         opt.load_state_dict(ckpt["optimizer"])
-    return ckpt["step"], ckpt["records"]
+    return ckpt["step"], ckpt["records"], ckpt["losses"]
 
 
 def evaluate_run(path, split="test", device="auto"):

@@ -229,7 +229,7 @@ def test_checkpoint_holds_only_what_training_changed(world, tmp_path):
     cfg = config(world, tmp_path / "run", max_steps=1)
     train.main(cfg)
     ckpt = torch.load(os.path.join(cfg.out, "last.pt"), weights_only=True)  # tensors and plain values only
-    assert set(ckpt) == {"config", "trainable", "optimizer", "step", "vocab", "records"}
+    assert set(ckpt) == {"config", "trainable", "optimizer", "step", "vocab", "records", "losses"}
     assert ckpt["records"] == read_records(cfg.out) and ckpt["vocab"]["vqa"] == train.build(cfg)[0][0].vocab
     names = set(ckpt["trainable"])
     assert any(".A." in n or "lora" in n.lower() or ".B." in n for n in names) and "head.0.weight" in names

@@ -1,0 +1,175 @@
+"""The CLIP-BART multi-task setting end to end: VQAv2 + GQA + NLVR2 + COCO captions on one BART with CLIP grid
+features, with LoRA, VL-Adapter and VL-PET, on a tiny synthetic world and tiny random backbones.
+
+    python -m pytest -q tests/test_multitask.py
+"""
+import dataclasses
+import os
+import shutil
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import data
+import eval as E
+import models
+import routing_peft as rp
+import shapes
+import train
+
+CLIP = models.Config("clip_resnet", 128, 4, 2, 0, 1e-5, image_size=64, stages=(1, 1, 1, 1), output_dim=32,
+                     image_mean=models.CLIP_MEAN, image_std=models.CLIP_STD, image_resample="bicubic")
+METHODS = [("lora", "mul"), ("adapter", "add"), ("vlpet-large", "matmul"), ("vlpet-middlex", "none"),
+           ("vlpet-middley", "mul"), ("vlpet-small", "matmul_expand")]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("multitask")
+    path = str(root / "world")
+    shapes.make_world(path, n_images=60)
+    tokenizer = data.BPETokenizer(**data.learn_bpe(shapes.bart_texts(path), 300))
+    torch.manual_seed(0)
+    w = SimpleNamespace(root=root, data=path, cache=str(root / "cache"), tokenizer=tokenizer,
+                        clip=str(root / "clip.pt"), bart=str(root / "bart.pt"))
+    models.save_checkpoint(models.build_model(CLIP), w.clip)
+    bart = models.Config("bart", 32, 1, 2, 64, 1e-5, vocab_size=len(tokenizer), pad_id=tokenizer.pad_id,
+                         max_positions=66, dropout=0.1)
+    models.save_checkpoint(models.build_model(bart), w.bart, tokenizer.to_data())
+    return w
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def config(world, out, *args):
+    """The command line's Config (with the multitask defaults), tiny."""
+    return train.config_from_args(["--task", "multitask", "--vision", world.clip, "--text", world.bart, "--data", world.data,
+                                   "--cache", world.cache, "--out", str(out), "--epochs", "1", "--batch-size", "16",
+                                   "--rank", "4", "--lr", "1e-2", "--beams", "2", "--max-new-tokens", "8", "--workers", "0",
+                                   *args])
+
+
+@pytest.mark.parametrize("peft,route", METHODS)
+def test_every_method_end_to_end(world, tmp_path, peft, route):
+    """main() trains the four tasks round-robin and writes each task's results in its benchmark's official
+    format; eval.py scores those files to the numbers of the final record, next to the text-only baselines."""
+    cfg = config(world, tmp_path / "run", "--peft", peft, "--route", route)
+    result = train.main(cfg)
+    assert result["final"] and result["split"] == "test" and result["step"] == train.load_run(cfg.out)["step"]
+    for name in ("vqa_accuracy", "gqa_accuracy", "nlvr2_accuracy", "CIDEr"):
+        assert name in result and name in result["text_only"]
+    assert set(result["task_train_loss"] if "task_train_loss" in result else train.load_run(cfg.out)["records"][0]
+               ["task_train_loss"]) == {"vqa", "gqa", "nlvr2", "caption"}
+    out = tmp_path / "run"
+    gqa = E.score_gqa_files(str(out / "results_gqa_test.json"), shapes.gqa_files(world.data, "testdev")[0])
+    assert gqa == result["gqa"] and result["gqa_accuracy"] == gqa["accuracy"]
+    nlvr2 = E.score_nlvr2_files(str(out / "results_nlvr2_test.csv"), shapes.nlvr2_files(world.data, "test1")[0])
+    assert nlvr2 == result["nlvr2"] and result["nlvr2_accuracy"] == pytest.approx(100 * nlvr2["accuracy"])
+    karpathy = os.path.join(world.data, data.KARPATHY)
+    vqa = E.score_vqa_files(str(out / "results_vqa_test.json"), [data.vqa_files(world.data, s)[0] for s in ("train2014", "val2014")],
+                            [data.vqa_files(world.data, s)[1] for s in ("train2014", "val2014")], karpathy, "test")
+    assert vqa["overall"] == result["vqa_accuracy"]
+    caption = E.score_caption_files(str(out / "results_caption_test.json"), karpathy, "test")
+    assert caption["CIDEr"] == pytest.approx(result["CIDEr"], abs=1e-12)
+    assert {f"gallery_{t}.png" for t in ("vqa", "gqa", "nlvr2", "caption")} <= set(os.listdir(out))
+
+
+@pytest.mark.parametrize("peft,route", METHODS)
+def test_a_step_changes_only_the_trainable_weights(world, tmp_path, peft, route):
+    """One step of every task: every trainable tensor that gets a gradient changes; nothing else does (the
+    frozen BART, its 200 added token rows, the final logits bias, CLIP's BatchNorm statistics)."""
+    cfg = config(world, tmp_path / "run", "--peft", peft, "--route", route)
+    tasks, model, _ = train.build(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    for task in tasks:
+        batch = next(iter(task.loader(task.dataset("train"), [list(range(4))])))
+        train.train_step(model, task, [batch], cfg, 0, 0, 1)
+    opt.step()
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed <= trainable and changed, sorted(changed - trainable)[:5]
+    assert "visual.feat.0.weight" in changed and not any(k.startswith("bart.wte") for k in changed)
+    extra = {"lora": ".bias", "adapter": "ln_cross.weight", "vlpet-large": "encoder.ln_emb.weight"}
+    if peft in extra:  # the release's other trainable parameters: biases, every LN, the encoder's LNs
+        assert any(k.endswith(extra[peft]) for k in changed)
+    if peft.startswith("vlpet"):
+        assert not any(".decoder." in k and ".ln" in k for k in trainable)
+
+
+def test_multitask_resume_is_exact(world, tmp_path):
+    """Steps of all four tasks (VQA targets drawn at random, dropout on), stopped and resumed: the same weights
+    and records as one straight run, bit for bit."""
+    straight = config(world, tmp_path / "straight", "--epochs", "2", "--max-steps", "40")
+    train.main(straight)
+    split = config(world, tmp_path / "split", "--epochs", "2", "--max-steps", "15")
+    train.main(split)
+    train.main(train.run_config(split.out, max_steps=40), resume=True)
+    a, b = train.load_run(straight.out), train.load_run(split.out)
+    assert a["step"] == b["step"] == 40
+    assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])
+    assert a["records"] == b["records"][1:]  # b also logged its stop at step 15
+    plan = train.epoch_plan(train.build(straight)[0], straight, 0)
+    assert len({t for t, _ in plan[:15]}) < 4 == len({t for t, _ in plan})  # the stop falls before some task's turn
+
+
+def test_parameter_counts_reproduce_vl_pet():
+    """On bart-base with VL-Adapter's 200 added tokens and visual embedding for RN101 grids (meta device, no
+    weights): the trainable counts and percentages VL-PET reports (CLIPBART_NOTES 1.6)."""
+    expected = {  # peft: (trainable, total, the paper's %)
+        "vlpet-large": (6_052_416, 145_606_464, 4.16), "vlpet-small": (4_291_020, 143_845_068, 2.98),
+        "vlpet-middlex": (4_281_804, 143_835_852, 2.98), "vlpet-middley": (4_281_792, 143_835_840, 2.98),
+        "adapter": (6_081_600, 145_606_464, 4.18), "lora": (8_786_688, 148_234_752, 5.93)}
+    for peft, (trainable, total, percent) in expected.items():
+        lora = peft == "lora"
+        cfg = train.Config(task="multitask", peft=peft, route="mul", rank=128 if lora else 96, alpha=32 if lora else 16,
+                           dropout=0.1 if lora else 0.0, visual="mean")
+        with torch.device("meta"):
+            bart = models.build_model(models.PRESETS["bart-base"])
+            extra = train.add_peft_vl(cfg, bart)
+            model = train.VLBart(bart, 2048, True, False)
+        counts = rp.count_parameters(rp.mark_trainable(model, ["visual"] + extra))
+        assert counts == (trainable, total) and round(100 * trainable / total, 2) == percent, peft
+    with torch.device("meta"):
+        assert sum(p.numel() for p in models.build_model(models.PRESETS["clip-rn101"]).parameters()) == 56_259_936
+
+
+def test_bad_multitask_input_is_one_line(world, tmp_path, capsys):
+    """A GQA question whose image is missing, a malformed NLVR2 line: one error line naming the problem."""
+    broken = tmp_path / "world"
+    shutil.copytree(world.data, broken, ignore=shutil.ignore_patterns("prepared"))
+    gqa_images = broken / "gqa" / "images"
+    missing = sorted(os.listdir(gqa_images))[0]
+    os.remove(gqa_images / missing)
+    cache = str(tmp_path / "cache")
+    args = ["--task", "multitask", "--vision", world.clip, "--text", world.bart, "--data", str(broken), "--cache", cache,
+            "--workers", "0", "--max-steps", "1"]
+    with pytest.raises(SystemExit) as e:
+        train.cli(args + ["--out", str(tmp_path / "a")])
+    assert e.value.code.startswith("error: image not found") and missing in e.value.code and "\n" not in e.value.code
+    shutil.copy(os.path.join(world.data, "gqa", "images", missing), gqa_images / missing)
+    with open(broken / "nlvr2" / "data" / "dev.json", "a", encoding="utf-8") as f:
+        f.write('{"identifier": "dev-9-0-0", "sentence": "x", "label": "maybe"}\n')
+    with pytest.raises(SystemExit) as e:
+        train.cli(args + ["--out", str(tmp_path / "b")])
+    assert "dev.json, line" in e.value.code and "label" in e.value.code and "\n" not in e.value.code
+
+
+def test_multitask_options():
+    """The multitask defaults, the CLIP-BART visual kinds, VL-PET only there."""
+    cfg = train.config_from_args(["--task", "multitask"])
+    assert (cfg.peft, cfg.visual, cfg.clip, cfg.adam_eps, cfg.warmup) == ("vlpet-large", "mean", 5.0, 1e-6, 0.1)
+    assert train.config_from_args(["--task", "multitask", "--peft", "lora", "--visual", "patches"]).visual == "patches"
+    for bad, phrase in ((dataclasses.replace(cfg, visual="pooler"), "CLIP-BART setting routes"),
+                        (train.Config(peft="vlpet-small"), "VL-PET is built for the CLIP-BART setting")):
+        with pytest.raises(ValueError, match=phrase):
+            train.check_config(bad)
