@@ -783,8 +783,8 @@ def prepare_gqa(gqa_dir, tokenizer, prompt="gqa: ", max_len=20, cache_dir=None):
     """GQA for a generative model, tokenised once and cached (cache_dir defaults to GQA_DIR/prepared): the
     inputs <s> prompt + question </s> (at most max_len tokens) and the targets <s> answer </s>. Splits as
     VL-Adapter and VL-PET use them: "train" = the train and val balanced questions, "testdev" = testdev.
-    Columns: question_id [str], image [key under GQA_DIR/images], question, answer and detailed (the official
-    detailed question type) [str], input_ids / input_offsets and target_ids / target_offsets (ragged)."""
+    Columns: question_id, image (a key under GQA_DIR/images), question and answer [str], input_ids /
+    input_offsets and target_ids / target_offsets (ragged)."""
     files = {s: os.path.join(gqa_dir, "questions1.2", GQA_QUESTIONS.format(s)) for s in ("train", "val", "testdev")}
     for path in files.values():
         if not os.path.isfile(path):
@@ -795,7 +795,6 @@ def prepare_gqa(gqa_dir, tokenizer, prompt="gqa: ", max_len=20, cache_dir=None):
         parts = {"train": read_gqa(files["train"]) + read_gqa(files["val"]), "testdev": read_gqa(files["testdev"])}
         return {name: {"question_id": [r["question_id"] for r in rs], "image": [r["image"] for r in rs],
                        "question": [r["question"] for r in rs], "answer": [r["answer"] for r in rs],
-                       "detailed": [r["types"].get("detailed", r["types"]["semantic"]) for r in rs],
                        **_prompted(tokenizer, prompt, [r["question"] for r in rs], [r["answer"] for r in rs], max_len)}
                 for name, rs in parts.items()}
 

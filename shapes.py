@@ -843,13 +843,15 @@ def world_texts(world):
 
 
 def bart_texts(world):
-    """The tiny BART's corpus: the training questions and captions, GQA's training questions and answers, NLVR2's
-    training sentences and the two words its targets use."""
+    """The tiny BART's corpus: the training questions and captions, VQA's human answers, GQA's training questions
+    and answers, NLVR2's training sentences and their labels' words. The answers stand alone, as the targets do
+    (<s> answer </s>, no leading space), so that they are whole tokens, as in BART's vocabulary."""
     questions, captions = world_texts(world)
+    vqa = [a for r in data.read_vqa(world, "train2014") for a in r["answers"]]
     gqa = data.read_gqa(gqa_files(world, "train")[0])
     nlvr2 = data.read_nlvr2(nlvr2_files(world, "train")[0])
-    return questions + captions + [r["question"] for r in gqa] + [r["answer"] for r in gqa] + \
-        [r["sentence"] for r in nlvr2] + ["true", "false"]
+    return questions + captions + vqa + [r["question"] for r in gqa] + [r["answer"] for r in gqa] + \
+        [r["sentence"] for r in nlvr2] + ["true" if r["label"] else "false" for r in nlvr2]
 
 
 # ---- the demo's tiny pretrained backbones --------------------------------------------------------
@@ -861,11 +863,13 @@ TINY = {  # the same architectures as the real backbones, tiny; d = 128 for ViT,
     # CLIP's ResNet at the images' own 64 px: a 2 x 2 grid (one cell a quadrant), 256 channels (stem width 8)
     "clip_resnet": models.Config("clip_resnet", 256, 4, 4, 0, 1e-5, image_size=64, stages=(1, 1, 1, 1), output_dim=128,
                                  image_mean=models.CLIP_MEAN, image_std=models.CLIP_STD, image_resample="bicubic"),
-    "bart": models.Config("bart", 128, 2, 4, 512, 1e-5, max_positions=66, dropout=0.1),
+    # no dropout in the tiny BART: on 2 CPU cores its masks would cost a third of every step
+    "bart": models.Config("bart", 128, 2, 4, 512, 1e-5, max_positions=66),
 }
 TINY_VOCAB = 1000
 VIT_STEPS, VIT_LR, VIT_SCENES = 700, 2e-3, 8000
 TEXT_STEPS, TEXT_LR = 400, 1e-3  # per text backbone
+BART_STEPS, BART_LR = 800, 3e-3  # BART's decoder needs ~800 steps to learn to read its encoder (copy), not just the LM
 PRETRAIN_WARMUP = 50
 
 
@@ -962,7 +966,7 @@ def pretrain_bart(tokenizer, texts):
         logits = model(noisy, mask, decoder_input_ids)  # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
-    return pretrain(model, nn.Identity(), loss, TEXT_STEPS, TEXT_LR, "pretrain tiny BART (denoising)")
+    return pretrain(model, nn.Identity(), loss, BART_STEPS, BART_LR, "pretrain tiny BART (denoising)")
 
 
 def pretrain_text(arch, tokenizer, texts):

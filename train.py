@@ -81,6 +81,7 @@ class Config:
     beams: int = 5                # beam width for captioning (1 = greedy)
     max_new_tokens: int = 20      # caption length limit in tokens
     max_steps: int = 0            # stop after this many optimizer steps (0 = all epochs); schedule unchanged
+    train_limit: int = 0          # train on the first N examples of each task only (0 = all; VL-T5's --train_topk)
     seed: int = 0                 # seeds the new weights, the data order and dropout
     device: str = "auto"          # auto | cpu | cuda | mps
     workers: int = 2              # image-loading processes (only when features are not cached)
@@ -109,7 +110,7 @@ CHOICES = {"task": ("vqa", "caption", "multitask"), "vqa_split": ("auto", "karpa
 # optimiser settings (AdamW eps 1e-6, weight decay 0.01, 10 % warm-up, gradient clipping at 5); caption beams 5,
 # at most 40 tokens.
 TASK_DEFAULTS = {"multitask": dict(visual="mean", peft="vlpet-large", adam_eps=1e-6, weight_decay=0.01, warmup=0.1,
-                                   clip=5.0, max_new_tokens=40, epochs=3, batch_size=64, lr=3e-3)}
+                                   clip=5.0, max_new_tokens=40, epochs=2, batch_size=64, lr=1e-2)}
 LORA_ONLY = ("alpha", "dropout")
 RESUME_OVERRIDES = ("max_steps", "device", "workers")  # what --resume may change: not the math
 META = ("preset", "resume", "overwrite", "evaluate", "split", "study")  # command-line options that are not Config fields
@@ -152,8 +153,9 @@ def build_parser():
                         "--split and score it: RUN/results_TASK_SPLIT.json and RUN/metrics_SPLIT.json")
     parser.add_argument("--split", help="with --evaluate: the split to predict (default: test)")
     parser.add_argument("--study", action="store_true", default=None,
-                        help=f"train every route x lora/adapter x {STUDY_SEEDS} seeds (with controls) from these "
-                             f"options and write the table to OUT/study.md (default OUT: {STUDY_OUT})")
+                        help="train every route x PEFT method x seeds (VQA and captions, with controls; or --task "
+                             f"multitask) from these options; table and chart in OUT/study.md, study.png (default OUT: "
+                             f"{STUDY_OUT})")
     return parser
 
 
@@ -201,7 +203,7 @@ def check_config(cfg):
                          f"(route {cfg.route!r} needs one vector per image)")
     for names, ok, need in ((("rank", "epochs", "batch_size", "grad_accum", "max_len", "answers", "beams", "max_new_tokens"),
                              lambda v: v >= 1, "at least 1"), (("lr", "alpha"), lambda v: v > 0, "> 0"),
-                            (("max_steps", "warmup", "weight_decay", "workers"), lambda v: v >= 0, ">= 0"),
+                            (("max_steps", "train_limit", "warmup", "weight_decay", "workers", "clip"), lambda v: v >= 0, ">= 0"),
                             (("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")):
         for name in names:
             if not ok(getattr(cfg, name)):
@@ -238,7 +240,7 @@ class Features:
     after its visual embedding). Computed once per image and cached on disk (data.ImageFeatures; CLIP grids
     in fp16), or with --no-feature-cache by the encoder on every batch."""
 
-    VERSION = 2  # of the feature code (select_visual, the pooler, the 6 x 6 pool, data.preprocess)
+    VERSION = 3  # of the feature code (select_visual, the pooler, the 6 x 6 pool, data.preprocess)
 
     def __init__(self, cfg, encoder, path, images_dir, device):
         self.cfg, self.encoder, self.device = cfg, encoder, device
@@ -271,7 +273,9 @@ class Features:
         grid = out[0]  # (B, h * w, C), row-major
         h = math.isqrt(grid.shape[1])
         grid = grid.transpose(1, 2).reshape(grid.shape[0], -1, h, h)  # (B, C, h, w)
-        return F.adaptive_max_pool2d(grid.float(), 6).flatten(2).transpose(1, 2)  # (B, C, 6, 6) -> (B, 36, C)
+        # RN101 at 224 px: 7 x 7 -> 6 x 6. A smaller grid (the demo's tiny ResNet: 2 x 2) stays as it is: pooling
+        # it up to 6 x 6 would only repeat its cells
+        return F.adaptive_max_pool2d(grid.float(), min(h, 6)).flatten(2).transpose(1, 2)  # (B, C, 6, 6) -> (B, 36, C)
 
     def __call__(self, batch):
         x = self.store(batch).to(self.device)
@@ -316,6 +320,12 @@ class Task:
     @property
     def batch_size(self):
         return max(1, int(self.cfg.batch_size * self.batch_share))
+
+    @property
+    def n_train(self):
+        """The training examples an epoch visits (captions: every reference is one), at most cfg.train_limit."""
+        n = len(self.dataset("train"))
+        return min(n, self.cfg.train_limit) if self.cfg.train_limit else n
 
     def __init__(self, cfg, data_dir, tokenizer, features, text_config):
         self.cfg, self.tokenizer, self.features, self.text_config = cfg, tokenizer, features, text_config
@@ -781,6 +791,7 @@ class GQA(Generative):
     """GQA (balanced; train = train + val, evaluation on testdev, as VL-PET): exact-match accuracy."""
 
     name, headline, dataset_class, prompt = "gqa", ("gqa_accuracy",), data.PromptDataset, "gpa: "  # VL-PET's typo
+    batch_share = 100 / 60  # VL-PET's per-task batch sizes (src/multitask.py): VQA 500, GQA 833, NLVR2 166, captions 416
 
     @classmethod
     def data_folder(cls, cfg, data_dir):
@@ -805,13 +816,17 @@ class GQA(Generative):
         return {"gqa_accuracy": m["accuracy"]}
 
     def text_only_baseline(self, split):
-        """The most frequent training answer per GQA detailed question type."""
+        """The most frequent training answer per question type, read from the text as VQAv2's types are: its
+        first three words (GQA's own detailed types are no blind prior: "existRelSC" means the answer is no)."""
+        def qtype(q):
+            return " ".join(q.lower().split()[:3])
         prior = defaultdict(Counter)
-        for qtype, answer in zip(self.splits["train"]["detailed"], self.splits["train"]["answer"]):
-            prior[qtype][answer] += 1
+        for q, answer in zip(self.splits["train"]["question"], self.splits["train"]["answer"]):
+            prior[qtype(q)][answer] += 1
+        overall = Counter(self.splits["train"]["answer"])
         s = self.splits[split]
-        preds = {q: min(prior[t], key=lambda a: (-prior[t][a], a)) if prior[t] else ""
-                 for q, t in zip(s["question_id"], s["detailed"])}
+        preds = {i: min(c, key=lambda a: (-c[a], a)) for i, c in
+                 ((i, prior.get(qtype(q)) or overall) for i, q in zip(s["question_id"], s["question"]))}
         return metrics.gqa_scores(preds, metrics.read_gqa_questions(self.questions))
 
     def examples(self, results, split, n=8):
@@ -826,6 +841,7 @@ class NLVR2(Generative):
     consistency as lil-lab/nlvr's metrics.py."""
 
     name, headline, dataset_class, prompt, n_images = "nlvr2", ("nlvr2_accuracy",), data.PromptDataset, "nlvr: ", 2
+    batch_share = 20 / 60
 
     @classmethod
     def data_folder(cls, cfg, data_dir):
@@ -886,7 +902,7 @@ class GenerativeCaptioning(Generative, Captioning):
     """COCO captions (Karpathy): the input is the prompt alone, the target one caption (every reference is an
     example); the loss is the token mean over the batch; beam search (cfg.beams, cfg.max_new_tokens)."""
 
-    prompt = "caption: "
+    prompt, batch_share = "caption: ", 50 / 60
 
     def prepare(self, data_dir):
         prepared = data.prepare_captions(os.path.join(data_dir, data.KARPATHY), self.tokenizer,
@@ -983,7 +999,7 @@ def epoch_plan(tasks, cfg, epoch):
     every batch of every task once an epoch, one task a step (VL-PET's round-robin sampling)."""
     steps = []
     for t, task in enumerate(tasks):
-        n = len(task.dataset("train"))  # examples (captions: every reference is one)
+        n = task.n_train
         order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch)).tolist()
         size = min(task.batch_size, n)
         batches = [order[i:i + size] for i in range(0, n - size + 1, size)]
@@ -1204,7 +1220,7 @@ def start_run_folder(cfg, model, tasks, total, device):
     os.makedirs(cfg.out, exist_ok=True)
     metrics.write_json(dataclasses.asdict(cfg), os.path.join(cfg.out, "config.json"))
     trained, all_params = rp.count_parameters(model)
-    examples = ", ".join(f"{len(t.dataset('train')):,} {t.name}" for t in tasks)
+    examples = ", ".join(f"{t.n_train:,} {t.name}" for t in tasks)
     print(f"{cfg.task}: {cfg.peft} r={cfg.rank} route={cfg.route} visual={cfg.visual} prefix={cfg.prefix}; trainable "
           f"{trained:,} of {all_params:,} parameters; training examples: {examples}; {total} steps on {device}; "
           f"run folder {cfg.out}")
@@ -1336,39 +1352,56 @@ def evaluate_run(path, split="test", device="auto"):
     return out, path
 
 
-# ---- the study: every route x LoRA/Adapter x seeds, with controls (python train.py --study) ---------------
+# ---- the study: every route x PEFT method x seeds, with controls (python train.py --study) -----------------
 #
-# Every route in STUDY_ROUTES x STUDY_PEFTS x STUDY_SEEDS seeds (from --seed on), on both tasks with the tiny
-# backbones (a real text checkpoint serves one task: --task). The controls run for VQA with LoRA only (the
-# 2-core budget): without the visual prefix (routing is then the image's only path) and with every image's
-# features replaced by another image's (a route that still helps is not using the image). STUDY_EPOCHS
-# apply unless --epochs is given.
+# Per task, every PEFT method with its routes x seeds (from --seed on), on the tiny backbones: VQA and captions
+# (the default; a real text checkpoint serves one task: --task), or the CLIP-BART multitask setting (--task
+# multitask). The controls run for VQA with LoRA only (the 2-core budget): without the visual prefix (routing is
+# then the image's only path) and with every image's features replaced by another image's (a route that still
+# helps is not using the image). The options of STUDY apply unless given; the multitask runs train on 4,000
+# examples a task (--train-limit) to fit 36 runs in 30 minutes on 2 CPU cores.
+ROUTES5 = ("none", "add", "mul", "matmul", "matmul_expand")
+STUDY = {  # task: {peft: routes}, seeds, options
+    "vqa": ({"lora": ROUTES5, "adapter": ROUTES5}, 3, {"epochs": 3}),  # 60 runs x ~16 s
+    "caption": ({"lora": ROUTES5, "adapter": ROUTES5}, 3, {"epochs": 1}),  # 30 runs x ~14 s
+    "multitask": ({"lora": ROUTES5, "adapter": ROUTES5, "vlpet-large": ROUTES5, "vlpet-middlex": ("none",),
+                   "vlpet-middley": ("none",), "vlpet-small": ("none",)}, 2, {"epochs": 2, "train_limit": 4000}),
+}
 STUDY_OUT = "runs/study"
-STUDY_ROUTES = ("none", "add", "mul", "matmul", "matmul_expand")
-STUDY_PEFTS = ("lora", "adapter")
-STUDY_SEEDS = 3
-STUDY_EPOCHS = {"vqa": 3, "caption": 1}  # 60 VQA runs x ~16 s + 30 caption runs x ~14 s: ~23 min on 2 CPU cores
 STUDY_CONTROLS = {"noprefix": {"prefix": False}, "shuffled": {"shuffle_visual": True}}  # name: options
 STUDY_CONTROLLED = ("vqa", "lora")  # the (task, peft) the controls run for
+STUDY_METRICS = {"vqa": ("vqa_accuracy",), "caption": ("CIDEr", "Bleu_4"),  # the first is the gain's
+                 "multitask": ("mean", "vqa_accuracy", "gqa_accuracy", "nlvr2_accuracy", "CIDEr")}
 STUDY_FREE = ("out", "device", "workers", "cache", "max_steps")  # may differ from a finished run's config
 
 
-def study_grid(base, epochs_given, routes=STUDY_ROUTES, seeds=STUDY_SEEDS):
+def study_grid(base, given=(), routes=None, seeds=None):
     """{(task, peft, control, route, seed): Config} of every run, each in its own folder under base.out
-    (e.g. vqa-lora-mul-noprefix-s0). Adapter runs take the LoRA-only options' defaults."""
+    (e.g. vqa-lora-mul-noprefix-s0). routes / seeds: fewer than STUDY's (tests). LoRA-only options take their
+    defaults in the other methods' runs."""
     grid = {}
-    for task in (("vqa", "caption") if base.text == "tiny" else (base.task,)):
-        epochs = {} if epochs_given else {"epochs": STUDY_EPOCHS[task]}
-        for peft in STUDY_PEFTS:
+    tasks = ("multitask",) if base.task == "multitask" else ("vqa", "caption") if base.text == "tiny" else (base.task,)
+    for task in tasks:
+        pefts, n_seeds, options = STUDY[task]
+        options = {k: v for k, v in options.items() if k not in given}
+        for peft, peft_routes in pefts.items():
             lora_only = {} if peft == "lora" else {n: Config.__dataclass_fields__[n].default for n in LORA_ONLY}
             controls = {"full": {}, **(STUDY_CONTROLS if (task, peft) == STUDY_CONTROLLED else {})}
-            for (control, options), route, seed in itertools.product(controls.items(), routes,
-                                                                     range(base.seed, base.seed + seeds)):
+            for (control, extra), route, seed in itertools.product(
+                    controls.items(), [r for r in peft_routes if routes is None or r in routes],
+                    range(base.seed, base.seed + (seeds or n_seeds))):
                 name = f"{task}-{peft}-{route}{'' if control == 'full' else '-' + control}-s{seed}"
                 grid[task, peft, control, route, seed] = dataclasses.replace(
-                    base, **epochs, **lora_only, **options, task=task, peft=peft, route=route, seed=seed,
+                    base, **options, **lora_only, **extra, task=task, peft=peft, route=route, seed=seed,
                     out=os.path.join(base.out, name))
     return grid
+
+
+def study_value(record, name):
+    """A record's metric for the study; "mean": VL-PET's average of VQA, GQA and NLVR2 accuracy and CIDEr x100."""
+    if name == "mean":
+        return (record["vqa_accuracy"] + record["gqa_accuracy"] + record["nlvr2_accuracy"] + 100 * record["CIDEr"]) / 4
+    return record[name]
 
 
 def final_record(out, final=True):
@@ -1394,14 +1427,14 @@ def check_same_run(cfg):
                          f"wants {ours[diff[0]]!r}); remove it or choose another --out")
 
 
-def run_study(base, epochs_given=False, routes=STUDY_ROUTES, seeds=STUDY_SEEDS):
+def run_study(base, given=(), routes=None, seeds=None):
     """Train every run of the grid that has not finished (an interrupted run resumes from its last.pt), then
     read each run's final record from its metrics.jsonl and write the table (study_table) to OUT/study.md.
     Returns (rows, the table's Markdown)."""
     if base.max_steps:
         raise ValueError("--study compares whole runs: it takes no --max-steps")
     base = dataclasses.replace(base, out=base.out or STUDY_OUT)
-    grid = study_grid(base, epochs_given, routes, seeds)
+    grid = study_grid(base, given, routes, seeds)
     t0 = time.time()
     for k, cfg in enumerate(grid.values(), 1):
         check_same_run(cfg)
@@ -1413,11 +1446,12 @@ def run_study(base, epochs_given=False, routes=STUDY_ROUTES, seeds=STUDY_SEEDS):
         resume = os.path.isfile(os.path.join(cfg.out, "last.pt"))
         main(run_config(cfg.out, **{o: getattr(cfg, o) for o in RESUME_OVERRIDES}) if resume else cfg, resume)
     rows = study_rows({key: final_record(cfg.out) for key, cfg in grid.items()})
-    table = study_table(rows, grid, seeds)
+    table = study_table(rows, grid)
     path = os.path.join(base.out, "study.md")
     metrics.atomic_write(path, lambda f: f.write(table))
-    seeds_text = f"{seeds} seed{'s' if seeds > 1 else ''}"
-    shapes.study_chart(rows, os.path.join(base.out, "study.png"), {r["task"]: TASK_HEADLINE[r["task"]][0] for r in rows},
+    n_seeds = len({key[-1] for key in grid})
+    seeds_text = f"{n_seeds} seed{'s' if n_seeds > 1 else ''}"
+    shapes.study_chart(rows, os.path.join(base.out, "study.png"), {r["task"]: STUDY_METRICS[r["task"]][0] for r in rows},
                        X100, f"Study: mean ± std over {seeds_text} per route, {'the demo' if base.text == 'tiny' else base.text}")
     print("\n" + table + "\n" + study_summary(rows) + f"\nstudy: {len(grid)} runs in {base.out}, "
           f"{time.time() - t0:.0f}s; table in {path}, chart in {os.path.join(base.out, 'study.png')}")
@@ -1436,17 +1470,17 @@ def study_rows(records):
     for (task, peft, control, route), rs in groups.items():
         row = {"task": task, "peft": peft, "control": control, "route": route, "split": rs[0]["split"],
                "params": sorted({r["trainable_params"] for r in rs})}
-        rows.append({**row, **{m: mean_std([r[m] for r in rs]) for m in TASK_HEADLINE[task]}})
+        rows.append({**row, **{m: mean_std([study_value(r, m) for r in rs]) for m in STUDY_METRICS[task]}})
     for row in rows:
-        head = TASK_HEADLINE[row["task"]][0]
-        none = next(r for r in rows if (r["task"], r["peft"], r["control"], r["route"]) ==
-                    (row["task"], row["peft"], row["control"], "none")) if "none" in STUDY_ROUTES else None
+        head = STUDY_METRICS[row["task"]][0]
+        none = next((r for r in rows if (r["task"], r["peft"], r["control"], r["route"]) ==
+                     (row["task"], row["peft"], row["control"], "none")), None)
         row["gain"] = (None if none is None or row is none or none[head][0] == 0
                        else (row[head][0] - none[head][0]) / none[head][0])
     for task in dict.fromkeys(k[0] for k in records):
         r = next(r for k, r in records.items() if k[0] == task)
         rows.append({"task": task, "peft": None, "control": None, "route": None, "params": [0], "split": r["split"],
-                     "gain": None, **{m: (r["text_only"][m], 0.0) for m in TASK_HEADLINE[task]}})
+                     "gain": None, **{m: (study_value(r["text_only"], m), 0.0) for m in STUDY_METRICS[task]}})
     return rows
 
 
@@ -1455,15 +1489,17 @@ def mean_std(values):
     return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
-def study_table(rows, grid, seeds):
+def study_table(rows, grid):
     """Markdown: one table per task, mean ± std over seeds; CIDEr and BLEU x100 as in papers."""
     out = []
     for task in dict.fromkeys(r["task"] for r in rows):
-        names = TASK_HEADLINE[task]
-        epochs = next(c.epochs for k, c in grid.items() if k[0] == task)
+        names = STUDY_METRICS[task]
+        runs = [c for k, c in grid.items() if k[0] == task]
+        epochs, seeds = runs[0].epochs, len({c.seed for c in runs})
+        limit = f", the first {runs[0].train_limit:,} training examples of each task" if runs[0].train_limit else ""
         split = next(r["split"] for r in rows if r["task"] == task)
         out += [f"### {task}: {' / '.join(n + (' x100' if n in X100 else ' (%)') for n in names)}, mean ± std over "
-                f"{seeds} seed(s), {epochs} epoch(s), {split} split", "",
+                f"{seeds} seed(s), {epochs} epoch(s){limit}, {split} split", "",
                 "| peft | control | route | " + " | ".join(names) + " | trainable params | gain vs none |",
                 "|---|---|---|" + "---:|" * (len(names) + 2)]
         for r in (r for r in rows if r["task"] == task):
@@ -1486,7 +1522,7 @@ def study_summary(rows):
     """A few plain lines: per (task, peft, control), route none, the best route and its gain; the text-only score."""
     lines = []
     for r in rows:
-        head = TASK_HEADLINE[r["task"]][0]
+        head = STUDY_METRICS[r["task"]][0]
         scale = X100.get(head, 1)
         if r["peft"] is None:
             lines.append(f"{r['task']}: text-only baseline {head} {scale * r[head][0]:.2f}")
@@ -1499,7 +1535,6 @@ def study_summary(rows):
     return "\n".join(lines)
 
 
-TASK_HEADLINE = {name: [n for c in classes for n in c.headline] for name, classes in TASKS.items()}
 X100 = {"CIDEr": 100, "Bleu_4": 100}  # shown x100, as papers report them
 
 
@@ -1525,7 +1560,7 @@ def cli(argv=None):
         if meta.get("resume"):
             return main(run_config(meta["resume"], **{o: getattr(cfg, o) for o in RESUME_OVERRIDES}), resume=True)
         if meta.get("study"):
-            return run_study(cfg, epochs_given="epochs" in meta["given"])
+            return run_study(cfg, meta["given"])
         return main(cfg, overwrite=meta.get("overwrite", False))
     except (ValueError, OSError, RuntimeError) as e:
         sys.exit(f"error: {error_line(e)}")

@@ -173,3 +173,24 @@ def test_multitask_options():
                         (train.Config(peft="vlpet-small"), "VL-PET is built for the CLIP-BART setting")):
         with pytest.raises(ValueError, match=phrase):
             train.check_config(bad)
+
+
+def test_multitask_study(world, tmp_path, monkeypatch):
+    """python train.py --study --task multitask, tiny: the grid of PEFT methods and routes, the table with each
+    task's metric and VL-PET's average, and its chart."""
+    monkeypatch.setitem(train.STUDY, "multitask", ({"lora": train.ROUTES5, "vlpet-small": ("none",)}, 2,
+                                                   {"epochs": 1, "train_limit": 40}))
+    cfg, meta = train.parse_command_line(["--study", "--task", "multitask", "--vision", world.clip, "--text", world.bart,
+                                          "--data", world.data, "--cache", world.cache, "--out", str(tmp_path / "study"),
+                                          "--batch-size", "16", "--rank", "4", "--beams", "1", "--max-new-tokens", "8",
+                                          "--workers", "0"])
+    rows, table = train.run_study(cfg, meta["given"], routes=("none", "mul"), seeds=1)
+    runs = sorted(f for f in os.listdir(tmp_path / "study") if not f.startswith("study."))
+    assert runs == ["multitask-lora-mul-s0", "multitask-lora-none-s0", "multitask-vlpet-small-none-s0"]
+    header = "| peft | control | route | mean | vqa_accuracy | gqa_accuracy | nlvr2_accuracy | CIDEr | trainable params | gain vs none |"
+    assert header in table and "the first 40 training examples of each task" in table
+    record = train.final_record(str(tmp_path / "study" / "multitask-lora-mul-s0"))
+    row = next(r for r in rows if (r["peft"], r["route"]) == ("lora", "mul"))
+    expected = (record["vqa_accuracy"] + record["gqa_accuracy"] + record["nlvr2_accuracy"] + 100 * record["CIDEr"]) / 4
+    assert row["mean"] == (pytest.approx(expected), 0.0)
+    assert os.path.isfile(tmp_path / "study" / "study.png")

@@ -501,9 +501,8 @@ def test_shuffle_visual_deranges_images(world, tmp_path):
 def test_study(world, tmp_path, monkeypatch, capsys):
     """The study with a tiny budget: the grid through the command line's own parsing, the table's shape, its
     numbers = the runs' metrics.jsonl, params identical across routes, and a second call trains nothing."""
-    monkeypatch.setattr(train, "STUDY_ROUTES", ("none", "mul"))
-    monkeypatch.setattr(train, "STUDY_SEEDS", 1)
-    monkeypatch.setattr(train, "STUDY_EPOCHS", {"vqa": 2, "caption": 1})
+    monkeypatch.setitem(train.STUDY, "vqa", (train.STUDY["vqa"][0], 3, {"epochs": 2}))
+    routes, seeds = ("none", "mul"), 1
     monkeypatch.setattr(train, "backbone", lambda name, arch: {"vit": world.vit, "roberta": world.roberta,
                                                                "gpt2": world.gpt2}[arch])
     out = tmp_path / "study"
@@ -513,13 +512,13 @@ def test_study(world, tmp_path, monkeypatch, capsys):
     cfg, meta = train.parse_command_line(args)
     assert meta["study"] and "epochs" not in meta["given"] and cfg.text == "tiny"
     assert "epochs" in train.parse_command_line(args + ["--epochs", "3"])[1]["given"]
-    grid = train.study_grid(cfg, False, train.STUDY_ROUTES, train.STUDY_SEEDS)
+    grid = train.study_grid(cfg, meta["given"], routes, seeds)
     assert {k: c.epochs for k, c in grid.items()} == {k: 2 if k[0] == "vqa" else 1 for k in grid}
-    assert {c.epochs for c in train.study_grid(cfg, True, train.STUDY_ROUTES, 1).values()} == {cfg.epochs}
+    assert {c.epochs for c in train.study_grid(cfg, {"epochs"}, routes, 1).values()} == {cfg.epochs}
     assert {(c.peft, c.alpha) for c in grid.values()} == {("lora", 4), ("adapter", train.Config.alpha)}
     # an interrupted run (stopped after its first epoch, last.pt written) is resumed, not restarted
     train.main(dataclasses.replace(grid["vqa", "adapter", "full", "mul", 0], max_steps=9))
-    rows, table = train.run_study(cfg, False, train.STUDY_ROUTES, train.STUDY_SEEDS)
+    rows, table = train.run_study(cfg, meta["given"], routes, seeds)
     assert [(r["step"], r["split"]) for r in read_records(out / "vqa-adapter-mul-s0")[:2]] == [(9, "val"), (18, "val")]
     folders = sorted(os.listdir(out))
     runs = [f for f in folders if f not in ("study.md", "study.png")]
@@ -545,10 +544,10 @@ def test_study(world, tmp_path, monkeypatch, capsys):
         record = read_records(out / name)[-1]
         assert record["split"] == "test" and record["final"] and record["epoch"] == (2 if row["task"] == "vqa" else 1)
         scale = 1 if row["task"] == "vqa" else 100
-        for m in train.TASK_HEADLINE[row["task"]]:
+        for m in train.STUDY_METRICS[row["task"]]:
             assert row[m] == (record[m], 0.0)
         cells = f"| {row['peft']} | {row['control']} | {row['route']} | " + " | ".join(
-            f"{scale * record[m]:.2f} ± 0.00" for m in train.TASK_HEADLINE[row["task"]])
+            f"{scale * record[m]:.2f} ± 0.00" for m in train.STUDY_METRICS[row["task"]])
         assert any(ln.startswith(cells) for ln in lines), cells
         assert read_json(os.path.join(out, name, "config.json"))["shuffle_visual"] == (row["control"] == "shuffled")
     for task in ("vqa", "caption"):
@@ -565,14 +564,14 @@ def test_study(world, tmp_path, monkeypatch, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     monkeypatch.setattr(train, "main", lambda cfg: pytest.fail(f"re-trained {cfg.out}"))
     capsys.readouterr()
-    rows, table = train.run_study(cfg, False, train.STUDY_ROUTES, train.STUDY_SEEDS)
+    rows, table = train.run_study(cfg, meta["given"], routes, seeds)
     assert capsys.readouterr().out.count("finished, skipped") == len(expected)
     assert "| lora | full | mul | 12.34 ± 0.00 | " in table
     # a folder holding a run with other options is an error, not a silent reuse
     with pytest.raises(ValueError, match="holds a run with other options"):
-        train.run_study(dataclasses.replace(cfg, lr=0.5), False, train.STUDY_ROUTES, train.STUDY_SEEDS)
+        train.run_study(dataclasses.replace(cfg, lr=0.5), meta["given"], routes, seeds)
     with pytest.raises(ValueError, match="no --max-steps"):
-        train.run_study(dataclasses.replace(cfg, max_steps=1), False, train.STUDY_ROUTES, train.STUDY_SEEDS)
+        train.run_study(dataclasses.replace(cfg, max_steps=1), meta["given"], routes, seeds)
 
 
 # ---- defects found in review: each test failed before its fix ----------------------------------------------
