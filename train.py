@@ -155,7 +155,7 @@ def build_parser():
     parser.add_argument("--study", action="store_true", default=None,
                         help="train every route x PEFT method x seeds (VQA and captions, with controls; or --task "
                              f"multitask) from these options; table and chart in OUT/study.md, study.png (default OUT: "
-                             f"{STUDY_OUT})")
+                             f"{STUDY_OUT}, {STUDY_OUT}-multitask)")
     return parser
 
 
@@ -1433,7 +1433,7 @@ def run_study(base, given=(), routes=None, seeds=None):
     Returns (rows, the table's Markdown)."""
     if base.max_steps:
         raise ValueError("--study compares whole runs: it takes no --max-steps")
-    base = dataclasses.replace(base, out=base.out or STUDY_OUT)
+    base = dataclasses.replace(base, out=base.out or STUDY_OUT + ("-multitask" if base.task == "multitask" else ""))
     grid = study_grid(base, given, routes, seeds)
     t0 = time.time()
     for k, cfg in enumerate(grid.values(), 1):
