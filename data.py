@@ -1,6 +1,6 @@
-"""Data: byte-level BPE, VQAv2 and Karpathy COCO captions from the official files, image
-preprocessing with Pillow, collate functions, and a prepared-data cache. The real formats only:
-the demo's synthetic world, written in these formats, is in shapes.py.
+"""Data: byte-level BPE; VQAv2, Karpathy COCO captions, GQA and NLVR2 from the official files; image
+preprocessing with Pillow; collate functions; the prepared-data and image-feature caches. The real
+formats only: the demo's synthetic world, written in these formats, is in shapes.py.
 
     python -m pytest -q tests/test_bpe.py tests/test_data.py                 # the tests
 
@@ -10,6 +10,9 @@ Layout read by the loaders (the real datasets and the synthetic world alike):
     DATA/v2_mscoco_{train2014,val2014}_annotations.json            VQAv2 annotations (10 answers each)
     DATA/dataset_coco.json                                         Karpathy split + 5 captions per image
     IMAGES/{train2014,val2014}/COCO_{split}_{image_id:012d}.jpg    COCO images
+    GQA/questions1.2/{train,val,testdev}_balanced_questions.json   GQA (see the GQA and NLVR2 section)
+    GQA/images/{imageId}.jpg
+    NLVR2/data/{train,dev,test1}.json, NLVR2/images/train/..., NLVR2/{dev,test1}/...   NLVR2 pairs
 
 Typical use (a trainer):
 
@@ -537,15 +540,13 @@ def prepare_vqa(data_dir, tokenizer, karpathy=None, num_answers=3129, max_len=20
     return cached("vqa", sources, params, build, cache_dir or os.path.join(data_dir, "prepared"))
 
 
-class VQADataset(torch.utils.data.Dataset):
-    """One prepared VQA split. Item: {"index": int, "question_id": int, "image_id": int,
-    "image": str key, "input_ids": LongTensor (n,), "target_ids": LongTensor (c,),
-    "target_scores": FloatTensor (c,)} plus "pixel_values" (3, S, S) when images (an Images) is
-    given; without it a trainer looks up cached ViT features by "image"."""
+class PromptDataset(torch.utils.data.Dataset):
+    """One item per row of a prepared split with ragged inputs and targets (prepare_vqa, prepare_gqa,
+    prepare_nlvr2): {"index", "image" (a key, or a pair of keys), "input_ids" (n,), "target_ids" (t,)} plus
+    "pixel_values" ((3, S, S), or (2, 3, S, S) for a pair) when images (an Images) is given."""
 
     def __init__(self, split, images=None):
-        self.split = split
-        self.images = images
+        self.split, self.images = split, images
 
     def __len__(self):
         return len(self.split["image"])
@@ -554,12 +555,25 @@ class VQADataset(torch.utils.data.Dataset):
         s = self.split
         a, b = s["input_offsets"][m].item(), s["input_offsets"][m + 1].item()
         c, d = s["target_offsets"][m].item(), s["target_offsets"][m + 1].item()
-        item = {"index": m, "question_id": s["question_id"][m].item(), "image_id": s["image_id"][m].item(),
-                "image": s["image"][m], "input_ids": s["input_ids"][a:b],
-                "target_ids": s["target_ids"][c:d], "target_scores": s["target_scores"][c:d]}
+        item = {"index": m, "image": s["image"][m], "input_ids": s["input_ids"][a:b], "target_ids": s["target_ids"][c:d]}
         if self.images is not None:
-            item["pixel_values"] = self.images(s["image"][m])
+            keys = s["image"][m]
+            item["pixel_values"] = (torch.stack([self.images(k) for k in keys]) if isinstance(keys, tuple)
+                                    else self.images(keys))
         return item
+
+
+class VQADataset(PromptDataset):
+    """One prepared VQA split. Item: {"index": int, "question_id": int, "image_id": int,
+    "image": str key, "input_ids": LongTensor (n,), "target_ids": LongTensor (c,),
+    "target_scores": FloatTensor (c,)} plus "pixel_values" (3, S, S) when images (an Images) is
+    given; without it a trainer looks up cached image features by "image"."""
+
+    def __getitem__(self, m):
+        s = self.split
+        c, d = s["target_offsets"][m].item(), s["target_offsets"][m + 1].item()
+        return {**super().__getitem__(m), "question_id": s["question_id"][m].item(), "image_id": s["image_id"][m].item(),
+                "target_scores": s["target_scores"][c:d]}
 
 
 def pad_sequences(seqs, pad_value):
@@ -834,29 +848,6 @@ def _prompted(tokenizer, prompt, texts, targets, max_len):
     ids, off = _ragged(inputs)
     tids, toff = _ragged([tokenizer.wrap(tokenizer.encode(t)) for t in targets])
     return {"input_ids": ids, "input_offsets": off, "target_ids": tids, "target_offsets": toff}
-
-
-class PromptDataset(torch.utils.data.Dataset):
-    """One item per row of a prepared generative split (prepare_gqa, prepare_nlvr2): {"index", "image" (a key,
-    or a pair of keys), "input_ids" (n,), "target_ids" (t,)} plus "pixel_values" ((3, S, S), or (2, 3, S, S)
-    for a pair) when images (an Images) is given."""
-
-    def __init__(self, split, images=None):
-        self.split, self.images = split, images
-
-    def __len__(self):
-        return len(self.split["image"])
-
-    def __getitem__(self, m):
-        s = self.split
-        a, b = s["input_offsets"][m].item(), s["input_offsets"][m + 1].item()
-        c, d = s["target_offsets"][m].item(), s["target_offsets"][m + 1].item()
-        item = {"index": m, "image": s["image"][m], "input_ids": s["input_ids"][a:b], "target_ids": s["target_ids"][c:d]}
-        if self.images is not None:
-            keys = s["image"][m]
-            item["pixel_values"] = (torch.stack([self.images(k) for k in keys]) if isinstance(keys, tuple)
-                                    else self.images(keys))
-        return item
 
 
 def seq2seq_targets(targets, start_id, pad_id):

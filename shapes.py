@@ -1,8 +1,8 @@
-"""The demo's synthetic world and its tiny pretrained backbones: no part of the method.
+"""The demos' synthetic world, their tiny pretrained backbones and pictures: no part of the method.
 
     python shapes.py world [--out data/shapes] [--n-images 3000] [--seed 0]   # the world, in the real formats
-    python shapes.py backbones                                               # the tiny ViT, RoBERTa, GPT-2
-    python train.py                                                          # builds both on first use
+    python shapes.py backbones                          # the tiny ViT, RoBERTa, GPT-2, CLIP ResNet and BART
+    python train.py                                     # builds both on first use
 
 The world: 64-px images of coloured shapes (1-4 per image, one per quadrant), with VQAv2 questions
 (10 human answers each), COCO captions (5 per image) with a Karpathy split, GQA-style relational
@@ -31,12 +31,15 @@ NLVR2 draws its own pairs. Answers are balanced per question template and labels
 template, so the text alone says little (tests/test_shapes.py measures blind priors against oracles).
 Deterministic: the same seed gives the same bytes.
 
-The tiny backbones have the real architectures (models.py), tiny (d = 128, 4 layers), in the
-converted-checkpoint format: a ViT trained briefly to name the colour, shape and size in each
-quadrant of freshly drawn scenes (a stand-in for ImageNet-21k pretraining: none of the demo's
-images), a RoBERTa trained with masked-LM and a GPT-2 with next-token LM on the world's text, with
-a byte-level BPE learned on the same text. Both live next to this file (data/shapes, data/tiny),
-wherever train.py is run from.
+The tiny backbones have the real architectures (models.py), tiny (d = 128), in the converted-
+checkpoint format: a ViT and a CLIP ResNet trained briefly to name the colour, shape and size in each
+quadrant of freshly drawn scenes (a stand-in for ImageNet-21k or CLIP pretraining: none of the demo's
+images), a RoBERTa trained with masked-LM, a GPT-2 with next-token LM and a BART by denoising on the
+world's text, each with a byte-level BPE learned on its text. World and backbones live next to this
+file (data/shapes, data/tiny), wherever train.py is run from.
+
+The pictures (Pillow only): study_chart draws a study's table (a bar per route, the seeds' spread, the
+text-only baseline), gallery a few test examples with their predictions.
 """
 import argparse
 import dataclasses

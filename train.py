@@ -1,25 +1,28 @@
-"""Fine-tune frozen backbones with LoRA or Adapters and a routing function: train, evaluate, study.
+"""Fine-tune frozen backbones with LoRA, Adapters or VL-PET and a routing function: train, evaluate, study.
 
-    python train.py                             # demo: synthetic VQA, tiny pretrained backbones, CPU, ~2 min
+    python train.py                             # demo: synthetic VQA, tiny pretrained ViT + RoBERTa, CPU
     python train.py --task caption              # demo: synthetic captioning with a tiny GPT-2
+    python train.py --task multitask            # demo: CLIP-BART on VQA, GQA, NLVR2 and captions at once
     python train.py --preset vqa-lora --vision ckpt/vit-l16.pt --text ckpt/roberta-large.pt \\
-        --data DATA --images IMAGES             # the paper's VQAv2 setting (README)
+        --data DATA --images IMAGES             # a paper setting (README: all three)
     python train.py --resume runs/vqa           # continue a run exactly where it stopped
     python train.py --evaluate runs/vqa --split test   # regenerate a run's predictions and score them
-    python train.py --study                     # every route x LoRA/Adapter x 3 seeds + controls: runs/study/study.md
+    python train.py --study                     # every route x PEFT method x seeds: runs/study/study.md, .png
     torchrun --nproc_per_node 2 train.py ...    # DDP: each process takes its share of every batch
     python train.py --help                      # every option with its default
 
-The file top to bottom: the options (Config); the frozen visual features; the tasks (one class per
-task: its data, loss, evaluation and text-only baseline); the task models; the loop (main); the study.
+The file top to bottom: the options (Config, presets); the frozen visual features; the tasks (one class per
+task: its data, loss, evaluation and text-only baseline) and their models, setting by setting; the loop
+(main); records and checkpoints; the study.
 
-A frozen image encoder gives, per example, the visual tokens (the text model's visual prefix) and the
-routing input x_R of every LoRA / Adapter bottleneck; for the ViT settings both are the same vector
-(by default the pooler output). The encoder is frozen, so its features are computed once and cached.
+A frozen image encoder gives, per example, the visual tokens (the text model's visual prefix, or BART's
+extra encoder input) and the routing input x_R of every PEFT bottleneck; for the ViT settings both are the
+same vector (by default the pooler output). The encoder is frozen, so its features are computed once and
+cached.
 
 Run folder OUT: config.json, metrics.jsonl (one record per evaluation, always those of last.pt),
-results_{task}_{split}.json (the official results format), last.pt (what training changed, the
-optimizer, the step and the records).
+results_{task}_{split}.json (the official results format), gallery_{task}.png, last.pt (what training
+changed, the optimizer, the step and the records).
 """
 import argparse
 import contextlib
@@ -53,7 +56,7 @@ import shapes
 class Config:
     task: str = "vqa"             # vqa (an answer classifier on RoBERTa) | caption (a GPT-2 decoder) | multitask (CLIP-BART: VQA, GQA, NLVR2, captions)
     vision: str = "tiny"          # converted image encoder, ViT (vqa, caption) or CLIP ResNet (multitask), or "tiny" (the demo's)
-    text: str = "tiny"            # converted text checkpoint (RoBERTa for vqa, GPT-2 for caption), or "tiny"
+    text: str = "tiny"            # converted text checkpoint (RoBERTa for vqa, GPT-2 for caption, BART for multitask), or "tiny"
     data: str = "shapes"          # folder with the VQAv2 files and/or dataset_coco.json; "shapes": the demo's world
     images: str = ""              # folder with train2014/ and val2014/ ("" = the data folder)
     gqa: str = ""                 # multitask: GQA folder with questions1.2/ and images/ ("" = DATA/gqa)
@@ -76,10 +79,10 @@ class Config:
     weight_decay: float = 0.0     # AdamW weight decay
     adam_eps: float = 1e-8        # AdamW epsilon
     clip: float = 0.0             # gradient-norm clipping (0 = none)
-    max_len: int = 20             # text tokens: <s> question </s> (vqa) or caption + EOS (caption)
+    max_len: int = 20             # text tokens: <s> question </s> (vqa, and multitask's VQA and GQA) or caption + EOS (caption)
     answers: int = 3129           # K, size of the answer vocabulary (vqa)
     beams: int = 5                # beam width for captioning (1 = greedy)
-    max_new_tokens: int = 20      # caption length limit in tokens
+    max_new_tokens: int = 20      # caption length limit in tokens (multitask: also the training captions')
     max_steps: int = 0            # stop after this many optimizer steps (0 = all epochs); schedule unchanged
     train_limit: int = 0          # train on the first N examples of each task only (0 = all; VL-T5's --train_topk)
     seed: int = 0                 # seeds the new weights, the data order and dropout
@@ -101,6 +104,17 @@ PRESETS = {
     "caption-lora": dict(PAPER, task="caption", text="ckpt/gpt2-medium.pt", data="data/coco", peft="lora",
                          rank=128, alpha=128, lr=3e-5, batch_size=40, warmup=5000, max_len=50),
 }
+# The CLIP-BART setting as VL-PET released it (scripts/image-text/*.sh, CLIPBART_NOTES 1.7): batch 500 (VQA; the
+# other tasks' batches in proportion), 20 epochs, AdamW lr 1e-3, eps 1e-6, weight decay 0.01, 10 % warm-up, gradient
+# clipping at 5 (the converted bart-base keeps its dropout 0.1). LoRA r 128 / alpha 32 / dropout 0.1, the
+# adapters and VL-PET r 96 (VL-PET: gate rank 96 and the decoder's value adapter r 96 too).
+CLIP_BART = dict(task="multitask", vision="ckpt/clip-rn101.pt", text="ckpt/bart-base.pt", data="data/vqa", images="data/coco",
+                 gqa="data/gqa", nlvr2="data/nlvr2", visual="mean", batch_size=500, epochs=20, lr=1e-3, adam_eps=1e-6,
+                 weight_decay=0.01, warmup=0.1, clip=5.0, beams=5, max_new_tokens=40, rank=96)
+PRESETS.update({"multitask-lora": dict(CLIP_BART, peft="lora", rank=128, alpha=32, dropout=0.1),
+                "multitask-adapter": dict(CLIP_BART, peft="adapter"),
+                **{f"multitask-{p}": dict(CLIP_BART, peft=p) for p in ("vlpet-large", "vlpet-middlex", "vlpet-middley",
+                                                                         "vlpet-small")}})
 CHOICES = {"task": ("vqa", "caption", "multitask"), "vqa_split": ("auto", "karpathy", "official"),
            "peft": ("lora", "adapter", "vlpet-large", "vlpet-middlex", "vlpet-middley", "vlpet-small"),
            "route": tuple(rp.ROUTES), "visual": ("pooler", "cls", "mean", "patches"),
@@ -419,13 +433,15 @@ class VQA(Task):
         return {"vqa_accuracy": m["overall"]}
 
     def examples(self, results, split, n=8):
-        """n examples for a gallery (shapes.gallery), one question per image; truth: the most common answer."""
+        """n examples for a gallery (shapes.gallery), one question per image; truth: the most common answer after
+        the official normalisation ("three" and "3" alike)."""
         s, shown, out = self.splits[split], set(), []
         for m, r in enumerate(results):  # in split order
             if s["image"][m] not in shown and len(out) < n:
                 shown.add(s["image"][m])
+                truth = Counter(map(metrics.normalize_answer, s["answers"][m])).most_common(1)[0][0]
                 out.append({"images": [self.features.path(s["image"][m])], "text": s["question"][m],
-                            "prediction": r["answer"], "truth": Counter(s["answers"][m]).most_common(1)[0][0]})
+                            "prediction": r["answer"], "truth": truth})
         return out
 
     def text_only_baseline(self, split):

@@ -385,3 +385,41 @@ def test_read_nlvr2_missing_or_empty_file(tmp_path):
     (tmp_path / "test1.json").write_text("\n")
     with pytest.raises(ValueError, match="test1.json has no lines"):
         data.read_nlvr2(str(tmp_path / "test1.json"))
+
+
+# ---- GQA and NLVR2 prepared for a generative model ---------------------------------------------------
+
+
+def test_seq2seq_targets_and_collate_prompted():
+    """BART's teacher forcing: decoder inputs = the targets shifted right behind the start token </s> (2),
+    padded with <pad> (1); labels = the targets, padded with -100."""
+    dec, labels = data.seq2seq_targets([[0, 5, 2], torch.tensor([0, 6, 7, 2])], start_id=2, pad_id=1)
+    assert dec.tolist() == [[2, 0, 5, 1], [2, 0, 6, 7]] and labels.tolist() == [[0, 5, 2, -100], [0, 6, 7, 2]]
+    items = [{"index": 3, "image": ("a", "b"), "input_ids": torch.tensor([0, 9, 2]), "target_ids": torch.tensor([0, 5, 2])},
+             {"index": 4, "image": ("c", "d"), "input_ids": torch.tensor([0, 8, 8, 2]), "target_ids": torch.tensor([0, 2])}]
+    batch = data.collate_prompted(items, pad_id=1, start_id=2)
+    assert batch["input_ids"].tolist() == [[0, 9, 2, 1], [0, 8, 8, 2]] and batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1] * 4]
+    assert batch["decoder_input_ids"].tolist() == [[2, 0, 5], [2, 0, 1]] and batch["labels"].tolist() == [[0, 5, 2], [0, 2, -100]]
+    assert batch["image"] == [("a", "b"), ("c", "d")] and batch["index"].tolist() == [3, 4]
+
+
+def test_prepare_gqa_and_nlvr2(world, tok, tmp_path):
+    """The prepared columns are the official files' records with <s> prompt + text </s> and <s> target </s>;
+    GQA trains on train + val and evaluates on testdev (VL-PET's split); an NLVR2 item holds its image pair."""
+    gqa = data.prepare_gqa(os.path.join(world, "gqa"), tok, "gpa: ", max_len=12, cache_dir=str(tmp_path))
+    questions = os.path.join(world, "gqa", "questions1.2", "{}_balanced_questions.json")
+    train = data.read_gqa(questions.format("train")) + data.read_gqa(questions.format("val"))
+    assert sorted(gqa) == ["testdev", "train"] and gqa["train"]["question_id"] == [r["question_id"] for r in train]
+    for m in (0, len(train) - 1):
+        item = data.PromptDataset(gqa["train"])[m]
+        assert item["input_ids"].tolist() == data.encode_question(tok, "gpa: " + train[m]["question"], 12)
+        assert item["target_ids"].tolist() == tok.wrap(tok.encode(train[m]["answer"])) and item["image"] == train[m]["image"]
+    assert gqa["testdev"]["answer"] == [r["answer"] for r in data.read_gqa(questions.format("testdev"))]
+    nlvr2 = data.prepare_nlvr2(os.path.join(world, "nlvr2"), tok, "nlvr: ", cache_dir=str(tmp_path))
+    records = data.read_nlvr2(os.path.join(world, "nlvr2", "data", "dev.json"))
+    assert sorted(nlvr2) == ["dev", "test1", "train"] and nlvr2["dev"]["label"].tolist() == [r["label"] for r in records]
+    images = data.Images(os.path.join(world, "nlvr2"), 32, (0.5,) * 3, (0.5,) * 3)
+    item = data.PromptDataset(nlvr2["dev"], images)[0]
+    assert item["image"] == tuple(records[0]["images"]) and item["pixel_values"].shape == (2, 3, 32, 32)
+    assert item["target_ids"].tolist() == tok.wrap(tok.encode("true" if records[0]["label"] else "false"))
+    assert item["input_ids"].tolist() == tok.wrap(tok.encode("nlvr: " + records[0]["sentence"]))  # not cut
