@@ -797,9 +797,10 @@ def test_logs_have_no_progress_bars_and_files_follow_the_umask(world, tmp_path):
     assert os.stat(tmp_path / "run" / "last.pt").st_mode & 0o777 == 0o666 & ~old
 
 
-def test_help_and_defaults_need_no_repository_files():
+def test_help_and_defaults_need_no_repository_files(monkeypatch):
     """--help cites what users have (the README), lists the presets; the demo's world and backbones live beside
     shapes.py wherever train.py runs from."""
+    monkeypatch.setenv("COLUMNS", "1000")  # no line breaks inside the preset names
     text = train.build_parser().format_help()
     assert "SPEC" not in text and "EVAL_NOTES" not in text and all(name in text for name in train.PRESETS)
     assert all(os.path.dirname(p) == os.path.join(ROOT, "data") for p in (shapes.WORLD, shapes.TINY_DIR))
