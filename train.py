@@ -372,6 +372,11 @@ class Task:
         finally:
             model.train()
 
+    def eval_batches(self, split):
+        """The batches of a split in order (evaluation), with a progress bar."""
+        ds = self.dataset(split)
+        return data.progress(self.loader(ds, eval_batches(len(ds), self.cfg.batch_size)), f"evaluate {split}", "batch")
+
     def write_results(self, results, folder, split):
         path = os.path.join(folder, f"results_{self.name}_{split}.json")
         metrics.write_json(results, path)
@@ -418,9 +423,8 @@ class VQA(Task):
     def predict(self, model, split):
         """Argmax answers. A question's accuracy is its soft target for that answer, which data.py computed
         with eval.vqa_accuracy: the official per-question accuracy exactly."""
-        ds = self.dataset(split)
         results, acc = [], []
-        for batch in data.progress(self.loader(ds, eval_batches(len(ds), self.cfg.batch_size)), f"evaluate {split}", "batch"):
+        for batch in self.eval_batches(split):
             device = self.features.device
             with autocast(device):
                 logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), *self.features(batch))
@@ -449,10 +453,15 @@ class VQA(Task):
         totals = defaultdict(Counter)  # question type -> answer id -> summed soft score
         for qtype, scores in zip(self.splits["train"]["question_type"], soft_targets(self.splits["train"])):
             totals[qtype].update(scores)
-        prior = {q: min(c, key=lambda i: (-c[i], i)) for q, c in totals.items()}
+        prior = {q: most_frequent(c) for q, c in totals.items()}
         s = self.splits[split]
         acc = [scores.get(prior.get(qtype), 0.0) for qtype, scores in zip(s["question_type"], soft_targets(s))]
         return metrics.vqa_aggregate(acc, s["answer_type"])
+
+
+def most_frequent(counts):
+    """The key with the highest count of a Counter, ties broken by the smaller key (the text-only baselines)."""
+    return min(counts, key=lambda k: (-counts[k], k))
 
 
 def soft_targets(split):
@@ -524,8 +533,7 @@ class Captioning(Task):
 
     def text_only_baseline(self, split):
         """The most frequent training caption, for every image."""
-        counts = Counter(r for refs in self.splits["train"]["refs"] for r in refs)
-        caption = min(counts, key=lambda r: (-counts[r], r))
+        caption = most_frequent(Counter(r for refs in self.splits["train"]["refs"] for r in refs))
         gts = self.refs(split)
         return metrics.caption_scores(gts, {i: caption for i in gts})
 
@@ -761,13 +769,12 @@ class Generative(Task):
             per_example = per_example * weight.to(per_example.device)
         return per_example.sum(), len(per_example)
 
-    def answers(self, model, split, beams=1):
-        """(the split's dataset order, the decoded answer of every example: greedy, at most answer_tokens)."""
-        ds = self.dataset(split)
+    def answers(self, model, split):
+        """The decoded answer of every example of the split, in order: greedy, at most answer_tokens."""
         out = []
-        for batch in data.progress(self.loader(ds, eval_batches(len(ds), self.cfg.batch_size)), f"evaluate {split}", "batch"):
+        for batch in self.eval_batches(split):
             with autocast(self.features.device):
-                ids = model.generate(*self.inputs(batch), beams, self.answer_tokens, self.tokenizer.eos_id, self.n_images)
+                ids = model.generate(*self.inputs(batch), 1, self.answer_tokens, self.tokenizer.eos_id, self.n_images)
             out += [self.decode(t) for t in ids]
         return out
 
@@ -819,13 +826,14 @@ class GQA(Generative):
 
     def prepare(self, gqa_dir):
         p = data.prepare_gqa(gqa_dir, self.tokenizer, self.prompt, self.cfg.max_len, os.path.join(self.cfg.cache, "prepared"))
-        self.questions = os.path.join(gqa_dir, "questions1.2", data.GQA_QUESTIONS.format("testdev"))
+        # the official testdev file, read once: eval.gqa_scores reads its types, programs and isBalanced
+        self.questions = metrics.read_gqa_questions(os.path.join(gqa_dir, "questions1.2", data.GQA_QUESTIONS.format("testdev")))
         self.collate = functools.partial(data.collate_prompted, pad_id=self.tokenizer.pad_id, start_id=self.start_id)
         return {"train": p["train"], "val": p["testdev"], "test": p["testdev"]}
 
     def predict(self, model, split):
         preds = dict(zip(self.splits[split]["question_id"], self.answers(model, split)))
-        return metrics.gqa_scores(preds, metrics.read_gqa_questions(self.questions)), \
+        return metrics.gqa_scores(preds, self.questions), \
             [{"questionId": q, "prediction": p} for q, p in preds.items()]
 
     def summary(self, m):
@@ -841,9 +849,8 @@ class GQA(Generative):
             prior[qtype(q)][answer] += 1
         overall = Counter(self.splits["train"]["answer"])
         s = self.splits[split]
-        preds = {i: min(c, key=lambda a: (-c[a], a)) for i, c in
-                 ((i, prior.get(qtype(q)) or overall) for i, q in zip(s["question_id"], s["question"]))}
-        return metrics.gqa_scores(preds, metrics.read_gqa_questions(self.questions))
+        preds = {i: most_frequent(prior.get(qtype(q)) or overall) for i, q in zip(s["question_id"], s["question"])}
+        return metrics.gqa_scores(preds, self.questions)
 
     def examples(self, results, split, n=8):
         s = self.splits[split]
@@ -874,9 +881,9 @@ class NLVR2(Generative):
         return {"train": p["train"], "val": p["dev"], "test": p["test1"]}
 
     def predict(self, model, split):
-        ds, preds = self.dataset(split), []
+        preds = []
         start = torch.tensor([[self.start_id, self.tokenizer.bos_id]])  # (1, 2): </s> <s>
-        for batch in data.progress(self.loader(ds, eval_batches(len(ds), self.cfg.batch_size)), f"evaluate {split}", "batch"):
+        for batch in self.eval_batches(split):
             ids, mask, visual = self.inputs(batch)
             with autocast(self.features.device):
                 logits = model(ids, mask, visual, start.expand(len(ids), 2).to(ids.device), self.n_images)[:, 1]  # (B, V)
