@@ -1,23 +1,38 @@
 """The frozen backbones, written from scratch: ViT (image encoder), RoBERTa (text encoder), GPT-2
-(text decoder), BART (encoder-decoder) and CLIP's ModifiedResNet (RN50 / RN101 image encoder), plus the
-one-time conversion of public checkpoints into plain state dicts.
+(text decoder), BART and T5 (encoder-decoders) and CLIP's ModifiedResNet (RN50 / RN101 image encoder),
+plus the one-time conversion of public checkpoints into plain state dicts.
 
     python models.py convert --src DIR --out FILE.pt             # DIR: a Hugging Face model directory
     python models.py convert --src RN101.pt --out clip-rn101.pt  # a CLIP weights file (OpenAI key names)
     python models.py convert --help                              # the formats, how RN101.pt is read
 
 DIR holds config.json and model.safetensors (or pytorch_model.bin), plus vocab.json/merges.txt for
-the text models and preprocessor_config.json for ViT. The output is one plain dict
-{"arch", "config", "model": state_dict, "tokenizer": {"vocab", "merges"}} that `load_checkpoint`
-reads back with torch.load(weights_only=True).
+the BPE text models, spiece.model for T5 and preprocessor_config.json for ViT. The output is one plain
+dict {"arch", "config", "model": state_dict, "tokenizer"} that `load_checkpoint` reads back with
+torch.load(weights_only=True); "tokenizer" is {"vocab", "merges"} (BPE) or {"spiece_model": the bytes
+of spiece.model as a uint8 tensor} (T5).
 
 Every transformer has the same module tree, so PEFT code can target layers by name:
-    model.blocks[i].attn.{q,k,v,o}   nn.Linear     (BART: model.encoder.blocks[i], model.decoder.blocks[i])
+    model.blocks[i].attn.{q,k,v,o}   nn.Linear     (BART, T5: model.encoder.blocks[i], model.decoder.blocks[i])
     model.blocks[i].mlp.{fc1,fc2}    nn.Linear
     model.blocks[i].ln1, .ln2        nn.LayerNorm
     BART decoder blocks add cross-attention: .cross.{q,k,v,o} (k, v read the encoder states) and .ln_cross.
 ViT and GPT-2 are pre-LN, RoBERTa and BART post-LN; each keeps its own numerics (GELU flavour,
 LayerNorm eps, RoBERTa's and BART's position offsets). The CLIP ResNet keeps OpenAI's module names.
+
+T5 is pre-LN too, but each of its sub-layers holds its own RMS norm, so that a wrapper around a whole
+sub-layer sees the un-normalised residual stream X as its first argument (VL-PET's gate reads X,
+T5_NOTES 4.2):
+    blocks[i].attn  = T5Attention:      attn(x) = o(attention(attn.ln(x)))    q, k, v, o, ln
+    blocks[i].cross = T5CrossAttention: cross(x, memory) = o(attention(cross.ln(x), memory))  (decoder)
+    blocks[i].mlp   = T5MLP:            mlp(x) = fc2(relu(fc1(mlp.ln(x))))                    (v1.0)
+                                        mlp(x) = fc2(gelu_tanh(gate(ln x)) * fc1(ln x))      (v1.1)
+    and the block does x = x + dropout(sub(x)) for each. mlp.gate is HF's wi_0 (the activated half of
+    the gated FFN), mlp.fc1 its wi_1, mlp.fc2 its wo. There are no ln1/ln2 in a T5 block; the final
+    norms are encoder.ln_f and decoder.ln_f, the relative position tables encoder.rel_bias and
+    decoder.rel_bias (HF keeps each in its stack's first self-attention; every layer shares it).
+    A LoRA on "attn.q", an Adapter on "attn.o" or a parallel adapter on "cross.v" match by suffix
+    as in the other backbones.
 """
 import argparse
 import dataclasses
@@ -40,12 +55,12 @@ from eval import atomic_write  # the project's one atomic file writer (pure stan
 
 @dataclass
 class Config:
-    arch: str                  # "vit" | "roberta" | "gpt2" | "bart" | "clip_resnet"
+    arch: str                  # "vit" | "roberta" | "gpt2" | "bart" | "t5" | "clip_resnet"
     d_model: int
     n_layers: int
     n_heads: int
     d_ff: int
-    ln_eps: float              # LayerNorm eps: ViT 1e-12, RoBERTa and GPT-2 1e-5
+    ln_eps: float              # LayerNorm eps: ViT 1e-12, RoBERTa and GPT-2 1e-5, T5 1e-6
     vocab_size: int = 0        # text models
     max_positions: int = 0     # text models: rows of the position table (RoBERTa: 514 = 512 + pad offset)
     pad_id: int = 1            # RoBERTa padding_idx: position ids start at pad_id + 1
@@ -64,12 +79,32 @@ class Config:
                                        # CLIP bicubic (VL-Adapter's feature extraction)
     stages: tuple = ()                 # CLIP ModifiedResNet: Bottleneck blocks per stage (RN101: 3, 4, 23, 3)
     output_dim: int = 0                # CLIP ModifiedResNet: width of the attention pool's output
+    # Fields added for T5 and for BART's unequal depths (at the end, with defaults, as above):
+    n_dec_layers: int = 0              # BART, T5: decoder layers; 0 = n_layers (distilbart-12-6: 12 and 6)
+    d_kv: int = 0                      # T5: width of one attention head; 0 = d_model // n_heads (T5's
+                                       # n_heads * d_kv need not equal d_model)
+    rel_buckets: int = 32              # T5: relative position buckets (relative_attention_num_buckets)
+    rel_max_distance: int = 128        # T5: distances from here on share the outermost bucket
+    ffn: str = "relu"                  # T5's feed-forward: "relu" (v1.0) or "gated-gelu" (v1.1)
+    tie_embeddings: bool = True        # T5: the LM head is the token table applied to h * d_model^-0.5
+                                       # (v1.0); False: its own lm_head, no rescale (v1.1)
 
     @property
     def gelu(self):
         """The backbone's GELU, for its FFN and for anything inserted into it (an Adapter's activation):
-        "tanh" (GPT-2's gelu_new) or "none" (the exact erf GELU of ViT and RoBERTa)."""
-        return "tanh" if self.arch == "gpt2" else "none"
+        "tanh" (gelu_new: GPT-2, T5 v1.1's gated FFN, and the adapters VL-T5 / VL-PET insert into T5
+        v1.0, whose own FFN is ReLU) or "none" (the exact erf GELU of ViT, RoBERTa and BART)."""
+        return "tanh" if self.arch in ("gpt2", "t5") else "none"
+
+    @property
+    def decoder_layers(self):
+        """Layers of an encoder-decoder's decoder (n_dec_layers, or n_layers when it is 0)."""
+        return self.n_dec_layers or self.n_layers
+
+    @property
+    def head_dim(self):
+        """Width of one attention head (T5's d_kv, else d_model // n_heads)."""
+        return self.d_kv or self.d_model // self.n_heads
 
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # openai/CLIP clip/clip.py _transform
@@ -83,9 +118,21 @@ PRESETS = {
     "gpt2": Config("gpt2", 768, 12, 12, 3072, 1e-5, vocab_size=50257, max_positions=1024, dropout=0.1),
     "gpt2-medium": Config("gpt2", 1024, 24, 16, 4096, 1e-5, vocab_size=50257, max_positions=1024, dropout=0.1),
     "gpt2-large": Config("gpt2", 1280, 36, 20, 5120, 1e-5, vocab_size=50257, max_positions=1024, dropout=0.1),
-    # BART: n_layers encoder layers and as many decoder layers; 1026 position rows = 1024 + BART's offset 2
+    # BART: n_layers encoder layers and as many decoder layers (n_dec_layers 0); 1026 position rows = 1024 + BART's offset 2
     "bart-base": Config("bart", 768, 6, 12, 3072, 1e-5, vocab_size=50265, max_positions=1026, dropout=0.1),
     "bart-large": Config("bart", 1024, 12, 16, 4096, 1e-5, vocab_size=50265, max_positions=1026, dropout=0.1),
+    # T5 v1.0 (google-t5/t5-{small,base,large} config.json: d_kv 64, 32 buckets, eps 1e-6, vocab 32128,
+    # dropout 0.1; ReLU, max distance 128 and a tied, rescaled head are T5Config's defaults; pad 0 starts
+    # the decoder). v1.1 (google/t5-v1_1-large config.json; -base from configs derived from it, e.g.
+    # huggingface.co/doc2query/msmarco-t5-base-v1): gated-gelu FFN, untied lm_head.
+    "t5-small": Config("t5", 512, 6, 8, 2048, 1e-6, vocab_size=32128, pad_id=0, dropout=0.1, decoder_start_id=0, d_kv=64),
+    "t5-base": Config("t5", 768, 12, 12, 3072, 1e-6, vocab_size=32128, pad_id=0, dropout=0.1, decoder_start_id=0, d_kv=64),
+    "t5-large": Config("t5", 1024, 24, 16, 4096, 1e-6, vocab_size=32128, pad_id=0, dropout=0.1, decoder_start_id=0,
+                       d_kv=64),
+    "t5-v1_1-base": Config("t5", 768, 12, 12, 2048, 1e-6, vocab_size=32128, pad_id=0, dropout=0.1, decoder_start_id=0,
+                           d_kv=64, ffn="gated-gelu", tie_embeddings=False),
+    "t5-v1_1-large": Config("t5", 1024, 24, 16, 2816, 1e-6, vocab_size=32128, pad_id=0, dropout=0.1,
+                            decoder_start_id=0, d_kv=64, ffn="gated-gelu", tie_embeddings=False),
     # CLIP ModifiedResNet (OpenAI's RN50 / RN101 visual towers): d_model = the layer4 grid's channels
     # (32 x width), n_layers = Bottleneck blocks, n_heads = the attention pool's heads (head dim 64),
     # ln_eps = BatchNorm eps; CLIP's mean/std and bicubic squash (CLIPBART_NOTES 5.3).
@@ -152,22 +199,38 @@ class CrossKVCache(KVCache):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with separate q, k, v, o projections (GPT-2's fused one is split)."""
+    """Multi-head self-attention with separate q, k, v, o projections (GPT-2's fused one is split).
 
-    def __init__(self, d_model, n_heads, causal, dropout):
+    n_heads heads of width d_head (default d_model // n_heads; T5's d_kv may differ), with biases
+    unless bias=False (T5). `mask` is SDPA's attn_mask: bool (True = may attend) or an additive float
+    bias (T5's relative positions and padding folded into one tensor). `scale` multiplies q.k: None is
+    SDPA's 1/sqrt(d_head); T5 sets 1.0 (its scale is folded into the pretrained q)."""
+
+    scale = None
+
+    def __init__(self, d_model, n_heads, causal, dropout, d_head=None, bias=True):
         super().__init__()
         self.n_heads, self.causal, self.dropout = n_heads, causal, dropout
-        self.q = nn.Linear(d_model, d_model)
-        self.k = nn.Linear(d_model, d_model)
-        self.v = nn.Linear(d_model, d_model)
-        self.o = nn.Linear(d_model, d_model)
+        inner = n_heads * (d_head or d_model // n_heads)
+        self.q = nn.Linear(d_model, inner, bias=bias)
+        self.k = nn.Linear(d_model, inner, bias=bias)
+        self.v = nn.Linear(d_model, inner, bias=bias)
+        self.o = nn.Linear(inner, d_model, bias=bias)
 
     def heads(self, t):
-        B, N, d = t.shape
-        return t.view(B, N, self.n_heads, d // self.n_heads).transpose(1, 2)  # (B, N, d) -> (B, H, N, hd)
+        B, N, _ = t.shape
+        return t.view(B, N, self.n_heads, -1).transpose(1, 2)  # (B, N, H * hd) -> (B, H, N, hd)
+
+    def attend(self, q, k, v, mask, is_causal=False):
+        """Scaled dot-product attention of q (B, H, N, hd) over k, v (B, H, T, hd), heads merged and
+        projected by o: (B, N, d_model)."""
+        B, _, N, _ = q.shape
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o(y.transpose(1, 2).reshape(B, N, -1))  # (B, H, N, hd) -> (B, N, H, hd) -> (B, N, H * hd)
 
     def forward(self, x, mask=None, cache=None, layer=0):
-        B, N, d = x.shape
+        N = x.shape[1]
         q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))  # (B, H, N, hd)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, H, T, hd), T = past + N
@@ -176,9 +239,7 @@ class Attention(nn.Module):
         if self.causal and N > 1 and past > 0:
             # query i sits at absolute position past + i and sees keys 0..past + i: (N, T)
             mask = torch.ones(N, past + N, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.o(y.transpose(1, 2).reshape(B, N, d))  # (B, H, N, hd) -> (B, N, H, hd) -> (B, N, d)
+        return self.attend(q, k, v, mask, is_causal)
 
 
 class CrossAttention(Attention):
@@ -187,18 +248,14 @@ class CrossAttention(Attention):
     a PEFT wrapper on "cross.v" sees the encoder output. With a CrossKVCache, k and v are computed at
     the first step and reused. mask (B, 1, 1, S) bool: the encoder positions every query may see."""
 
-    def __init__(self, d_model, n_heads, dropout):
-        super().__init__(d_model, n_heads, causal=False, dropout=dropout)
+    def __init__(self, d_model, n_heads, dropout, d_head=None, bias=True):
+        super().__init__(d_model, n_heads, causal=False, dropout=dropout, d_head=d_head, bias=bias)
 
     def forward(self, x, memory, mask=None, cache=None, layer=0):
-        B, N, d = x.shape
-
         def keys_values():
             return self.heads(self.k(memory)), self.heads(self.v(memory))  # (B, H, S, hd) each
         k, v = keys_values() if cache is None else cache.cross(layer, keys_values)
-        y = F.scaled_dot_product_attention(self.heads(self.q(x)), k, v, attn_mask=mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
-        return self.o(y.transpose(1, 2).reshape(B, N, d))  # (B, H, N, hd) -> (B, N, H, hd) -> (B, N, d)
+        return self.attend(self.heads(self.q(x)), k, v, mask)
 
 
 class MLP(nn.Module):
@@ -437,90 +494,36 @@ class GPT2(nn.Module):
         return F.linear(self.ln_f(x), self.wte.weight)  # tied LM head: (B, T, d) @ (V, d)^T
 
 
-# ---- the encoder-decoder: BART --------------------------------------------------------------------
-
-BART_POS_OFFSET = 2  # BART's learned positions: position p reads row p + 2 (a fairseq legacy)
+# ---- the encoder-decoders: BART and T5 -------------------------------------------------------------
 
 
-class BARTStack(nn.Module):
-    """One side of BART (encoder or decoder): learned positions, the embedding LayerNorm
-    (layernorm_embedding), dropout and the layers. BART has no final LayerNorm."""
-
-    def __init__(self, config, make_block):
-        super().__init__()
-        c = config
-        self.wpe = nn.Embedding(c.max_positions, c.d_model)
-        self.ln_emb = nn.LayerNorm(c.d_model, eps=c.ln_eps)
-        self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList(make_block() for _ in range(c.n_layers))
-
-    def embed(self, tokens, start=0):
-        """Token embeddings (B, T, d) at positions start..start+T-1 -> LN(tokens + positions) (B, T, d)."""
-        T = tokens.shape[1]
-        if start + T + BART_POS_OFFSET > self.wpe.num_embeddings:
-            raise ValueError(f"sequence too long for BART: {start + T} positions, "
-                             f"at most {self.wpe.num_embeddings - BART_POS_OFFSET}")
-        pos = torch.arange(start + BART_POS_OFFSET, start + T + BART_POS_OFFSET, device=tokens.device)
-        return self.ln_emb(tokens + self.wpe(pos))
+def append_extra(x, keep, extra_embeds=None, extra_mask=None):
+    """Append extra input embeddings (CLIP-BART's / VL-T5's visual tokens) AFTER the text, as the
+    releases' JointEncoder does. x (B, N, d) text states, keep (B, N) bool or None (all attended),
+    extra_embeds (B, L, d) or None, extra_mask (B, L) of 1/0 or None (all attended)
+    -> (x (B, N + L, d), keep (B, N + L) bool, or None when every position is attended)."""
+    if extra_embeds is None:
+        return x, keep
+    B, N, _ = x.shape
+    L = extra_embeds.shape[1]
+    x = torch.cat([x, extra_embeds.to(x.dtype)], dim=1)  # (B, N + L, d): text first, then the extras
+    if keep is not None or extra_mask is not None:
+        text_keep = keep if keep is not None else x.new_ones(B, N, dtype=torch.bool)
+        extra_keep = extra_mask.bool() if extra_mask is not None else x.new_ones(B, L, dtype=torch.bool)
+        keep = torch.cat([text_keep, extra_keep], dim=1)  # (B, N + L)
+    return x, keep
 
 
-class BART(nn.Module):
-    """BART (BartForConditionalGeneration's numerics): post-LN encoder and decoder, exact GELU, learned
-    positions with offset 2, layernorm_embedding, q scaled by head_dim^-0.5 (SDPA's default), LM head
-    tied to the shared token table plus the final_logits_bias buffer.
+class EncoderDecoder(nn.Module):
+    """What BART and T5 share around their own encode / decode: the decoder cache, teacher forcing and
+    the step function of models.beam_search.
 
-        model.wte                               shared token embedding (x sqrt(d) if scale_embedding)
-        model.encoder.{wpe, ln_emb, blocks}     blocks[i]: Block (attn, ln1, mlp, ln2)
-        model.decoder.{wpe, ln_emb, blocks}     blocks[i]: DecoderBlock (attn, ln1, cross, ln_cross, mlp, ln2)
-
-    model(input_ids, attention_mask, decoder_input_ids) -> logits (B, T, V), or the split used for
-    generation: memory, memory_mask = model.encode(...); model.decode(ids, memory, memory_mask, cache).
-    Extra input embeddings (CLIP-BART's visual tokens) are appended to the encoder input AFTER the text,
-    as VL-Adapter does: no position embedding, not through layernorm_embedding, masked by their own
-    mask, dropout over the whole sequence (CLIPBART_NOTES 2.3)."""
-
-    def __init__(self, config):
-        super().__init__()
-        c = self.config = config
-        self.embed_scale = math.sqrt(c.d_model) if c.scale_embedding else 1.0
-        self.wte = nn.Embedding(c.vocab_size, c.d_model)
-        self.encoder = BARTStack(c, lambda: Block(c, pre_ln=False, causal=False, gelu=c.gelu, act_dropout=c.dropout))
-        self.decoder = BARTStack(c, lambda: DecoderBlock(c))
-        self.register_buffer("final_logits_bias", torch.zeros(1, c.vocab_size))
+        memory, memory_mask = model.encode(input_ids, attention_mask, extra_embeds, extra_mask)
+        logits = model.decode(decoder_input_ids, memory, memory_mask, cache)      # (B, T, V)
+    """
 
     def new_cache(self):
         return CrossKVCache()
-
-    def encode(self, input_ids, attention_mask=None, extra_embeds=None, extra_mask=None):
-        """input_ids (B, N), attention_mask (B, N) of 1/0 or None, extra_embeds (B, L, d) or None,
-        extra_mask (B, L) of 1/0 or None (all attended) -> (memory (B, N + L, d), memory_mask
-        (B, N + L) bool, or None when every position is attended)."""
-        B, N = input_ids.shape
-        x = self.encoder.embed(self.wte(input_ids) * self.embed_scale)  # (B, N, d)
-        keep = None if attention_mask is None else attention_mask.bool()  # (B, N)
-        if extra_embeds is not None:
-            L = extra_embeds.shape[1]
-            x = torch.cat([x, extra_embeds.to(x.dtype)], dim=1)  # (B, N + L, d): text first, then the extras
-            if keep is not None or extra_mask is not None:
-                text_keep = keep if keep is not None else x.new_ones(B, N, dtype=torch.bool)
-                extra_keep = extra_mask.bool() if extra_mask is not None else x.new_ones(B, L, dtype=torch.bool)
-                keep = torch.cat([text_keep, extra_keep], dim=1)  # (B, N + L)
-        x = self.encoder.drop(x)
-        mask = None if keep is None else keep[:, None, None, :]  # (B, 1, 1, S): keys every query may see
-        for block in self.encoder.blocks:
-            x = block(x, mask)
-        return x, keep
-
-    def decode(self, decoder_input_ids, memory, memory_mask=None, cache=None):
-        """decoder_input_ids (B, T), memory (B, S, d) and memory_mask (B, S) from encode, cache: a
-        CrossKVCache or None -> logits (B, T, V). With a cache, positions continue from cache.length,
-        the self-attention keys/values are appended to it, the cross ones computed once."""
-        start = cache.length if cache is not None else 0
-        x = self.decoder.drop(self.decoder.embed(self.wte(decoder_input_ids) * self.embed_scale, start))
-        mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, S)
-        for i, block in enumerate(self.decoder.blocks):
-            x = block(x, memory, mask, cache, i)
-        return F.linear(x, self.wte.weight) + self.final_logits_bias  # tied LM head: (B, T, d) @ (V, d)^T
 
     def forward(self, input_ids, attention_mask, decoder_input_ids, extra_embeds=None, extra_mask=None):
         """-> logits (B, T, V) of the decoder inputs (teacher forcing; no shift is done here)."""
@@ -540,6 +543,284 @@ class BART(nn.Module):
             cache.reorder(index)
             return self.decode(tokens[:, None], memory, memory_mask, cache)[:, -1]
         return step
+
+
+BART_POS_OFFSET = 2  # BART's learned positions: position p reads row p + 2 (a fairseq legacy)
+
+
+class BARTStack(nn.Module):
+    """One side of BART (encoder or decoder): learned positions, the embedding LayerNorm
+    (layernorm_embedding), dropout and n_layers layers. BART has no final LayerNorm."""
+
+    def __init__(self, config, make_block, n_layers):
+        super().__init__()
+        c = config
+        self.wpe = nn.Embedding(c.max_positions, c.d_model)
+        self.ln_emb = nn.LayerNorm(c.d_model, eps=c.ln_eps)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(make_block() for _ in range(n_layers))
+
+    def embed(self, tokens, start=0):
+        """Token embeddings (B, T, d) at positions start..start+T-1 -> LN(tokens + positions) (B, T, d)."""
+        T = tokens.shape[1]
+        if start + T + BART_POS_OFFSET > self.wpe.num_embeddings:
+            raise ValueError(f"sequence too long for BART: {start + T} positions, "
+                             f"at most {self.wpe.num_embeddings - BART_POS_OFFSET}")
+        pos = torch.arange(start + BART_POS_OFFSET, start + T + BART_POS_OFFSET, device=tokens.device)
+        return self.ln_emb(tokens + self.wpe(pos))
+
+
+class BART(EncoderDecoder):
+    """BART (BartForConditionalGeneration's numerics): post-LN encoder and decoder, exact GELU, learned
+    positions with offset 2, layernorm_embedding, q scaled by head_dim^-0.5 (SDPA's default), LM head
+    tied to the shared token table plus the final_logits_bias buffer. The decoder may be shallower
+    than the encoder (n_dec_layers; distilbart-12-6).
+
+        model.wte                               shared token embedding (x sqrt(d) if scale_embedding)
+        model.encoder.{wpe, ln_emb, blocks}     blocks[i]: Block (attn, ln1, mlp, ln2)
+        model.decoder.{wpe, ln_emb, blocks}     blocks[i]: DecoderBlock (attn, ln1, cross, ln_cross, mlp, ln2)
+
+    model(input_ids, attention_mask, decoder_input_ids) -> logits (B, T, V), or the split used for
+    generation: memory, memory_mask = model.encode(...); model.decode(ids, memory, memory_mask, cache).
+    Extra input embeddings (CLIP-BART's visual tokens) are appended to the encoder input AFTER the text,
+    as VL-Adapter does: no position embedding, not through layernorm_embedding, masked by their own
+    mask, dropout over the whole sequence (CLIPBART_NOTES 2.3)."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = self.config = config
+        self.embed_scale = math.sqrt(c.d_model) if c.scale_embedding else 1.0
+        self.wte = nn.Embedding(c.vocab_size, c.d_model)
+        self.encoder = BARTStack(c, lambda: Block(c, pre_ln=False, causal=False, gelu=c.gelu, act_dropout=c.dropout),
+                                 c.n_layers)
+        self.decoder = BARTStack(c, lambda: DecoderBlock(c), c.decoder_layers)
+        self.register_buffer("final_logits_bias", torch.zeros(1, c.vocab_size))
+
+    def encode(self, input_ids, attention_mask=None, extra_embeds=None, extra_mask=None):
+        """input_ids (B, N), attention_mask (B, N) of 1/0 or None, extra_embeds (B, L, d) or None,
+        extra_mask (B, L) of 1/0 or None (all attended) -> (memory (B, N + L, d), memory_mask
+        (B, N + L) bool, or None when every position is attended)."""
+        x = self.encoder.embed(self.wte(input_ids) * self.embed_scale)  # (B, N, d)
+        keep = None if attention_mask is None else attention_mask.bool()  # (B, N)
+        x, keep = append_extra(x, keep, extra_embeds, extra_mask)  # (B, S, d), S = N + L
+        x = self.encoder.drop(x)
+        mask = None if keep is None else keep[:, None, None, :]  # (B, 1, 1, S): keys every query may see
+        for block in self.encoder.blocks:
+            x = block(x, mask)
+        return x, keep
+
+    def decode(self, decoder_input_ids, memory, memory_mask=None, cache=None):
+        """decoder_input_ids (B, T), memory (B, S, d) and memory_mask (B, S) from encode, cache: a
+        CrossKVCache or None -> logits (B, T, V). With a cache, positions continue from cache.length,
+        the self-attention keys/values are appended to it, the cross ones computed once."""
+        start = cache.length if cache is not None else 0
+        x = self.decoder.drop(self.decoder.embed(self.wte(decoder_input_ids) * self.embed_scale, start))
+        mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, S)
+        for i, block in enumerate(self.decoder.blocks):
+            x = block(x, memory, mask, cache, i)
+        return F.linear(x, self.wte.weight) + self.final_logits_bias  # tied LM head: (B, T, d) @ (V, d)^T
+
+
+# T5 (T5ForConditionalGeneration's numerics, T5_NOTES Q1): pre-LN with RMS norms, no biases, unscaled
+# attention plus a learned relative position bias, a final norm per stack, ReLU (v1.0) or gated-GELU
+# (v1.1) feed-forward.
+
+
+class RMSNorm(nn.Module):
+    """T5LayerNorm: weight * x / sqrt(mean(x^2) + eps) over the last dim; no mean subtracted, no bias.
+    The mean of squares is taken in fp32 (the output is fp32 unless the weight is fp16 / bf16)."""
+
+    def __init__(self, d, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(self.weight.dtype)
+
+
+def relative_position_bucket(rel, bidirectional, n_buckets, max_distance):
+    """T5's bucket of each relative position rel = key position - query position (a long tensor).
+
+    Bidirectional (encoder): the upper half of the buckets holds keys after the query (rel > 0), the
+    lower half the others, by distance n = |rel|. Unidirectional (decoder): n = max(-rel, 0), all
+    buckets for the past (future keys fall in bucket 0; they are masked anyway). Within the buckets
+    left (nb), distances n < nb/2 have one bucket each; larger ones share buckets whose widths grow
+    logarithmically up to max_distance, and every n >= max_distance the last one. The logarithm is
+    taken in fp32 and truncated, in Mesh TensorFlow's and transformers' order of operations, so that
+    boundary distances (16 -> bucket 10) fall where they do there."""
+    if bidirectional:
+        n_buckets //= 2
+        bucket = (rel > 0).long() * n_buckets
+        n = rel.abs()
+    else:
+        bucket = torch.zeros_like(rel)
+        n = (-rel).clamp(min=0)
+    exact = n_buckets // 2
+    scaled = torch.log(n.clamp(min=1).float() / exact) / math.log(max_distance / exact) * (n_buckets - exact)
+    far = (exact + scaled.long()).clamp(max=n_buckets - 1)  # clamp(min=1): no log(0) on the exact side
+    return bucket + torch.where(n < exact, n, far)
+
+
+class T5Attention(Attention):
+    """T5 self-attention with its own pre-norm: o(attention(ln(x))), unscaled q.k (scale 1), no biases.
+    `bias` (1 or B, H, N, T) is added to the scores: the stack's relative position bias with padding
+    and causality folded in as -inf-like entries (finfo.min, as transformers)."""
+
+    scale = 1.0
+
+    def __init__(self, config):
+        c = config
+        super().__init__(c.d_model, c.n_heads, causal=False, dropout=c.dropout, d_head=c.head_dim, bias=False)
+        self.ln = RMSNorm(c.d_model, c.ln_eps)
+
+    def forward(self, x, bias, cache=None, layer=0):
+        return super().forward(self.ln(x), bias, cache, layer)
+
+
+class T5CrossAttention(CrossAttention):
+    """T5 decoder-to-encoder attention with its own pre-norm on the queries' side: o(attention(ln(x),
+    memory)); keys and values read the encoder output as it is. No position bias, scale 1."""
+
+    scale = 1.0
+
+    def __init__(self, config):
+        c = config
+        super().__init__(c.d_model, c.n_heads, c.dropout, d_head=c.head_dim, bias=False)
+        self.ln = RMSNorm(c.d_model, c.ln_eps)
+
+    def forward(self, x, memory, mask=None, cache=None, layer=0):
+        return super().forward(self.ln(x), memory, mask, cache, layer)
+
+
+class T5MLP(nn.Module):
+    """T5's feed-forward with its own pre-norm, no biases, dropout on the hidden activation:
+    v1.0 ("relu"):       fc2(drop(relu(fc1(ln x))))                    (HF: wi, wo)
+    v1.1 ("gated-gelu"): fc2(drop(gelu_tanh(gate(ln x)) * fc1(ln x)))   (HF: wi_0 = gate, wi_1 = fc1, wo)"""
+
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        if c.ffn not in ("relu", "gated-gelu"):
+            raise ValueError(f"unknown T5 ffn {c.ffn!r}; expected 'relu' (v1.0) or 'gated-gelu' (v1.1)")
+        self.ln = RMSNorm(c.d_model, c.ln_eps)
+        self.fc1 = nn.Linear(c.d_model, c.d_ff, bias=False)
+        self.gate = nn.Linear(c.d_model, c.d_ff, bias=False) if c.ffn == "gated-gelu" else None
+        self.fc2 = nn.Linear(c.d_ff, c.d_model, bias=False)  # registered last: a sub-layer's width is its last Linear's
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x):
+        h = self.ln(x)
+        if self.gate is None:
+            return self.fc2(self.drop(F.relu(self.fc1(h))))
+        return self.fc2(self.drop(F.gelu(self.gate(h), approximate="tanh") * self.fc1(h)))
+
+
+class T5Block(nn.Module):
+    """One T5 layer: x + drop(attn(x)), then (decoder) x + drop(cross(x, memory)), then x + drop(mlp(x));
+    each sub-layer normalises its own input (module tree in the file's docstring)."""
+
+    def __init__(self, config, decoder):
+        super().__init__()
+        self.attn = T5Attention(config)
+        self.cross = T5CrossAttention(config) if decoder else None
+        self.mlp = T5MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, bias, memory=None, memory_mask=None, cache=None, layer=0):
+        x = x + self.drop(self.attn(x, bias, cache, layer))
+        if self.cross is not None:
+            x = x + self.drop(self.cross(x, memory, memory_mask, cache, layer))
+        return x + self.drop(self.mlp(x))
+
+
+class T5Stack(nn.Module):
+    """One side of T5: the relative position table (one per stack, shared by its layers; bidirectional
+    buckets in the encoder, unidirectional in the decoder), dropout, the layers, the final RMS norm
+    (ln_f) and dropout again."""
+
+    def __init__(self, config, n_layers, decoder):
+        super().__init__()
+        c = config
+        self.bidirectional, self.max_distance = not decoder, c.rel_max_distance
+        self.rel_bias = nn.Embedding(c.rel_buckets, c.n_heads)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(T5Block(c, decoder) for _ in range(n_layers))
+        self.ln_f = RMSNorm(c.d_model, c.ln_eps)
+
+    def position_bias(self, n_queries, n_keys, start=0):
+        """(1, H, n_queries, n_keys): each head's learned bias for key j seen from query i, the query at
+        absolute position start + i (a cached decoder step), the key at position j."""
+        device = self.rel_bias.weight.device
+        rel = torch.arange(n_keys, device=device)[None, :] - torch.arange(start, start + n_queries, device=device)[:, None]
+        buckets = relative_position_bucket(rel, self.bidirectional, self.rel_bias.num_embeddings, self.max_distance)
+        return self.rel_bias(buckets).permute(2, 0, 1)[None]  # (N, T, H) -> (1, H, N, T)
+
+    def forward(self, x, bias, memory=None, memory_mask=None, cache=None):
+        """x (B, N, d) embeddings, bias (1 or B, H, N, T) for every layer -> final states (B, N, d)."""
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, bias, memory, memory_mask, cache, i)
+        return self.drop(self.ln_f(x))
+
+
+def masked_bias(bias, masked):
+    """Fold a mask into an additive attention bias: entries where `masked` (broadcastable bool) is True
+    get finfo.min (as transformers does: a large negative number, not -inf, so no row is all -inf)."""
+    return bias.masked_fill(masked, torch.finfo(bias.dtype).min)
+
+
+class T5(EncoderDecoder):
+    """T5 v1.0 (t5-base) and v1.1 as T5ForConditionalGeneration computes them (T5_NOTES Q1):
+
+        model.wte                                 shared token table (no scaling, no positions)
+        model.encoder.{rel_bias, blocks, ln_f}    blocks[i]: T5Block (attn, mlp)
+        model.decoder.{rel_bias, blocks, ln_f}    blocks[i]: T5Block (attn, cross, mlp)
+        model.lm_head                             v1.1 only (tie_embeddings False)
+
+    Logits: v1.0 wte.weight @ (h * d_model^-0.5) (tied head); v1.1 lm_head(h). The decoder starts from
+    token 0 (pad) and stops at EOS 1; it may be shallower than the encoder (n_dec_layers).
+
+    Extra input embeddings (VL-T5's visual tokens) go AFTER the text, as its JointEncoder does
+    (T5_NOTES 3.3): the relative position bias covers the text x text block only and is 0 for every
+    pair involving an extra token, then the padding mask is added; dropout over the whole sequence."""
+
+    def __init__(self, config):
+        super().__init__()
+        c = self.config = config
+        self.wte = nn.Embedding(c.vocab_size, c.d_model)
+        self.encoder = T5Stack(c, c.n_layers, decoder=False)
+        self.decoder = T5Stack(c, c.decoder_layers, decoder=True)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.d_model, c.vocab_size, bias=False)
+
+    def encode(self, input_ids, attention_mask=None, extra_embeds=None, extra_mask=None):
+        """input_ids (B, N), attention_mask (B, N) of 1/0 or None, extra_embeds (B, L, d) or None,
+        extra_mask (B, L) of 1/0 or None (all attended) -> (memory (B, N + L, d), memory_mask
+        (B, N + L) bool, or None when every position is attended)."""
+        N = input_ids.shape[1]
+        keep = None if attention_mask is None else attention_mask.bool()  # (B, N)
+        x, keep = append_extra(self.wte(input_ids), keep, extra_embeds, extra_mask)  # (B, S, d), S = N + L
+        L = x.shape[1] - N
+        bias = F.pad(self.encoder.position_bias(N, N), (0, L, 0, L))  # (1, H, S, S): 0 where an extra token is
+        if keep is not None:
+            bias = masked_bias(bias, ~keep[:, None, None, :])  # (B, H, S, S): padded keys
+        return self.encoder(x, bias), keep
+
+    def decode(self, decoder_input_ids, memory, memory_mask=None, cache=None):
+        """decoder_input_ids (B, N), memory (B, S, d) and memory_mask (B, S) from encode, cache: a
+        CrossKVCache or None -> logits (B, N, V). With a cache the queries sit at positions
+        cache.length.. (their relative bias too), the self-attention keys/values are appended to it,
+        the cross ones computed once."""
+        start = cache.length if cache is not None else 0
+        N = decoder_input_ids.shape[1]
+        bias = self.decoder.position_bias(N, start + N, start)  # (1, H, N, T), T = start + N
+        if N > 1:  # query i (position start + i) must not see keys after it
+            bias = masked_bias(bias, torch.ones(N, start + N, dtype=torch.bool, device=bias.device).triu(start + 1))
+        mask = None if memory_mask is None else memory_mask[:, None, None, :]  # (B, 1, 1, S)
+        h = self.decoder(self.wte(decoder_input_ids), bias, memory, mask, cache)  # (B, N, d)
+        if self.lm_head is None:
+            return F.linear(h * self.config.d_model ** -0.5, self.wte.weight)  # tied: (B, N, d) @ (V, d)^T
+        return self.lm_head(h)
 
 
 # ---- CLIP's ModifiedResNet (the visual tower of OpenAI's RN50 / RN101) ------------------------------
@@ -643,14 +924,14 @@ class CLIPResNet(nn.Module):
         return grid, self.attnpool(grid)
 
 
-ARCHS = {"vit": ViT, "roberta": RoBERTa, "gpt2": GPT2, "bart": BART, "clip_resnet": CLIPResNet}
+ARCHS = {"vit": ViT, "roberta": RoBERTa, "gpt2": GPT2, "bart": BART, "t5": T5, "clip_resnet": CLIPResNet}
 
 
 def build_model(config):
     """A randomly initialised backbone for `config` (a Config)."""
     if config.arch not in ARCHS:
         raise ValueError(f"unknown arch {config.arch!r}; expected one of {sorted(ARCHS)}")
-    if config.d_model % config.n_heads:
+    if not config.d_kv and config.d_model % config.n_heads:
         raise ValueError(f"d_model {config.d_model} is not divisible by n_heads {config.n_heads}")
     return ARCHS[config.arch](config)
 
@@ -933,15 +1214,15 @@ def bart_config(hf):
     _require(hf, "add_final_layer_norm", [False], "BART final layer norm")
     _require(hf, "normalize_embedding", [True], "BART embedding layer norm")
     _require(hf, "add_bias_logits", [False], "BART logits bias")
-    for enc, dec in [("encoder_layers", "decoder_layers"), ("encoder_attention_heads", "decoder_attention_heads"),
-                     ("encoder_ffn_dim", "decoder_ffn_dim")]:
+    for enc, dec in [("encoder_attention_heads", "decoder_attention_heads"), ("encoder_ffn_dim", "decoder_ffn_dim")]:
         if hf[enc] != hf[dec]:
             raise ValueError(f"unsupported BART: config.json has {enc}={hf[enc]} but {dec}={hf[dec]} (must be equal)")
     return Config("bart", hf["d_model"], hf["encoder_layers"], hf["encoder_attention_heads"], hf["encoder_ffn_dim"],
                   1e-5, vocab_size=hf["vocab_size"], max_positions=hf["max_position_embeddings"] + BART_POS_OFFSET,
                   pad_id=hf.get("pad_token_id", 1), dropout=hf.get("dropout", 0.1),
                   scale_embedding=bool(hf.get("scale_embedding", False)),
-                  decoder_start_id=hf.get("decoder_start_token_id", 2))  # LayerNorm eps: HF's default 1e-5
+                  decoder_start_id=hf.get("decoder_start_token_id", 2),  # LayerNorm eps: HF's default 1e-5
+                  n_dec_layers=0 if hf["decoder_layers"] == hf["encoder_layers"] else hf["decoder_layers"])  # distilbart-12-6
 
 
 def bart_dropout_note(hf):
@@ -962,13 +1243,69 @@ def bart_keys(c):
     cross = [("cross.q", "encoder_attn.q_proj"), ("cross.k", "encoder_attn.k_proj"),
              ("cross.v", "encoder_attn.v_proj"), ("cross.o", "encoder_attn.out_proj"),
              ("ln_cross", "encoder_attn_layer_norm")]
-    for side, names in [("encoder", sublayers), ("decoder", sublayers + cross)]:
+    for side, names, n_layers in [("encoder", sublayers, c.n_layers), ("decoder", sublayers + cross, c.decoder_layers)]:
         m[f"{side}.wpe.weight"] = f"{side}.embed_positions.weight"
         for wb in ("weight", "bias"):
             m[f"{side}.ln_emb.{wb}"] = f"{side}.layernorm_embedding.{wb}"
-            for i in range(c.n_layers):
+            for i in range(n_layers):
                 for ours, theirs in names:
                     m[f"{side}.blocks.{i}.{ours}.{wb}"] = f"{side}.layers.{i}.{theirs}.{wb}"
+    return {k: (v, None) for k, v in m.items()}
+
+
+def t5_config(hf):
+    """Config of a T5 config.json (t5-base: T5_NOTES 1.1; absent fields take T5Config's defaults). The
+    head: transformers 4 ties lm_head to shared and rescales h by d_model^-0.5 exactly when
+    tie_word_embeddings (default true; v1.1 files say false); transformers 5 writes the rescale as
+    scale_decoder_outputs and always tie_word_embeddings true (see t5_head)."""
+    _require(hf, "feed_forward_proj", ["relu", "gated-gelu"], "T5 feed-forward")
+    n_dec = hf.get("num_decoder_layers")
+    start = hf.get("decoder_start_token_id")
+    return Config("t5", hf["d_model"], hf["num_layers"], hf["num_heads"], hf["d_ff"], hf.get("layer_norm_epsilon", 1e-6),
+                  vocab_size=hf["vocab_size"], pad_id=hf.get("pad_token_id", 0), dropout=hf.get("dropout_rate", 0.1),
+                  decoder_start_id=0 if start is None else start,  # T5 starts from pad (0); old configs omit it
+                  n_dec_layers=0 if n_dec in (None, hf["num_layers"]) else n_dec, d_kv=hf.get("d_kv", 64),
+                  rel_buckets=hf.get("relative_attention_num_buckets", 32),
+                  rel_max_distance=hf.get("relative_attention_max_distance", 128),
+                  ffn=hf.get("feed_forward_proj", "relu"),
+                  tie_embeddings=bool(hf.get("scale_decoder_outputs", hf.get("tie_word_embeddings", True))))
+
+
+def t5_head(hf, config, sd):
+    """The notes on a T5's LM head, for the report. A v1.1-style model (no rescale) saved by transformers
+    5 has no lm_head.weight: transformers 5 ties the head to shared whatever the model (config
+    tie_word_embeddings true, scale_decoder_outputs false) and computes shared @ h. Our untied head is
+    then a copy of shared, put under lm_head.weight in sd here."""
+    if config.tie_embeddings:
+        return ["LM head: the shared token table applied to h * d_model^-0.5 (tied, v1.0)"]
+    if "lm_head.weight" not in sd and hf.get("tie_word_embeddings") is not False and "shared.weight" in sd:
+        sd["lm_head.weight"] = sd["shared.weight"]
+        return ["LM head: own lm_head, no rescale; this transformers 5 file ties it to shared: copied from shared"]
+    return ["LM head: own lm_head, no rescale (untied, v1.1)"]
+
+
+def t5_keys(c):
+    """{our key: (HF key, transform)} for T5ForConditionalGeneration (no prefix). HF's layer.0 / 1 / 2
+    are a block's self-attention, cross-attention (decoder only) and feed-forward, each with its norm."""
+    m = {"wte.weight": "shared.weight"}
+    if not c.tie_embeddings:
+        m["lm_head.weight"] = "lm_head.weight"
+    ffn = [("mlp.fc1", "wi"), ("mlp.fc2", "wo")] if c.ffn == "relu" else \
+        [("mlp.gate", "wi_0"), ("mlp.fc1", "wi_1"), ("mlp.fc2", "wo")]
+    for side, n_layers, decoder in [("encoder", c.n_layers, False), ("decoder", c.decoder_layers, True)]:
+        m[f"{side}.rel_bias.weight"] = f"{side}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        m[f"{side}.ln_f.weight"] = f"{side}.final_layer_norm.weight"
+        for i in range(n_layers):
+            ours, theirs = f"{side}.blocks.{i}.", f"{side}.block.{i}.layer."
+            sublayers = [("attn", "0", "SelfAttention")] + ([("cross", "1", "EncDecAttention")] if decoder else [])
+            for name, j, hf_name in sublayers:
+                m[ours + f"{name}.ln.weight"] = theirs + f"{j}.layer_norm.weight"
+                for p in "qkvo":
+                    m[ours + f"{name}.{p}.weight"] = theirs + f"{j}.{hf_name}.{p}.weight"
+            j = "2" if decoder else "1"
+            m[ours + "mlp.ln.weight"] = theirs + f"{j}.layer_norm.weight"
+            for o, t in ffn:
+                m[ours + f"{o}.weight"] = theirs + f"{j}.DenseReluDense.{t}.weight"
     return {k: (v, None) for k, v in m.items()}
 
 
@@ -1025,6 +1362,10 @@ IGNORED = {
              (r"lm_head\.weight", "LM head tied to wte (checked equal)")],
     "bart": [(r"lm_head\.weight", "LM head tied to shared (checked equal)"),
              (r"(encoder|decoder)\.embed_tokens\.weight", "a tied copy of shared (checked equal)")],
+    "t5": [(r"lm_head\.weight", "LM head tied to shared (checked equal)"),
+           (r"(encoder|decoder)\.embed_tokens\.weight", "a tied copy of shared (checked equal)"),
+           (r"decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight",
+            "stale cross-attention position table of old transformers versions: never used (HF ignores it too)")],
     "clip_resnet": [
         (r"(token_embedding|positional_embedding|transformer|ln_final|text_projection)(\..*)?",
          "CLIP's text tower: only the visual tower is converted"),
@@ -1032,13 +1373,16 @@ IGNORED = {
         (r"input_resolution|context_length|vocab_size", "scalars of OpenAI's TorchScript model, not weights "
                                                         "(the resolution is inferred from the shapes)")],
 }
-PREFIXES = {"vit": "vit.", "roberta": "roberta.", "gpt2": "transformer.", "bart": "model.", "clip_resnet": ""}
+PREFIXES = {"vit": "vit.", "roberta": "roberta.", "gpt2": "transformer.", "bart": "model.", "t5": "", "clip_resnet": ""}
 CONFIGS = {"vit": (vit_config, vit_keys), "roberta": (roberta_config, roberta_keys), "gpt2": (gpt2_config, gpt2_keys),
-           "bart": (bart_config, bart_keys), "clip_resnet": (clip_config, clip_keys)}
-# Tied copies of one table, the name we read first: all present must be equal; if that first name is
-# absent, the first copy present stands in (a Hub file may keep only one of BART's four names).
-TIED = {"gpt2": ["wte.weight", "lm_head.weight"],
-        "bart": ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"]}
+           "bart": (bart_config, bart_keys), "t5": (t5_config, t5_keys), "clip_resnet": (clip_config, clip_keys)}
+# Tied copies of one table (a function of the config), the name we read first: all present must be equal;
+# if that first name is absent, the first copy present stands in (a Hub file may keep only one of BART's
+# four names). T5 v1.1's lm_head is its own weight, not a copy.
+TIED = {"gpt2": lambda c: ["wte.weight", "lm_head.weight"],
+        "bart": lambda c: ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"],
+        "t5": lambda c: ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
+        + (["lm_head.weight"] if c.tie_embeddings else [])}
 # Source keys that may be absent: (regex, value from the config, note). HF drops final_logits_bias
 # (zeros) from some files; num_batches_tracked only counts training steps, unused by frozen BatchNorm.
 DEFAULTS = {"bart": [(r"final_logits_bias", lambda c: torch.zeros(1, c.vocab_size), "final_logits_bias absent: zeros")],
@@ -1046,9 +1390,9 @@ DEFAULTS = {"bart": [(r"final_logits_bias", lambda c: torch.zeros(1, c.vocab_siz
                              "num_batches_tracked absent: 0 (unused: the statistics are frozen)")]}
 
 
-def _tie(arch, src):
+def _tie(arch, src, config):
     """Check the tied copies of TIED[arch] in src equal; put the stand-in under the first name if needed."""
-    group = TIED.get(arch, [])
+    group = TIED[arch](config) if arch in TIED else []
     present = [k for k in group if k in src]
     for k in present[1:]:
         if not torch.equal(src[k], src[present[0]]):
@@ -1065,7 +1409,7 @@ def convert_state_dict(arch, hf_sd, config, notes=None):
     prefix = PREFIXES[arch]
     has_prefix = any(k.startswith(prefix) for k in hf_sd)
     src = {(k[len(prefix):] if has_prefix and k.startswith(prefix) else k): t for k, t in hf_sd.items()}
-    _tie(arch, src)
+    _tie(arch, src, config)
     mapping = CONFIGS[arch][1](config)
     filled = set()
     for s, _ in mapping.values():
@@ -1111,6 +1455,20 @@ def read_tokenizer(src_dir):
     return {"vocab": vocab, "merges": [ln for ln in lines if ln]}
 
 
+def read_spiece(src_dir):
+    """{"spiece_model": uint8 tensor of the bytes of src_dir/spiece.model}: T5's SentencePiece model,
+    stored as it is (data.SentencePieceTokenizer parses it). A T5 folder without it is an error."""
+    path = os.path.join(src_dir, "spiece.model")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{src_dir}: no spiece.model (T5's SentencePiece tokenizer, stored in the converted "
+                                f"file); files present: {sorted(os.listdir(src_dir))}")
+    with open(path, "rb") as f:
+        blob = f.read()
+    if not blob:
+        raise ValueError(f"{path}: an empty file, not a SentencePiece model")
+    return {"spiece_model": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
+
+
 def read_image_preprocessing(src_dir, config):
     """image_size/mean/std from preprocessor_config.json into config; returns a note for the report."""
     path = os.path.join(src_dir, "preprocessor_config.json")
@@ -1135,7 +1493,8 @@ def atomic_save(obj, path):
 
 def save_checkpoint(model, path, tokenizer=None):
     """A backbone in the converted format that load_checkpoint reads: {"arch", "config", "model"}, plus
-    "tokenizer" ({"vocab", "merges"}, data.BPETokenizer.to_data()) for text models."""
+    "tokenizer" for text models: {"vocab", "merges"} (data.BPETokenizer.to_data()) or T5's
+    {"spiece_model": uint8 tensor of spiece.model's bytes}."""
     ckpt = {"arch": model.config.arch, "config": dataclasses.asdict(model.config), "model": model.state_dict()}
     if tokenizer is not None:
         ckpt["tokenizer"] = tokenizer
@@ -1160,6 +1519,7 @@ def read_hf_dir(src_dir):
     notes = [read_image_preprocessing(src_dir, config)] if arch == "vit" else []
     notes += [bart_dropout_note(hf)] if arch == "bart" else []
     sd, weights_path = read_weights(src_dir)
+    notes += t5_head(hf, config, sd) if arch == "t5" else []
     return arch, config, sd, weights_path, notes
 
 
@@ -1177,7 +1537,7 @@ def check_shapes(config, sd):
 
 
 def convert(src, out_path, heads=None):
-    """Convert a Hugging Face model directory (ViT, RoBERTa, GPT-2, BART) or a CLIP ModifiedResNet
+    """Convert a Hugging Face model directory (ViT, RoBERTa, GPT-2, BART, T5) or a CLIP ModifiedResNet
     weights file (OpenAI key names) into our checkpoint file; returns a report dict. heads: the CLIP
     attention pool's head count (default: OpenAI's rule, head dim 64)."""
     if os.path.isdir(src):
@@ -1192,16 +1552,19 @@ def convert(src, out_path, heads=None):
                  + ("(--heads)" if heads else "(OpenAI's rule: width / 64)")]
     else:
         raise FileNotFoundError(f"{src}: no such file or directory")
+    tok = None
+    if arch == "t5":
+        tok = read_spiece(src)
+        notes.append(f"tokenizer: spiece.model, {tok['spiece_model'].numel():,} bytes")
+    elif arch in ("roberta", "gpt2", "bart"):
+        tok = read_tokenizer(src)
+        notes.append(f"tokenizer: {len(tok['vocab'])} tokens, {len(tok['merges'])} merges" if tok is not None
+                     else "no vocab.json/merges.txt: checkpoint has no tokenizer")
     sd, ignored = convert_state_dict(arch, hf_sd, config, notes)
     params = check_shapes(config, sd)
     ckpt = {"arch": arch, "config": dataclasses.asdict(config), "model": sd}
-    if arch in ("roberta", "gpt2", "bart"):
-        tok = read_tokenizer(src)
-        if tok is not None:
-            ckpt["tokenizer"] = tok
-            notes.append(f"tokenizer: {len(tok['vocab'])} tokens, {len(tok['merges'])} merges")
-        else:
-            notes.append("no vocab.json/merges.txt: checkpoint has no tokenizer")
+    if tok is not None:
+        ckpt["tokenizer"] = tok
     atomic_save(ckpt, out_path)
     report = {"arch": arch, "src": weights_path, "out": out_path, "params": params,
               "keys_used": len(hf_sd) - len(ignored), "ignored": ignored, "notes": notes}
@@ -1261,10 +1624,13 @@ def load_checkpoint(path, arch=None):
 CONVERT_HELP = """Convert a checkpoint once into our plain file (load it with load_checkpoint).
 
 --src is either
-  a Hugging Face model directory: config.json (model_type vit, roberta, gpt2 or bart) and
-    model.safetensors or pytorch_model.bin; vocab.json + merges.txt (text models) and
-    preprocessor_config.json (ViT) go with it. BART keys may carry the "model." prefix or not;
-    a missing lm_head is the tied token table, a missing final_logits_bias is zeros.
+  a Hugging Face model directory: config.json (model_type vit, roberta, gpt2, bart or t5) and
+    model.safetensors or pytorch_model.bin; vocab.json + merges.txt (BPE text models),
+    spiece.model (T5, required) and preprocessor_config.json (ViT) go with it. BART keys may carry
+    the "model." prefix or not; a missing lm_head is the tied token table, a missing
+    final_logits_bias is zeros. T5: v1.0 (ReLU, lm_head tied to shared) and v1.1 (gated-gelu, its
+    own lm_head); the tied copies (encoder/decoder.embed_tokens, a tied lm_head) must equal shared,
+    the stale decoder.block.0.layer.1.EncDecAttention.relative_attention_bias is ignored.
   or a CLIP ModifiedResNet weights file with OpenAI's key names ("visual.*"; the text tower is
     ignored): a torch.save'd dict of tensors (.pt / .bin, read with weights_only=True), a
     .safetensors file (read by hand), or OpenAI's own TorchScript archive (RN50.pt, RN101.pt). The

@@ -39,11 +39,12 @@ def max_diff(a, b):
 # ---- BART -----------------------------------------------------------------------------------------
 
 
-def tiny_bart(scale_embedding, seed, jitter=0.2):
+def tiny_bart(scale_embedding, seed, jitter=0.2, encoder_layers=2, decoder_layers=2):
     """A random BartForConditionalGeneration whose every parameter (LayerNorms too) and logits bias
     are far from their initial values, so a swapped LayerNorm or a missing bias shows."""
     torch.manual_seed(seed)
-    cfg = hf.BartConfig(vocab_size=V, d_model=D, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+    cfg = hf.BartConfig(vocab_size=V, d_model=D, encoder_layers=encoder_layers, decoder_layers=decoder_layers,
+                        encoder_attention_heads=4,
                         decoder_attention_heads=4, encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=40,
                         scale_embedding=scale_embedding, decoder_start_token_id=EOS, eos_token_id=EOS, pad_token_id=1,
                         bos_token_id=0, forced_bos_token_id=None, forced_eos_token_id=None)
@@ -102,6 +103,22 @@ def test_bart_parity(bart):
     assert max_diff(got_bin, want - ref.final_logits_bias) <= TOL  # the .bin had no bias: zeros
     assert max_diff(*unmasked) <= TOL
     assert ref.final_logits_bias.abs().min() > 0  # so the check above sees the bias
+
+
+def test_bart_unequal_depths(tmp_path):
+    """distilbart-style depths (here 3 encoder layers, 1 decoder layer) convert and match."""
+    ref = tiny_bart(False, seed=9, encoder_layers=3, decoder_layers=1)
+    ref.save_pretrained(tmp_path / "hf")
+    models.convert(str(tmp_path / "hf"), str(tmp_path / "ours.pt"))
+    ours = models.load_checkpoint(str(tmp_path / "ours.pt"), arch="bart")
+    assert (ours.config.n_layers, ours.config.n_dec_layers) == (3, 1)
+    assert (len(ours.encoder.blocks), len(ours.decoder.blocks)) == (3, 1)
+    ids, mask = padded_batch([9, 6, 3], 9)
+    dec = torch.randint(0, V, (3, 5))
+    dec[:, 0] = EOS
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        assert max_diff(ours(ids, mask, dec), want) <= TOL
 
 
 def test_bart_converted_file(bart):
@@ -449,8 +466,8 @@ def test_bart_bad_inputs(tmp_path, capsys):
     cfg = json.loads((st / "config.json").read_text())
     (st / "config.json").write_text(json.dumps({**cfg, "model_type": "mbart"}))
     assert "unknown model_type 'mbart'" in cli_error(capsys, "--src", st, "--out", tmp_path / "o.pt")
-    (st / "config.json").write_text(json.dumps({**cfg, "decoder_layers": 1}))
-    assert "decoder_layers=1" in cli_error(capsys, "--src", st, "--out", tmp_path / "o.pt")
+    (st / "config.json").write_text(json.dumps({**cfg, "decoder_ffn_dim": 40}))
+    assert "decoder_ffn_dim=40" in cli_error(capsys, "--src", st, "--out", tmp_path / "o.pt")
     assert "no such file or directory" in cli_error(capsys, "--src", tmp_path / "nothing", "--out", tmp_path / "o.pt")
     assert not (tmp_path / "o.pt").exists()
 
