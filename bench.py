@@ -1,7 +1,7 @@
 """Benchmarks: speed and memory as ratios measured in one run (tests never time anything).
 
     python bench.py models      # our ViT-L/16, RoBERTa-large, GPT2-medium vs transformers (forward);
-                                # BART-base + LoRA vs transformers + peft (forward + backward);
+                                # BART-base, T5-base + LoRA vs transformers + peft (forward + backward);
                                 # CLIP RN101 forward: images/s and GFLOP/s vs plain conv/matmul rates
     python bench.py routing     # routed LoRA vs plain LoRA vs peft; a VL-PET-large layer per route (fwd + bwd)
     python bench.py eval        # CIDEr-D vs pycocoevalcap; VQA accuracy over 200k questions
@@ -86,14 +86,19 @@ def _models_pair(name):
 MODEL_ROUNDS = {"vit-l16": 6, "roberta-large": 15, "gpt2-medium": 15}  # ViT-L takes ~5-10 s a forward here
 
 
-def _paired_rounds(fns, rounds):
-    """Times of each of fns (a dict of callables) over `rounds` rounds; within a round each runs once, the
-    order reversed every other round (so neither side always runs first, after the other's memory churn)."""
-    times = {k: [] for k in fns}
+def _paired_rounds(fns, rounds, cpu=False):
+    """Wall times of each of fns (a dict of callables) over `rounds` rounds; within a round each runs once,
+    the order reversed every other round (so neither side always runs first, after the other's memory
+    churn). cpu=True: (wall times, process CPU times) of the same calls; CPU time hardly changes with other
+    jobs on a shared machine (with several threads it also counts their spin-waiting)."""
+    wall, proc = {k: [] for k in fns}, {k: [] for k in fns}
     for r in range(rounds):
         for k in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
-            times[k].append(median_seconds(fns[k], repeat=1, warmup=0))
-    return times
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[k]()
+            wall[k].append(time.perf_counter() - t0)
+            proc[k].append(time.process_time() - c0)
+    return (wall, proc) if cpu else wall
 
 
 def _load():
@@ -103,10 +108,11 @@ def _load():
 
 
 def bench_models():
-    """Our backbones against the references: bench_text_vision (ViT, RoBERTa, GPT-2 forward), bench_bart
-    (BART-base + LoRA training step), bench_clip (RN101 forward rate)."""
+    """Our backbones against the references: bench_text_vision (ViT, RoBERTa, GPT-2 forward), bench_seq2seq
+    (BART-base and T5-base + LoRA training steps), bench_clip (RN101 forward rate)."""
     bench_text_vision()
-    bench_bart()
+    bench_seq2seq("bart-base")
+    bench_seq2seq("t5-base")
     bench_clip()
 
 
@@ -143,43 +149,51 @@ def bench_text_vision():
     print(_load())
 
 
-def _bart_pair(B=8, n_enc=56, n_dec=20):
-    """BART-base with the same random weights, ours and transformers', each with LoRA r = alpha = 128 on q
-    and v of every attention (encoder, decoder self- and cross-attention: 18 x 2 layers; ours via
-    routing_peft, theirs via peft), everything else frozen, dropout 0.1 everywhere (VL-PET's recipe).
-    Returns (ours, theirs, inputs): n_enc = 56 encoder tokens (a CLIP-BART input: ~20 text + 36 visual),
-    n_dec = 20 decoder tokens, right-padded encoder rows."""
+def _lora_pair(name, B=8):
+    """BART-base or T5-base with the same random weights, ours and transformers', each with LoRA r = alpha =
+    128 on q and v of every attention (encoder self-, decoder self- and cross-attention; ours via
+    routing_peft, theirs via peft), everything else frozen, dropout 0.1 everywhere (VL-PET's recipe; T5's
+    dropout_rate). Inputs like the VL settings': 56 encoder tokens (~20 text + 36 visual), right-padded rows,
+    and 20 decoder tokens (BART, captions) or 10 (T5, setting 3's answers).
+    Returns (ours, theirs, (ids, mask, dec, labels))."""
     import peft
     import transformers as hf
 
     import models
     import routing_peft as rp
     torch.manual_seed(0)
-    cfg = hf.BartConfig(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
-                        decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072,
-                        max_position_embeddings=1024, dropout=0.1, attention_dropout=0.1, activation_dropout=0.1)
-    ref = hf.BartForConditionalGeneration(cfg)
-    config = models.bart_config(cfg.to_dict())
-    sd, _ = models.convert_state_dict("bart", ref.state_dict(), config)
+    if name == "bart-base":
+        cfg = hf.BartConfig(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6,
+                            encoder_attention_heads=12, decoder_attention_heads=12, encoder_ffn_dim=3072,
+                            decoder_ffn_dim=3072, max_position_embeddings=1024, dropout=0.1, attention_dropout=0.1,
+                            activation_dropout=0.1)
+        ref, config = hf.BartForConditionalGeneration(cfg), models.bart_config(cfg.to_dict())
+        targets, pad, n_dec = ["q_proj", "v_proj"], 1, 20
+    else:  # t5-base (T5_NOTES 1.1)
+        cfg = hf.T5Config(vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12,
+                          dropout_rate=0.1, decoder_start_token_id=0)
+        ref, config = hf.T5ForConditionalGeneration(cfg), models.t5_config(cfg.to_dict())
+        targets, pad, n_dec = ["q", "v"], 0, 10
+    sd, _ = models.convert_state_dict(config.arch, ref.state_dict(), config)
     ours = models.build_model(config)
     ours.load_state_dict(sd, strict=True)
     rp.mark_trainable(rp.add_lora(ours, ["attn.q", "attn.v", "cross.q", "cross.v"], 128, 128, "none"))
-    theirs = peft.get_peft_model(ref, peft.LoraConfig(r=128, lora_alpha=128, lora_dropout=0.0,
-                                                      target_modules=["q_proj", "v_proj"]))
-    ids = torch.randint(3, 50265, (B, n_enc))
+    theirs = peft.get_peft_model(ref, peft.LoraConfig(r=128, lora_alpha=128, lora_dropout=0.0, target_modules=targets))
+    V, n_enc = config.vocab_size, 56
+    ids = torch.randint(3, V, (B, n_enc))
     mask = (torch.arange(n_enc) < torch.randint(n_enc // 2, n_enc + 1, (B, 1))).long()  # (B, n_enc)
-    ids = ids.masked_fill(mask == 0, 1)
-    dec = torch.randint(3, 50265, (B, n_dec))
-    labels = torch.randint(3, 50265, (B, n_dec))
+    ids = ids.masked_fill(mask == 0, pad)
+    dec = torch.randint(3, V, (B, n_dec))
+    labels = torch.randint(3, V, (B, n_dec))
     return ours, theirs, (ids, mask, dec, labels)
 
 
-def bench_bart(rounds=7):
-    """Training step (forward + backward, no optimizer) of BART-base + LoRA: ours vs transformers + peft on
-    the same weights (_bart_pair), fp32 and bf16 autocast; paired rounds, median of per-round ratios."""
+def bench_seq2seq(name, rounds=7):
+    """Training step (forward + backward, no optimizer) of BART-base or T5-base + LoRA: ours vs transformers +
+    peft on the same weights (_lora_pair), fp32 and bf16 autocast; paired rounds, median of per-round ratios."""
     import routing_peft as rp
     import torch.nn.functional as F
-    ours, theirs, (ids, mask, dec, labels) = _bart_pair()
+    ours, theirs, (ids, mask, dec, labels) = _lora_pair(name)
     n_ours, n_theirs = rp.count_parameters(ours), rp.count_parameters(theirs)
     assert n_ours == n_theirs, (n_ours, n_theirs)  # the same trainable and total parameters
     ours.eval(), theirs.eval()
@@ -208,14 +222,17 @@ def bench_bart(rounds=7):
         fns = {k: step(f, dtype) for k, f in fwd.items()}
         for fn in fns.values():
             fn()  # warm-up
-        times = _paired_rounds(fns, rounds)
-        ratio = statistics.median(o / t for o, t in zip(times["ours"], times["theirs"]))
-        rows.append(["bart-base + LoRA q,v r=128", dtype, statistics.median(times["ours"]),
-                     statistics.median(times["theirs"]), ratio, f"{diff:.1e}"])
-        print(dtype, {k: [round(t, 3) for t in v] for k, v in times.items()}, flush=True)
-    print(f"forward + backward, batch 8, 56 encoder / 20 decoder tokens, trainable {n_ours[0]:,} of {n_ours[1]:,}, "
-          f"{torch.get_num_threads()} threads; goal: ours/theirs <= 1.0")
-    print_table(["model", "dtype", "ours s/step", "transformers + peft s/step", "ours/theirs", "max |diff| fp32"], rows)
+        wall, proc = _paired_rounds(fns, rounds, cpu=True)
+        ratios = [statistics.median(o / t for o, t in zip(times["ours"], times["theirs"])) for times in (wall, proc)]
+        rows.append([f"{name} + LoRA q,v r=128", dtype, statistics.median(wall["ours"]),
+                     statistics.median(wall["theirs"]), *ratios, f"{diff:.1e}"])
+        for clock, times in [("wall", wall), ("CPU", proc)]:
+            print(dtype, clock, {k: [round(t, 3) for t in v] for k, v in times.items()}, flush=True)
+    print(f"forward + backward, batch {len(ids)}, {ids.shape[1]} encoder / {dec.shape[1]} decoder tokens, trainable "
+          f"{n_ours[0]:,} of {n_ours[1]:,}, {torch.get_num_threads()} threads; ratios: medians of per-round ratios of "
+          f"wall time, then of process CPU time; goal: ours/theirs <= 1.0")
+    print_table(["model", "dtype", "ours s/step", "transformers + peft s/step", "ours/theirs wall", "ours/theirs CPU",
+                 "max |diff| fp32"], rows)
     print(_load())
 
 

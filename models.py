@@ -110,6 +110,8 @@ class Config:
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # openai/CLIP clip/clip.py _transform
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
+T5_COMMON = dict(vocab_size=32128, pad_id=0, dropout=0.1, decoder_start_id=0, d_kv=64)  # every public T5 size
+
 PRESETS = {
     "vit-b16": Config("vit", 768, 12, 12, 3072, 1e-12),    # google/vit-base-patch16-224-in21k
     "vit-l16": Config("vit", 1024, 24, 16, 4096, 1e-12),   # google/vit-large-patch16-224-in21k
@@ -118,21 +120,19 @@ PRESETS = {
     "gpt2": Config("gpt2", 768, 12, 12, 3072, 1e-5, vocab_size=50257, max_positions=1024, dropout=0.1),
     "gpt2-medium": Config("gpt2", 1024, 24, 16, 4096, 1e-5, vocab_size=50257, max_positions=1024, dropout=0.1),
     "gpt2-large": Config("gpt2", 1280, 36, 20, 5120, 1e-5, vocab_size=50257, max_positions=1024, dropout=0.1),
-    # BART: n_layers encoder layers and as many decoder layers (n_dec_layers 0); 1026 position rows = 1024 + BART's offset 2
+    # BART: n_layers encoder layers and as many decoder layers (n_dec_layers 0); 1026 position rows =
+    # 1024 + BART's offset 2
     "bart-base": Config("bart", 768, 6, 12, 3072, 1e-5, vocab_size=50265, max_positions=1026, dropout=0.1),
     "bart-large": Config("bart", 1024, 12, 16, 4096, 1e-5, vocab_size=50265, max_positions=1026, dropout=0.1),
     # T5 v1.0 (google-t5/t5-{small,base,large} config.json: d_kv 64, 32 buckets, eps 1e-6, vocab 32128,
     # dropout 0.1; ReLU, max distance 128 and a tied, rescaled head are T5Config's defaults; pad 0 starts
     # the decoder). v1.1 (google/t5-v1_1-large config.json; -base from configs derived from it, e.g.
     # huggingface.co/doc2query/msmarco-t5-base-v1): gated-gelu FFN, untied lm_head.
-    "t5-small": Config("t5", 512, 6, 8, 2048, 1e-6, vocab_size=32128, pad_id=0, dropout=0.1, decoder_start_id=0, d_kv=64),
-    "t5-base": Config("t5", 768, 12, 12, 3072, 1e-6, vocab_size=32128, pad_id=0, dropout=0.1, decoder_start_id=0, d_kv=64),
-    "t5-large": Config("t5", 1024, 24, 16, 4096, 1e-6, vocab_size=32128, pad_id=0, dropout=0.1, decoder_start_id=0,
-                       d_kv=64),
-    "t5-v1_1-base": Config("t5", 768, 12, 12, 2048, 1e-6, vocab_size=32128, pad_id=0, dropout=0.1, decoder_start_id=0,
-                           d_kv=64, ffn="gated-gelu", tie_embeddings=False),
-    "t5-v1_1-large": Config("t5", 1024, 24, 16, 2816, 1e-6, vocab_size=32128, pad_id=0, dropout=0.1,
-                            decoder_start_id=0, d_kv=64, ffn="gated-gelu", tie_embeddings=False),
+    "t5-small": Config("t5", 512, 6, 8, 2048, 1e-6, **T5_COMMON),
+    "t5-base": Config("t5", 768, 12, 12, 3072, 1e-6, **T5_COMMON),
+    "t5-large": Config("t5", 1024, 24, 16, 4096, 1e-6, **T5_COMMON),
+    "t5-v1_1-base": Config("t5", 768, 12, 12, 2048, 1e-6, **T5_COMMON, ffn="gated-gelu", tie_embeddings=False),
+    "t5-v1_1-large": Config("t5", 1024, 24, 16, 2816, 1e-6, **T5_COMMON, ffn="gated-gelu", tie_embeddings=False),
     # CLIP ModifiedResNet (OpenAI's RN50 / RN101 visual towers): d_model = the layer4 grid's channels
     # (32 x width), n_layers = Bottleneck blocks, n_heads = the attention pool's heads (head dim 64),
     # ln_eps = BatchNorm eps; CLIP's mean/std and bicubic squash (CLIPBART_NOTES 5.3).
@@ -752,7 +752,8 @@ class T5Stack(nn.Module):
         """(1, H, n_queries, n_keys): each head's learned bias for key j seen from query i, the query at
         absolute position start + i (a cached decoder step), the key at position j."""
         device = self.rel_bias.weight.device
-        rel = torch.arange(n_keys, device=device)[None, :] - torch.arange(start, start + n_queries, device=device)[:, None]
+        keys, queries = torch.arange(n_keys, device=device), torch.arange(start, start + n_queries, device=device)
+        rel = keys[None, :] - queries[:, None]  # (N, T): key position - query position
         buckets = relative_position_bucket(rel, self.bidirectional, self.rel_bias.num_embeddings, self.max_distance)
         return self.rel_bias(buckets).permute(2, 0, 1)[None]  # (N, T, H) -> (1, H, N, T)
 
@@ -1222,7 +1223,7 @@ def bart_config(hf):
                   pad_id=hf.get("pad_token_id", 1), dropout=hf.get("dropout", 0.1),
                   scale_embedding=bool(hf.get("scale_embedding", False)),
                   decoder_start_id=hf.get("decoder_start_token_id", 2),  # LayerNorm eps: HF's default 1e-5
-                  n_dec_layers=0 if hf["decoder_layers"] == hf["encoder_layers"] else hf["decoder_layers"])  # distilbart-12-6
+                  n_dec_layers=0 if hf["decoder_layers"] == hf["encoder_layers"] else hf["decoder_layers"])
 
 
 def bart_dropout_note(hf):
@@ -1261,8 +1262,9 @@ def t5_config(hf):
     _require(hf, "feed_forward_proj", ["relu", "gated-gelu"], "T5 feed-forward")
     n_dec = hf.get("num_decoder_layers")
     start = hf.get("decoder_start_token_id")
-    return Config("t5", hf["d_model"], hf["num_layers"], hf["num_heads"], hf["d_ff"], hf.get("layer_norm_epsilon", 1e-6),
-                  vocab_size=hf["vocab_size"], pad_id=hf.get("pad_token_id", 0), dropout=hf.get("dropout_rate", 0.1),
+    return Config("t5", hf["d_model"], hf["num_layers"], hf["num_heads"], hf["d_ff"],
+                  hf.get("layer_norm_epsilon", 1e-6), vocab_size=hf["vocab_size"], pad_id=hf.get("pad_token_id", 0),
+                  dropout=hf.get("dropout_rate", 0.1),
                   decoder_start_id=0 if start is None else start,  # T5 starts from pad (0); old configs omit it
                   n_dec_layers=0 if n_dec in (None, hf["num_layers"]) else n_dec, d_kv=hf.get("d_kv", 64),
                   rel_buckets=hf.get("relative_attention_num_buckets", 32),
@@ -1379,10 +1381,10 @@ CONFIGS = {"vit": (vit_config, vit_keys), "roberta": (roberta_config, roberta_ke
 # Tied copies of one table (a function of the config), the name we read first: all present must be equal;
 # if that first name is absent, the first copy present stands in (a Hub file may keep only one of BART's
 # four names). T5 v1.1's lm_head is its own weight, not a copy.
+EMBED_COPIES = ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]  # BART's, T5's
 TIED = {"gpt2": lambda c: ["wte.weight", "lm_head.weight"],
-        "bart": lambda c: ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"],
-        "t5": lambda c: ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
-        + (["lm_head.weight"] if c.tie_embeddings else [])}
+        "bart": lambda c: [*EMBED_COPIES, "lm_head.weight"],
+        "t5": lambda c: [*EMBED_COPIES] + (["lm_head.weight"] if c.tie_embeddings else [])}
 # Source keys that may be absent: (regex, value from the config, note). HF drops final_logits_bias
 # (zeros) from some files; num_batches_tracked only counts training steps, unused by frozen BatchNorm.
 DEFAULTS = {"bart": [(r"final_logits_bias", lambda c: torch.zeros(1, c.vocab_size), "final_logits_bias absent: zeros")],

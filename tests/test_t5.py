@@ -78,7 +78,8 @@ def write_folder(path, config, sd, fmt):
     (path / "config.json").write_text(json.dumps(config))
     (path / "spiece.model").write_bytes(SPIECE)
     if fmt == "safetensors":
-        save_file({k: t.contiguous() for k, t in sd.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+        save_file({k: t.contiguous() for k, t in sd.items()}, str(path / "model.safetensors"),
+                  metadata={"format": "pt"})
     else:
         torch.save(sd, path / "pytorch_model.bin")
 
@@ -193,7 +194,8 @@ def test_t5_converted_file(t5):
     c = ours.config
     gated = ref.config.is_gated_act
     assert ckpt["arch"] == "t5"
-    assert (c.d_kv, c.n_layers, c.n_dec_layers, c.n_heads, c.d_ff, c.rel_buckets, c.rel_max_distance) == (6, 3, 2, 4, 40, 8, 20)
+    assert (c.d_kv, c.n_layers, c.n_dec_layers, c.n_heads, c.d_ff) == (6, 3, 2, 4, 40)
+    assert (c.rel_buckets, c.rel_max_distance) == (8, 20)
     assert (c.ffn, c.tie_embeddings, c.decoder_start_id, c.pad_id, c.ln_eps) == (
         "gated-gelu" if gated else "relu", not gated, 0, 0, 1e-6)
     assert c.gelu == "tanh"  # gelu_new: v1.1's FFN and the adapters VL-T5 / VL-PET insert
@@ -206,8 +208,8 @@ def test_t5_converted_file(t5):
     sd = ckpt["model"]
     assert "encoder.blocks.0.attn.ln.weight" in sd and "decoder.blocks.1.cross.ln.weight" in sd
     assert ("decoder.blocks.1.mlp.gate.weight" in sd) == gated and ("lm_head.weight" in sd) == gated
-    assert torch.equal(sd["decoder.blocks.1.mlp.fc1.weight"],
-                       ref.state_dict()["decoder.block.1.layer.2.DenseReluDense." + ("wi_1" if gated else "wi") + ".weight"])
+    wi = "decoder.block.1.layer.2.DenseReluDense." + ("wi_1" if gated else "wi") + ".weight"
+    assert torch.equal(sd["decoder.blocks.1.mlp.fc1.weight"], ref.state_dict()[wi])
     assert torch.equal(sd["encoder.rel_bias.weight"],
                        ref.state_dict()["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"])
     assert not any(k.endswith(".bias") for k in sd)  # T5 has no bias anywhere (rel_bias is a table)
@@ -341,8 +343,8 @@ def test_t5_transformers5_file_of_an_unscaled_model(tmp_path):
     """transformers 5 ties a v1.1 model's head to shared (config tie_word_embeddings true,
     scale_decoder_outputs false) and saves no lm_head: ours copies shared into its own head, no rescale."""
     torch.manual_seed(8)
-    cfg = hf.T5Config(vocab_size=V, d_model=D, d_kv=8, d_ff=40, num_layers=2, num_heads=4, feed_forward_proj="gated-gelu",
-                      tie_word_embeddings=False, decoder_start_token_id=PAD)
+    cfg = hf.T5Config(vocab_size=V, d_model=D, d_kv=8, d_ff=40, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", tie_word_embeddings=False, decoder_start_token_id=PAD)
     ref = hf.T5ForConditionalGeneration(cfg).eval()
     assert ref.lm_head.weight is ref.shared.weight and not ref.config.scale_decoder_outputs
     ref.save_pretrained(tmp_path / "hf")
@@ -353,7 +355,8 @@ def test_t5_transformers5_file_of_an_unscaled_model(tmp_path):
     ids, mask = padded_batch([6, 3], 6)
     dec = decoder_inputs(2, 4)
     with torch.no_grad():
-        assert max_diff(ours(ids, mask, dec), ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits) <= TOL
+        want = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        assert max_diff(ours(ids, mask, dec), want) <= TOL
 
 
 # ---- the module tree PEFT code relies on ------------------------------------------------------------
@@ -457,12 +460,14 @@ def cli_error(capsys, *argv):
     ("v1.0", lambda sd: sd.__setitem__("encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight",
                                        torch.zeros(8, 4)),
      None, "unexpected key: encoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight"),
-    ("v1.0", lambda sd: sd.__setitem__("lm_head.weight", torch.zeros(V, D)), None, "lm_head.weight that differs from shared"),
+    ("v1.0", lambda sd: sd.__setitem__("lm_head.weight", torch.zeros(V, D)), None,
+     "lm_head.weight that differs from shared"),
     ("v1.0", lambda sd: sd.__setitem__("decoder.embed_tokens.weight", torch.zeros(V, D)), None,
      "decoder.embed_tokens.weight that differs from shared"),
     ("v1.1", lambda sd: sd.pop("lm_head.weight"), None, "missing 1 key.*lm_head.weight"),
     ("v1.1", None, lambda cfg: cfg.__setitem__("feed_forward_proj", "gated-silu"), "feed_forward_proj='gated-silu'"),
-    ("v1.0", None, lambda cfg: cfg.__setitem__("num_decoder_layers", 3), "missing 13 key.*decoder.block.2.layer.0.SelfAttention"),
+    ("v1.0", None, lambda cfg: cfg.__setitem__("num_decoder_layers", 3),
+     "missing 13 key.*decoder.block.2.layer.0.SelfAttention"),
 ])
 def test_t5_bad_checkpoints(tmp_path, capsys, family, edit, config_edit, message):
     ref = tiny_t5(family, seed=6)
