@@ -467,11 +467,12 @@ def _train_steps_ours(with_vit):
 
     import models
     import routing_peft as rp
+    import tasks
     import train
     cfg = train.Config(rank=128, alpha=128, route="mul", lr=3e-4)  # the paper's LoRA setting, routed
     text = _random_weights(lambda: models.build_model(models.PRESETS["roberta-large"]))
-    train.add_peft(cfg, text)
-    model = rp.mark_trainable(train.VQAModel(text, 1024, 3129, prefix=True), ["head", "ln1", "ln2"])
+    tasks.add_peft(cfg, text)
+    model = rp.mark_trainable(tasks.VQAModel(text, 1024, 3129, prefix=True), ["head", "ln1", "ln2"])
     model.train()
     vit = _random_weights(lambda: models.build_model(models.PRESETS["vit-l16"])).eval() if with_vit else None
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
@@ -486,7 +487,7 @@ def _train_steps_ours(with_vit):
 
     def step_vit():
         with torch.no_grad():
-            x_R = train.select_visual(*vit(pixels), "pooler").float()  # (B, 1, d)
+            x_R = tasks.select_visual(*vit(pixels), "pooler").float()  # (B, 1, d)
         step(x_R)
     return {"a": lambda: step(x_cached), **({"b": step_vit} if with_vit else {})}
 

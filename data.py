@@ -324,6 +324,17 @@ def _read_json(path):
             raise ValueError(f"{path}: malformed JSON ({e})") from None
 
 
+def lock_file(f):
+    """An exclusive, non-blocking lock on an open file (OSError if another process holds it)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        import msvcrt
+        msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+    else:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def progress(iterable, desc, unit, total=None, disable=False):
     """A progress bar (tqdm) on a terminal; nothing in a redirected log, where train.py prints a line per epoch."""
     return tqdm(iterable, desc=desc, unit=unit, total=total, leave=False, mininterval=1.0,
@@ -604,11 +615,6 @@ def collate_vqa(batch, pad_id, num_answers):
     if "pixel_values" in batch[0]:
         out["pixel_values"] = torch.stack([b["pixel_values"] for b in batch])  # (B, 3, S, S)
     return out
-
-
-def image_keys(split):
-    """The unique image keys of a prepared split (VQA or captions), sorted."""
-    return sorted(set(split["image"]))
 
 
 # =============================================================================================

@@ -64,7 +64,7 @@ Deliberate deviations from the authors' released code (Routing_VLPEFT)
   is explicit (`merge_lora`), never a side effect of .train() / .eval().
 - x_R is passed through `visual_context` instead of extra forward arguments and flags threaded
   through copies of the model files, so the backbone's code stays untouched.
-(Model-level deviations, e.g. GPT-2's fused q|k|v split into q, k, v, are listed in train.py, above the task models.)
+(Model-level deviations, e.g. GPT-2's fused q|k|v split into q, k, v, are listed in tasks.py, above the task models.)
 
 VL-PET: where the released code differs from the paper, we follow the code (HenryHZY/VL-PET
 src/my_transformers/modeling_bart.py, BartEncoderLayer); these are what reproduce its numbers:

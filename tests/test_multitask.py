@@ -16,6 +16,7 @@ import eval as E
 import models
 import routing_peft as rp
 import shapes
+import tasks
 import train
 
 CLIP = models.Config("clip_resnet", 128, 4, 2, 0, 1e-5, image_size=64, stages=(1, 1, 1, 1), output_dim=32,
@@ -50,10 +51,10 @@ def one_thread():
 
 def config(world, out, *args):
     """The command line's Config (with the multitask defaults), tiny."""
-    return train.config_from_args(["--task", "multitask", "--vision", world.clip, "--text", world.bart, "--data", world.data,
+    return train.parse_command_line(["--task", "multitask", "--vision", world.clip, "--text", world.bart, "--data", world.data,
                                    "--cache", world.cache, "--out", str(out), "--epochs", "1", "--batch-size", "16",
                                    "--rank", "4", "--lr", "1e-2", "--beams", "2", "--max-new-tokens", "8", "--workers", "0",
-                                   *args])
+                                   *args])[0]
 
 
 @pytest.mark.parametrize("peft,route", METHODS)
@@ -135,8 +136,8 @@ def test_parameter_counts_reproduce_vl_pet():
                            dropout=0.1 if lora else 0.0, visual="mean")
         with torch.device("meta"):
             bart = models.build_model(models.PRESETS["bart-base"])
-            extra = train.add_peft_vl(cfg, bart)
-            model = train.VLBart(bart, 2048, True, False)
+            extra = tasks.add_peft_vl(cfg, bart)
+            model = tasks.VLBart(bart, 2048, True, False)
         counts = rp.count_parameters(rp.mark_trainable(model, ["visual"] + extra))
         assert counts == (trainable, total) and round(100 * trainable / total, 2) == percent, peft
     with torch.device("meta"):
@@ -166,9 +167,9 @@ def test_bad_multitask_input_is_one_line(world, tmp_path, capsys):
 
 def test_multitask_options():
     """The multitask defaults, the CLIP-BART visual kinds, VL-PET only there."""
-    cfg = train.config_from_args(["--task", "multitask"])
+    cfg = train.parse_command_line(["--task", "multitask"])[0]
     assert (cfg.peft, cfg.visual, cfg.clip, cfg.adam_eps, cfg.warmup) == ("vlpet-large", "mean", 5.0, 1e-6, 0.1)
-    assert train.config_from_args(["--task", "multitask", "--peft", "lora", "--visual", "patches"]).visual == "patches"
+    assert train.parse_command_line(["--task", "multitask", "--peft", "lora", "--visual", "patches"])[0].visual == "patches"
     for bad, phrase in ((dataclasses.replace(cfg, visual="pooler"), "CLIP-BART setting routes"),
                         (train.Config(peft="vlpet-small"), "VL-PET is built for the CLIP-BART setting")):
         with pytest.raises(ValueError, match=phrase):
