@@ -30,11 +30,6 @@ import models
 import routing_peft as rp
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 # ---- frozen visual features ------------------------------------------------------------------------------
 
 
@@ -64,13 +59,17 @@ class Features:
         self.d, self.grid = c.d_model, c.arch == "clip_resnet"
         images = data.Images(images_dir, c.image_size, c.image_mean, c.image_std, c.image_resample)
         kind = "grid6x6" if self.grid else cfg.visual
-        self.store = data.ImageFeatures(images, self.encode, path, {"version": self.VERSION, "visual": kind},
+        self.store = data.ImageFeatures(images, self.encode, path, {"version": self.VERSION, "visual": kind, "precision": cfg.precision},
                                         cfg.cache if cfg.feature_cache else None, "float16" if self.grid else "float32",
                                         cfg.workers)
 
     @property
     def pixels(self):
         return self.store.pixels
+
+    def autocast(self):
+        """The forward passes' precision (--precision): bf16 autocast, or none (fp32, as the releases trained)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
 
     def path(self, key):
         return self.store.images.path(key)
@@ -81,7 +80,7 @@ class Features:
 
     @torch.no_grad()
     def encode(self, pixel_values):
-        with autocast(self.device):
+        with self.autocast():
             out = self.encoder(pixel_values.to(self.device))
         if not self.grid:
             return select_visual(*out, self.cfg.visual).float()
@@ -230,7 +229,7 @@ class VQA(Task):
         results, acc = [], []
         for batch in self.ordered_batches(split):
             device = self.features.device
-            with autocast(device):
+            with self.features.autocast():
                 logits = model(batch["input_ids"].to(device), batch["attention_mask"].to(device), *self.features(batch))
             pred = logits.argmax(-1).cpu()  # (B,)
             acc += batch["targets"].gather(1, pred[:, None])[:, 0].tolist()
@@ -316,7 +315,7 @@ class Captioning(Task):
             loader = self.loader(data.ImageDataset(keys, self.features.pixels), batches, collate=torch.utils.data.default_collate)
         captions = {}
         for b, batch in zip(batches, data.progress(loader, f"evaluate {split}", "batch", total=len(batches))):
-            with autocast(self.features.device):
+            with self.features.autocast():
                 captions.update(zip([ids[j] for j in b], self.generate(model, batch)))
         return metrics.caption_scores(self.refs(split), captions), [{"image_id": k, "caption": c} for k, c in captions.items()]
 
@@ -462,6 +461,18 @@ class CaptionModel(nn.Module):
 # patches, for matmul), the same vector for every routed layer of encoder and decoder.
 
 
+def init_as_bart_release(*modules):
+    """HF BART's _init_weights, which the releases' last init_weights() call (VL-T5 src/modeling_bart.py, the end of
+    VLBart.__init__) applies to every module it adds: Linear and Embedding weights N(0, 0.02), Linear biases 0;
+    LayerNorms keep 1 / 0."""
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class VisualEmbedding(nn.Module):
     """VL-Adapter's visual embedding (VL-T5 src/modeling_bart.py VisualEmbedding, CLIP features): per token
     LN(W_f feat) + LN(W_p box) + the image-order embedding (image 0 or 1 of an NLVR2 pair) + the object-order
@@ -473,6 +484,7 @@ class VisualEmbedding(nn.Module):
         self.feat = nn.Sequential(nn.Linear(d_visual, d), nn.LayerNorm(d))
         self.box = nn.Sequential(nn.Linear(5, d), nn.LayerNorm(d))
         self.image_order = nn.Embedding(2, d)
+        init_as_bart_release(self)
 
     def forward(self, visual, n_images, token_table):
         """visual (B, n_images * L, d_visual), token_table (V, d) -> (B, n_images * L, d)."""
@@ -538,6 +550,8 @@ def add_peft_vl(cfg, bart):
         return ["bias"]
     if cfg.peft == "adapter":
         rp.add_adapters(bart, ["attn.o", "cross.o", "mlp.fc2"], cfg.rank, cfg.route, nn.GELU(approximate="tanh"))
+        init_as_bart_release(*(m.down for m in bart.modules() if isinstance(m, rp.Adapter)),
+                             *(m.up for m in bart.modules() if isinstance(m, rp.Adapter)))  # no zero W_up there
         return enc_ln + ["decoder.ln_emb"] + [f"decoder.blocks.{i}.{n}" for i in range(n_dec) for n in ("ln1", "ln_cross", "ln2")]
     gate = {"vlpet-large": "large", "vlpet-middlex": "middleX", "vlpet-middley": "middleY", "vlpet-small": "small"}[cfg.peft]
     rp.add_vlpet(bart.encoder, ["attn", "mlp"], gate, cfg.rank, cfg.route, gate_r=cfg.rank if gate == "large" else None)
@@ -586,7 +600,7 @@ class Generative(Task):
         """The decoded answer of every example of the split, in order: greedy, at most answer_tokens."""
         out = []
         for batch in self.ordered_batches(split):
-            with autocast(self.features.device):
+            with self.features.autocast():
                 ids = model.generate(*self.inputs(batch), 1, self.answer_tokens, self.tokenizer.eos_id, self.n_images)
             out += [self.decode(t) for t in ids]
         return out
@@ -707,7 +721,7 @@ class NLVR2(Generative):
         start = torch.tensor([[self.start_id, self.tokenizer.bos_id]])  # (1, 2): </s> <s>
         for batch in self.ordered_batches(split):
             ids, mask, visual = self.inputs(batch)
-            with autocast(self.features.device):
+            with self.features.autocast():
                 logits = model(ids, mask, visual, start.expand(len(ids), 2).to(ids.device), self.n_images)[:, 1]  # (B, V)
             preds += (logits[:, self.words[1]] > logits[:, self.words[0]]).tolist()
         s = self.splits[split]

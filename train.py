@@ -39,7 +39,7 @@ import eval as metrics
 import models
 import routing_peft as rp
 import shapes
-from tasks import TASKS, X100, Features, add_metrics, autocast, evaluate, headline, write_results
+from tasks import TASKS, X100, Features, add_metrics, evaluate, headline, write_results
 
 
 @dataclass
@@ -81,6 +81,7 @@ class Config:
     out: str = ""                 # run folder ("" = runs/TASK)
     feature_cache: bool = True    # cache frozen image features on disk (off: recompute every step, as released)
     cache: str = "cache"          # folder of the feature and prepared-data caches, shared by runs
+    precision: str = "fp32"       # fp32 | bf16 (autocast of every forward pass; the releases trained in fp32)
 
 
 # The released hyper-parameters of the two paper settings (README). Checkpoint and data paths are the
@@ -96,11 +97,12 @@ PRESETS = {
 }
 # The CLIP-BART setting as VL-PET released it (scripts/image-text/*.sh, CLIPBART_NOTES 1.7): batch 500 (VQA; the
 # other tasks' batches in proportion), 20 epochs, AdamW lr 1e-3, eps 1e-6, weight decay 0.01, 10 % warm-up, gradient
-# clipping at 5 (the converted bart-base keeps its dropout 0.1). LoRA r 128 / alpha 32 / dropout 0.1, the
-# adapters and VL-PET r 96 (VL-PET: gate rank 96 and the decoder's value adapter r 96 too).
+# clipping at 5 (the converted bart-base keeps its dropout 0.1), fp32. LoRA r 128 / alpha 32 / dropout 0.1, the
+# adapters and VL-PET r 96 (VL-PET: gate rank 96 and the decoder's value adapter r 96 too). Route none: the
+# release's method exactly; --route mul adds routing.
 CLIP_BART = dict(task="multitask", vision="ckpt/clip-rn101.pt", text="ckpt/bart-base.pt", data="data/vqa", images="data/coco",
                  gqa="data/gqa", nlvr2="data/nlvr2", visual="mean", batch_size=500, epochs=20, lr=1e-3, adam_eps=1e-6,
-                 weight_decay=0.01, warmup=0.1, clip=5.0, beams=5, max_new_tokens=40, rank=96)
+                 weight_decay=0.01, warmup=0.1, clip=5.0, beams=5, max_new_tokens=40, rank=96, route="none")
 PRESETS.update({"multitask-lora": dict(CLIP_BART, peft="lora", rank=128, alpha=32, dropout=0.1),
                 "multitask-adapter": dict(CLIP_BART, peft="adapter"),
                 **{f"multitask-{p}": dict(CLIP_BART, peft=p) for p in ("vlpet-large", "vlpet-middlex", "vlpet-middley",
@@ -108,7 +110,7 @@ PRESETS.update({"multitask-lora": dict(CLIP_BART, peft="lora", rank=128, alpha=3
 CHOICES = {"task": ("vqa", "caption", "multitask"), "vqa_split": ("auto", "karpathy", "official"),
            "peft": ("lora", "adapter", "vlpet-large", "vlpet-middlex", "vlpet-middley", "vlpet-small"),
            "route": tuple(rp.ROUTES), "visual": ("pooler", "cls", "mean", "patches"),
-           "device": ("auto", "cpu", "cuda", "mps")}
+           "device": ("auto", "cpu", "cuda", "mps"), "precision": ("fp32", "bf16")}
 # The demo's defaults of a setting other than the first (the Config defaults are the VQA demo's): below a preset
 # and explicit options. CLIP-BART: x_R the mean embedded visual token; VL-PET-large with route mul; VL-PET's
 # optimiser settings (AdamW eps 1e-6, weight decay 0.01, 10 % warm-up, gradient clipping at 5); caption beams 5,
@@ -313,7 +315,7 @@ def train_step(model, task, batches, cfg, step, rank, world):
         torch.manual_seed(step_seed(cfg, rank, step, i))  # dropout: see step_seed
         last = i + 1 == len(batches)
         with model.no_sync() if world > 1 and not last else contextlib.nullcontext():  # DDP syncs once a step
-            with autocast(task.features.device):
+            with task.features.autocast():
                 loss, n = task.loss(model, batch)
             loss.backward()
         total, count = total + loss.item(), count + n
