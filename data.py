@@ -365,6 +365,7 @@ class LogProgress:
             print(self.line(now), flush=True)
 
     def line(self, now):
+        """The progress line at time `now`."""
         rate = (self.n - self.initial) / max(now - self.start, 1e-9)
         if self.total is None:
             text = f"{self.desc}: {self.n} {self.unit}, {rate:.2f} {self.unit}/s"
@@ -375,10 +376,11 @@ class LogProgress:
         return text + (f", {self.postfix}" if self.postfix else "")
 
     def set_postfix(self, **values):
+        """Values shown at the end of the next lines (e.g. loss=0.123), as tqdm's."""
         self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
 
     def close(self):
-        pass
+        """Nothing to clear (tqdm's bar clears itself)."""
 
 
 def duration(seconds):

@@ -167,6 +167,8 @@ DAMAGE = {"count beyond the file": damage_count('{"rows": 150}'), "negative coun
           "malformed count": damage_count('{"rows": 6'), "count not a number": damage_count('{"rows": "64"}'),
           "no count": lambda partial, count: os.remove(count), "other dtype in the header": damage_header(b"<f4", b"<i4"),
           "other shape in the header": damage_header(b"(150, 16, 3)", b"(149, 16, 3)"),
+          "Fortran order in the header": damage_header(b"'fortran_order': False", b"'fortran_order': True "),
+          "other .npy version": damage_header(b"NUMPY\x01\x00", b"NUMPY\x02\x00"),
           "no header": lambda partial, count: open(partial, "wb").close()}
 
 
