@@ -2,7 +2,7 @@
 preprocessing with Pillow; collate functions; the prepared-data and image-feature caches. The real
 formats only: the demo's synthetic world, written in these formats, is in shapes.py.
 
-    python -m pytest -q tests/test_bpe.py tests/test_data.py                 # the tests
+    python -m pytest -q tests/test_bpe.py tests/test_data.py tests/test_features.py     # the tests
 
 Layout read by the loaders (the real datasets and the synthetic world alike):
 
