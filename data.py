@@ -2,7 +2,7 @@
 preprocessing with Pillow; collate functions; the prepared-data and image-feature caches. The real
 formats only: the demo's synthetic world, written in these formats, is in shapes.py.
 
-    python -m pytest -q tests/test_bpe.py tests/test_data.py                 # the tests
+    python -m pytest -q tests/test_bpe.py tests/test_data.py tests/test_features.py     # the tests
 
 Layout read by the loaders (the real datasets and the synthetic world alike):
 
@@ -25,12 +25,15 @@ Typical use (a trainer):
 
 Runtime imports: torch, numpy, PIL, tqdm, the standard library and eval.py.
 """
+import contextlib
 import functools
+import glob
 import hashlib
 import json
 import math
 import os
 import sys
+import time
 import unicodedata
 from collections import Counter
 
@@ -39,7 +42,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from eval import atomic_write, nlvr2_identifier, normalize_answer, read_nlvr2_lines, vqa_accuracy
+from eval import atomic_write, nlvr2_identifier, normalize_answer, read_nlvr2_lines, vqa_accuracy, write_json
 
 # =============================================================================================
 # Byte-level BPE (GPT-2, RoBERTa, BART)
@@ -324,8 +327,75 @@ def _read_json(path):
             raise ValueError(f"{path}: malformed JSON ({e})") from None
 
 
+PROGRESS_EVERY = 60.0  # seconds between two progress lines in a redirected log (and between two feature commits)
+
+
+def progress(iterable, desc, unit, total=None, disable=False, initial=0):
+    """A progress bar (tqdm) on a terminal; in a redirected log (nohup, a batch job) a line on stdout at most every
+    PROGRESS_EVERY seconds (LogProgress), so that a long loop is never silent and a short one prints nothing. Both
+    count items of the iterable, or update(n) calls when iterable is None; initial = what was done before."""
+    if disable or sys.stderr.isatty():
+        return tqdm(iterable, desc=desc, unit=unit, total=total, initial=initial, leave=False, mininterval=1.0,
+                    disable=disable)
+    return LogProgress(iterable, desc, unit, total, initial)
+
+
+class LogProgress:
+    """progress() off a terminal: "desc: done/total unit (pct%), rate unit/s, time left" (and set_postfix's values),
+    printed when PROGRESS_EVERY seconds have passed since the last line (or the start), never more often. The rate
+    counts this run's items only (not `initial`)."""
+
+    def __init__(self, iterable, desc, unit, total, initial):
+        self.iterable, self.desc, self.unit, self.initial = iterable, desc, unit, initial
+        self.total = len(iterable) if total is None and hasattr(iterable, "__len__") else total
+        self.n, self.postfix = initial, ""
+        self.start = self.last = time.monotonic()
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, n):
+        """n more items done; a line if PROGRESS_EVERY seconds have passed since the last one."""
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY:
+            self.last = now
+            print(self.line(now), flush=True)
+
+    def line(self, now):
+        """The progress line at time `now`."""
+        rate = (self.n - self.initial) / max(now - self.start, 1e-9)
+        if self.total is None:
+            text = f"{self.desc}: {self.n} {self.unit}, {rate:.2f} {self.unit}/s"
+        else:
+            left = f"{duration((self.total - self.n) / rate)} left" if rate > 0 else "time left unknown"
+            text = (f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / max(self.total, 1):.0f}%), "
+                    f"{rate:.2f} {self.unit}/s, {left}")
+        return text + (f", {self.postfix}" if self.postfix else "")
+
+    def set_postfix(self, **values):
+        """Values shown at the end of the next lines (e.g. loss=0.123), as tqdm's."""
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def close(self):
+        """Nothing to clear (tqdm's bar clears itself)."""
+
+
+def duration(seconds):
+    """'42s', '3m05s', '31h02m'."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def lock_file(f):
-    """An exclusive, non-blocking lock on an open file (OSError if another process holds it)."""
+    """An exclusive, non-blocking lock on an open file (OSError if another process holds it); the OS releases it
+    when the process ends, kill -9 included."""
     try:
         import fcntl
     except ImportError:  # Windows
@@ -335,10 +405,17 @@ def lock_file(f):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def progress(iterable, desc, unit, total=None, disable=False):
-    """A progress bar (tqdm) on a terminal; nothing in a redirected log, where train.py prints a line per epoch."""
-    return tqdm(iterable, desc=desc, unit=unit, total=total, leave=False, mininterval=1.0,
-                disable=disable or not sys.stderr.isatty())
+def wait_for_lock(f, what):
+    """lock_file(f), waiting (one line saying so) while another process holds it."""
+    waited = False
+    while True:
+        try:
+            return lock_file(f)
+        except OSError:
+            if not waited:
+                print(f"{what} is being made by another process; waiting for it", flush=True)
+                waited = True
+            time.sleep(1.0)
 
 
 def cache_file(kind, sources, params, cache_dir, ext=".pt"):
@@ -364,6 +441,27 @@ def cached(kind, sources, params, build, cache_dir):
     data = build()
     atomic_write(path, lambda f: torch.save(data, f), "wb")
     return data
+
+
+def npy_header(f):
+    """(shape, dtype, header length in bytes) of the version 1.0 .npy file open in f; ValueError if it is not one."""
+    f.seek(0)
+    if np.lib.format.read_magic(f) != (1, 0):
+        raise ValueError("not a version 1.0 .npy header")
+    shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(f)
+    if fortran_order:
+        raise ValueError("Fortran order")
+    return shape, dtype, f.tell()
+
+
+def size_text(n):
+    """A size in bytes for people: '192 B', '28.8 kB', '505.3 MB', '126.3 GB'."""
+    if n < 1000:
+        return f"{n} B"
+    for unit in ("kB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}"
 
 
 # =============================================================================================
@@ -958,11 +1056,15 @@ class ImageFeatures:
     encode(pixel_values (B, 3, S, S)) -> (B, L, d) tensor. The cache key (cache_file) covers the encoder's
     checkpoint file `source`, every image file, the preprocessing, `params` (what encode keeps, a version of
     its code: change it when encode changes) and the keys. An example may have several images (an NLVR2
-    pair): its features are those of its images one after the other, (B, n_images * L, d)."""
+    pair): its features are those of its images one after the other, (B, n_images * L, d). `name` is what the
+    log line calls the encoder (e.g. "vit_large ckpt/vit-large.pt"; default: source). An extraction says what it
+    computes, shows its progress (data.progress) and resumes where a kill stopped it (write)."""
 
-    def __init__(self, images, encode, source, params, cache_dir=None, dtype="float32", workers=0):
+    batch_size = 64  # images per encode call
+
+    def __init__(self, images, encode, source, params, cache_dir=None, dtype="float32", workers=0, name=None):
         self.images, self.encode, self.source, self.params = images, encode, source, params
-        self.cache_dir, self.dtype, self.workers = cache_dir, dtype, workers
+        self.cache_dir, self.dtype, self.workers, self.name = cache_dir, dtype, workers, name or source
         self.table, self.row = None, None
 
     @property
@@ -971,9 +1073,12 @@ class ImageFeatures:
         return self.images if self.table is None else None
 
     def prepare(self, keys):
-        """Compute (or load) the cached features of these image keys (without a cache folder: nothing)."""
+        """Compute (or load) the cached features of these image keys (without a cache folder: nothing). One process
+        computes a cache entry at a time (a lock beside it); the others wait for it, then read it."""
         if self.cache_dir is None:
             return
+        if not keys:
+            raise ValueError("ImageFeatures.prepare: no image keys")
         missing = next((k for k in keys if not os.path.isfile(self.images.path(k))), None)
         if missing:
             raise FileNotFoundError(f"image not found: {self.images.path(missing)} (images folder {self.images.images_dir})")
@@ -982,12 +1087,18 @@ class ImageFeatures:
         path = cache_file("features", [self.source] + [self.images.path(k) for k in keys], params, self.cache_dir, ".npy")
         self.table = self.load(path, len(keys))
         if self.table is None:
-            atomic_write(path, functools.partial(self.write, keys), "wb")
-            self.table = self.load(path, len(keys))
+            os.makedirs(self.cache_dir, exist_ok=True)
+            with open(os.path.join(self.cache_dir, f".{os.path.basename(path)}.lock"), "a") as lock:
+                wait_for_lock(lock, path)
+                self.table = self.load(path, len(keys))  # made by the process we waited for
+                if self.table is None:
+                    self.write(keys, path)
+                    self.table = np.load(path, mmap_mode="r")
         self.row = {k: i for i, k in enumerate(keys)}
 
     def load(self, path, n):
-        """The memory-mapped (n, L, d) array at path, or None if there is none; a damaged one is made again."""
+        """The memory-mapped (n, L, d) array at path, or None if there is none; a damaged one is deleted (to be made
+        again) with one line saying so."""
         if not os.path.isfile(path):
             return None
         try:
@@ -995,21 +1106,83 @@ class ImageFeatures:
             if table.shape[0] != n or table.dtype != self.dtype:
                 raise ValueError(f"shape {table.shape}, dtype {table.dtype}")
             return table
-        except (ValueError, OSError) as e:  # a cache: an entry cut short by a kill or a full disk is made again
-            print(f"cache entry {path} is damaged ({e}); rebuilding it")
+        except (ValueError, OSError) as e:  # a cache: an entry damaged on disk is made again
+            print(f"cache entry {path} is damaged ({e}); rebuilding it", flush=True)
+            with contextlib.suppress(FileNotFoundError):  # another process found it damaged too
+                os.remove(path)
             return None
 
     @torch.no_grad()
-    def write(self, keys, f):
-        """Stream the features of every key into an open .npy file: the header (with the shape, known from the
-        first batch), then the rows in key order."""
-        loader = torch.utils.data.DataLoader(ImageDataset(keys, self.images), batch_size=64, num_workers=self.workers)
-        for i, batch in enumerate(progress(loader, "image features", "batch")):
-            x = self.encode(batch["pixel_values"]).float().cpu().numpy().astype(self.dtype)  # (B, L, d)
-            if i == 0:
+    def write(self, keys, path):
+        """Compute the features of every key into the .npy file at path, resumably. The rows go in key order into
+        PATH.partial, a .npy file whose header holds the final shape from the start (one image is encoded first
+        to learn it). Every PROGRESS_EVERY seconds the rows so far are made durable (flush, fsync), then their
+        count is written atomically to PATH.partial.json: a kill loses at most that much work, and the next call
+        continues from the count, at a batch boundary, so the file ends up byte for byte the one a run never
+        killed writes. Complete, it is renamed to path. The caller holds the entry's lock (prepare)."""
+        n, partial, done_file = len(keys), path + ".partial", path + ".partial.json"
+        folder, name = glob.escape(os.path.dirname(path)), glob.escape(os.path.basename(done_file))
+        for tmp in glob.glob(os.path.join(folder, f".tmp-*-{name}")):
+            os.remove(tmp)  # a count write that a kill cut short
+        start = self.resume_point(partial, done_file, n)
+        if start is None:  # a fresh start
+            start, shape = 0, (n, *self.encode(self.images(keys[0])[None]).shape[1:])  # (n, L, d)
+            write_json({"rows": 0}, done_file)  # first: a partial file without its count is damaged
+            with open(partial, "wb") as f:
                 np.lib.format.write_array_header_1_0(f, {"descr": np.dtype(self.dtype).str, "fortran_order": False,
-                                                         "shape": (len(keys), *x.shape[1:])})
-            f.write(np.ascontiguousarray(x).tobytes())
+                                                         "shape": shape})
+        with open(partial, "r+b") as f:
+            shape, _, offset = npy_header(f)
+            row_bytes = math.prod(shape[1:]) * np.dtype(self.dtype).itemsize
+            cached = f"{start} cached by an interrupted run" if start else "none cached yet"
+            print(f"image features: computing {n - start} images of {n} ({cached}) with {self.name} into {path}: "
+                  f"{self.dtype} {tuple(shape[1:])} per image, {row_bytes} bytes each, {size_text(n * row_bytes)} in all",
+                  flush=True)
+            f.seek(offset + start * row_bytes)
+            loader = torch.utils.data.DataLoader(ImageDataset(keys[start:], self.images), batch_size=self.batch_size,
+                                                 num_workers=self.workers)
+            bar, done, last = progress(None, "image features", "img", total=n, initial=start), start, time.monotonic()
+            for batch in loader:
+                x = self.encode(batch["pixel_values"]).float().cpu().numpy().astype(self.dtype)  # (B, L, d)
+                if x.shape[1:] != shape[1:]:
+                    raise ValueError(f"{self.name} gives features of shape {x.shape[1:]}, {partial} holds {shape[1:]}: "
+                                     "change the features' params when their code changes")
+                f.write(np.ascontiguousarray(x).tobytes())
+                done += len(x)
+                bar.update(len(x))
+                if time.monotonic() - last >= PROGRESS_EVERY:
+                    f.flush()
+                    os.fsync(f.fileno())
+                    write_json({"rows": done}, done_file)
+                    last = time.monotonic()
+            bar.close()
+            f.truncate()  # rows past the end (none unless the file was damaged) are not the entry's
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+        os.remove(done_file)
+
+    def resume_point(self, partial, done_file, n):
+        """The rows an interrupted extraction made durable in its partial file, or None if there is none. Damaged
+        partial state (an unreadable count or header, another shape or dtype, fewer rows in the file than counted)
+        gives None and one line saying so (the fresh start writes over it)."""
+        if not os.path.isfile(partial):
+            return None
+        try:
+            done = _read_json(done_file)
+            rows = done.get("rows") if isinstance(done, dict) else None
+            if type(rows) is not int or not 0 <= rows <= n:
+                raise ValueError(f"{done_file} counts {rows!r} rows of {n}")
+            with open(partial, "rb") as f:
+                shape, dtype, offset = npy_header(f)
+            if len(shape) != 3 or shape[0] != n or dtype != self.dtype:
+                raise ValueError(f"shape {shape}, dtype {dtype}; expected ({n}, L, d), {self.dtype}")
+            if os.path.getsize(partial) < offset + rows * math.prod(shape[1:]) * dtype.itemsize:
+                raise ValueError(f"{done_file} counts {rows} rows, the file holds fewer")
+            return rows
+        except (OSError, ValueError) as e:
+            print(f"partial cache entry {partial} is damaged ({e}); starting it again", flush=True)
+            return None
 
     def __call__(self, batch):
         """The features of a batch's examples, float32 on the CPU: (B, n_images * L, d)."""
