@@ -61,7 +61,7 @@ class Features:
         kind = "grid6x6" if self.grid else cfg.visual
         self.store = data.ImageFeatures(images, self.encode, path, {"version": self.VERSION, "visual": kind, "precision": cfg.precision},
                                         cfg.cache if cfg.feature_cache else None, "float16" if self.grid else "float32",
-                                        cfg.workers)
+                                        cfg.workers, name=f"{c.arch} {path}")
 
     @property
     def pixels(self):

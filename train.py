@@ -780,6 +780,8 @@ def error_line(e):
 def cli(argv=None):
     """python train.py: bad input ends in one line "error: ..." (exit status 1; 2 for bad options), Ctrl-C in one
     line saying how to continue (exit status 130); no traceback."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # a redirected log (nohup, a batch job) gets each line when printed
     try:
         cfg, meta = parse_command_line(argv)
         if meta.get("evaluate"):
