@@ -20,6 +20,7 @@ import math
 import os
 from collections import Counter, defaultdict
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -115,7 +116,10 @@ class Task:
     """One task of a run: its prepared splits, batches, loss, evaluation and a text-only baseline.
     A subclass sets name, archs (the text backbones it runs on), tiny (the demo's text backbone), headline
     (the metric names of log lines and tables) and dataset_class, and implements prepare, make_model,
-    loss, predict, summary and text_only_baseline."""
+    loss, predict, summary and text_only_baseline. loss(model, batch, step) -> (the batch's summed loss, the
+    number of examples or tokens it sums over); what it draws itself (GenerativeVQA's target answers) is a
+    function of (cfg.seed, step, each example's index), never of the process or micro-batch that holds the
+    example (dropout, the model's, is seeded by train.step_seed)."""
 
     name, archs, tiny, headline, dataset_class = "", (), "", (), None
     vision = "vit"      # the image encoder's arch
@@ -131,9 +135,14 @@ class Task:
     def images_folder(cls, cfg, data_dir):
         return cfg.images or data_dir
 
+    @classmethod
+    def batch_of(cls, batch_size):
+        """The task's examples per batch when the run's --batch-size is batch_size."""
+        return max(1, int(batch_size * cls.batch_share))
+
     @property
     def batch_size(self):
-        return max(1, int(self.cfg.batch_size * self.batch_share))
+        return self.batch_of(self.cfg.batch_size)
 
     @property
     def n_train(self):
@@ -216,7 +225,7 @@ class VQA(Task):
         model = VQAModel(text, d_visual, len(self.vocab), self.cfg.prefix)
         return model, ["head"] + vit_trainable(self.cfg, model)
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, step):
         """(sum over the batch of the BCE summed over answers, number of examples)."""
         ids, mask = batch["input_ids"].to(self.features.device), batch["attention_mask"].to(self.features.device)
         logits = model(ids, mask, *self.features(batch))  # (B, K)
@@ -296,7 +305,7 @@ class Captioning(Task):
         model = CaptionModel(text, d_visual, self.cfg.prefix, self.tokenizer.bos_id)
         return model, vit_trainable(self.cfg, model)
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, step):
         """(summed cross-entropy over the supervised tokens, their number)."""
         device = self.features.device
         logits = model(batch["input_ids"].to(device), *self.features(batch))  # (B, N, V)
@@ -611,12 +620,12 @@ class Generative(Task):
         device = self.features.device
         return batch["input_ids"].to(device), batch["attention_mask"].to(device), self.features(batch)[0]
 
-    def targets(self, batch):
-        """(decoder inputs (B, T), labels (B, T), weights (B,) or None) of a training batch."""
+    def targets(self, batch, step):
+        """(decoder inputs (B, T), labels (B, T), weights (B,) or None) of a training batch at optimizer step `step`."""
         return batch["decoder_input_ids"], batch["labels"], None
 
-    def loss(self, model, batch):
-        decoder_input_ids, labels, weight = self.targets(batch)
+    def loss(self, model, batch, step):
+        decoder_input_ids, labels, weight = self.targets(batch, step)
         logits = model(*self.inputs(batch), decoder_input_ids.to(self.features.device), self.n_images)  # (B, T, V)
         labels = labels.to(logits.device)
         ce = F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")  # (B, T), 0 where -100
@@ -658,11 +667,14 @@ class GenerativeVQA(Generative, VQA):
         keep = 10 - len(self.tokenizer.wrap([]))
         return [torch.tensor(self.tokenizer.wrap(self.tokenizer.encode(a)[:keep])) for a in self.vocab]
 
-    def targets(self, batch):
-        """One answer per question, drawn from its soft scores (the step's seed: exact on resume), and its score."""
+    def targets(self, batch, step):
+        """One answer per question, drawn in proportion to its soft scores by the question's own number
+        example_uniform(seed, step, index) (the same in any process or micro-batch, and on resume), and its score."""
         scores = batch["targets"]  # (B, K)
         empty = scores.sum(1) == 0  # no answer in the vocabulary: weight 0
-        pick = torch.multinomial(scores.masked_fill(empty[:, None], 1.0), 1)[:, 0]  # (B,)
+        cum = scores.masked_fill(empty[:, None], 1.0).double().cumsum(1)  # (B, K)
+        u = example_uniform(self.cfg.seed, step, batch["index"])  # (B,), at most 1 - 2^-52: u * total < total
+        pick = (cum <= u[:, None] * cum[:, -1:]).sum(1)  # (B,): the first answer whose cumulative score passes u * total
         weight = scores.gather(1, pick[:, None])[:, 0]
         return (*data.seq2seq_targets([self.vocab_tokens[i] for i in pick.tolist()], self.start_id, self.tokenizer.pad_id), weight)
 
@@ -672,6 +684,20 @@ class GenerativeVQA(Generative, VQA):
         acc = [metrics.vqa_accuracy(p, answers) for p, answers in zip(preds, s["answers"])]
         results = [{"question_id": q, "answer": p} for q, p in zip(s["question_id"].tolist(), preds)]
         return metrics.vqa_aggregate(acc, s["answer_type"]), results
+
+
+def example_uniform(seed, step, index):
+    """A number in [0, 1 - 2^-52] per example, a fixed function of (seed, step, the example's index (B,)):
+    SplitMix64's mixing function (Steele, Lea & Flood, OOPSLA 2014) after adding each of the three in turn, the
+    top 52 bits. Unlike a generator's stream, an example's number does not depend on the examples drawn before
+    it, so not on which process or micro-batch holds it."""
+    x = np.zeros(len(index), dtype=np.uint64)
+    for key in (seed % 2**64, step, index.numpy().astype(np.uint64)):
+        x = x + key + 0x9E3779B97F4A7C15  # uint64 arithmetic wraps around, as SplitMix64 needs
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EB
+        x = x ^ (x >> 31)
+    return torch.from_numpy((x >> 12).astype(np.float64) * 2.0 ** -52)
 
 
 class GQA(Generative):
@@ -818,7 +844,7 @@ class GenerativeCaptioning(Generative, Captioning):
             out["pixel_values"] = torch.stack([i["pixel_values"] for i in items])
         return out
 
-    def loss(self, model, batch):
+    def loss(self, model, batch, step):
         """(summed cross-entropy over every target token of the batch, their number): a token mean."""
         logits = model(*self.inputs(batch), batch["decoder_input_ids"].to(self.features.device))
         labels = batch["labels"].to(logits.device)

@@ -316,7 +316,7 @@ def train_step(model, task, batches, cfg, step, rank, world):
         last = i + 1 == len(batches)
         with model.no_sync() if world > 1 and not last else contextlib.nullcontext():  # DDP syncs once a step
             with task.features.autocast():
-                loss, n = task.loss(model, batch)
+                loss, n = task.loss(model, batch, step)
             loss.backward()
         total, count = total + loss.item(), count + n
     if world > 1:
@@ -341,7 +341,8 @@ def optimizer(model, cfg):
 def step_seed(cfg, rank, step, micro):
     """The seed of the random draws (dropout) of one micro-batch: a function of (seed, process, optimizer
     step, micro-batch), so a resumed run draws exactly what an uninterrupted one would, whatever ran in
-    between (evaluation, DataLoader seeds), and a checkpoint needs no RNG state."""
+    between (evaluation, DataLoader seeds), and a checkpoint needs no RNG state. Dropout masks differ with the
+    processes; what a task's loss draws per example does not (Task: a function of seed, step and index)."""
     return ((cfg.seed * 1_000_003 + rank) * 1_000_003 + step) * 4096 + micro
 
 
@@ -354,6 +355,25 @@ def pick_device(name):
     if name == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+
+
+def smallest_batch(cfg, world):
+    """The smallest --batch-size that gives each of `world` processes at least one example of every task's batch."""
+    return next(b for b in itertools.count(1) if all(c.batch_of(b) >= world for c in TASKS[cfg.task]))
+
+
+def check_world(cfg, world):
+    """Before any work: every process must hold an example of every batch of every task (its share of a batch is
+    every world-th example). A process's batch sizes do not depend on the number of processes, so a run over several
+    processes equals one process; a batch too small for them is refused, naming the smallest that works."""
+    if cfg.train_limit and cfg.train_limit < world:
+        raise ValueError(f"--train-limit {cfg.train_limit} gives fewer training examples than the {world} processes")
+    small = next((c for c in TASKS[cfg.task] if c.batch_of(cfg.batch_size) < world), None)
+    if small:
+        n = small.batch_of(cfg.batch_size)
+        raise ValueError(f"--batch-size {cfg.batch_size} gives {small.name} batches of {n} example{'s' * (n > 1)}, fewer "
+                         f"than the {world} processes (each needs an example of every batch); the smallest --batch-size "
+                         f"for {world} processes is {smallest_batch(cfg, world)}")
 
 
 def start_distributed(cfg):
@@ -382,6 +402,7 @@ def main(cfg, resume=False, overwrite=False):
     check_config(cfg)
     rank, world = start_distributed(cfg)
     try:
+        check_world(cfg, world)
         with run_folder(cfg, rank, resume, overwrite):
             return train(cfg, rank, world, resume)
     finally:
@@ -391,8 +412,6 @@ def main(cfg, resume=False, overwrite=False):
 
 def train(cfg, rank, world, resume):
     """The loop: build, restore, then steps, an evaluation and a checkpoint after every epoch, the final report."""
-    if cfg.batch_size < world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the number of processes ({world})")
     with rank_zero_first(rank, world):
         tasks, model, device = build(cfg)
     opt = optimizer(model, cfg)
@@ -456,11 +475,7 @@ def run_folder(cfg, rank, resume, overwrite):
         yield
         return
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, ".lock"), "a") as lock:
-        try:
-            data.lock_file(lock)
-        except OSError:
-            raise RuntimeError(f"{cfg.out} is in use by another train.py process") from None
+    with locked(cfg.out):
         held = os.path.isfile(os.path.join(cfg.out, "config.json"))
         if held and not (resume or overwrite):
             raise ValueError(f"{cfg.out} holds a run already: continue it with --resume {cfg.out}, replace it with "
@@ -474,6 +489,18 @@ def run_folder(cfg, rank, resume, overwrite):
             record = final_record(cfg.out, final=False)
             saved = f"last.pt holds step {record['step']}" if record else "nothing was saved yet"
             raise KeyboardInterrupt(f"interrupted: {saved}; continue with: python train.py --resume {cfg.out}") from None
+
+
+@contextlib.contextmanager
+def locked(out):
+    """The run folder OUT locked for the block (OUT/.lock, released by the OS when the process ends, kill -9
+    included): training, resuming and evaluating a run exclude each other."""
+    with open(os.path.join(out, ".lock"), "a") as lock:
+        try:
+            data.lock_file(lock)
+        except OSError:
+            raise RuntimeError(f"{out} is in use by another train.py process") from None
+        yield
 
 
 # ---- records and checkpoints --------------------------------------------------------------------------
@@ -594,18 +621,19 @@ def restore(ckpt, model, opt, tasks, source):
 
 
 def evaluate_run(path, split="test", device="auto"):
-    """python train.py --evaluate RUN: rebuild a run from its last.pt, predict `split` and score it. Writes
-    RUN/results_{task}_{split}.json and RUN/metrics_{split}.json; returns ({task: metrics}, that path)."""
+    """python train.py --evaluate RUN: rebuild a run from its last.pt, predict `split` and score it, the run folder
+    locked. Writes RUN/results_{task}_{split}.json and RUN/metrics_{split}.json; returns ({task: metrics}, that path)."""
     cfg = run_config(path, device=device)
-    tasks, model, _ = build(cfg)
-    restore(load_run(path), model, None, tasks, run_file(path))
-    lacking = next((t for t in tasks if split not in t.splits), None)
-    if lacking:
-        raise ValueError(f"split {split!r} not in the {lacking.name} data (it has {sorted(lacking.splits)})")
-    scored = evaluate(tasks, model, split)
-    write_results(cfg.out, scored, split)
-    out, path = {task.name: m for task, (m, _) in scored.items()}, os.path.join(cfg.out, f"metrics_{split}.json")
-    metrics.write_json(out, path)
+    with locked(cfg.out):  # a --resume of the run would delete our temporary files
+        tasks, model, _ = build(cfg)
+        restore(load_run(path), model, None, tasks, run_file(path))
+        lacking = next((t for t in tasks if split not in t.splits), None)
+        if lacking:
+            raise ValueError(f"split {split!r} not in the {lacking.name} data (it has {sorted(lacking.splits)})")
+        scored = evaluate(tasks, model, split)
+        write_results(cfg.out, scored, split)
+        out, path = {task.name: m for task, (m, _) in scored.items()}, os.path.join(cfg.out, f"metrics_{split}.json")
+        metrics.write_json(out, path)
     return out, path
 
 

@@ -112,7 +112,7 @@ def test_gqa_loss_is_the_batch_sum_of_each_examples_token_mean():
     batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
              "visual": torch.zeros(2, 2, 8), "decoder_input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": labels}
     task = bare_task(tasks.GQA)
-    total, count = task.loss(lambda *a: logits, batch)
+    total, count = task.loss(lambda *a: logits, batch, 0)
     expected = 0.0
     for b in range(2):
         tokens = [t for t in range(4) if labels[b, t] != -100]
@@ -130,7 +130,7 @@ def test_vqa_loss_weights_each_example_by_its_target_score():
     task = bare_task(tasks.GenerativeVQA, vocab=vocab)
     batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
              "visual": torch.zeros(2, 2, 8), "targets": scores, "index": torch.tensor([0, 1])}
-    total, count = task.loss(lambda ids, mask, visual, dec, n: logits[:, :dec.shape[1]], batch)
+    total, count = task.loss(lambda ids, mask, visual, dec, n: logits[:, :dec.shape[1]], batch, 0)
     expected = 0.0
     for b, (answer, score) in enumerate((("no", 0.6), ("red", 0.3))):
         target = [0, TOK.encode(answer)[0], 2]  # <s> answer </s>
@@ -146,7 +146,7 @@ def test_caption_loss_is_a_token_mean_over_the_batch():
     batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "attention_mask": torch.ones(2, 3, dtype=torch.long),
              "visual": torch.zeros(2, 2, 8), "decoder_input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": labels}
     task = bare_task(tasks.GenerativeCaptioning)
-    total, count = task.loss(lambda *a: logits, batch)
+    total, count = task.loss(lambda *a: logits, batch, 0)
     pairs = [(b, t) for b in range(2) for t in range(4) if labels[b, t] != -100]
     expected = sum(-log_softmax(logits[b, t].tolist())[labels[b, t]] for b, t in pairs)
     assert count == 6 and total.item() == pytest.approx(expected, rel=1e-6)
