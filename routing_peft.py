@@ -281,8 +281,8 @@ class LoRA(_PeftLayer):
 
 class CrossAttentionLoRA(_PeftLayer):
     """base(x) + (alpha/r) B W_up W_o drop(MHA(W_q x_t, W_k drop(x_v), W_v drop(x_v))), x_t = A_t drop(x),
-    x_v = A_v drop(x_R), in parallel to a linear layer `base`: the paper's "LoRA with cross-attention",
-    the parameterised baseline of the routes (the release's MergedLinearSplitAttn). Width w = r/4 inside."""
+    x_v = A_v drop(x_R), in parallel to a linear layer `base`: the routes' parameterised baseline, the release's
+    "LoRA with cross-attention" (loralib/layers.py MergedLinearSplitAttn). Width w = r/4 inside."""
 
     trained = ("A_t", "A_v", "W_q", "W_k", "W_v", "W_o", "W_up", "B")
 

@@ -118,7 +118,8 @@ def test_single_vector_routes_refuse_several_visual_tokens(route):
 def test_unknown_route_is_an_error():
     with pytest.raises(ValueError, match="unknown route 'matmull'"):
         lora_toy("matmull")
-    for make in (lambda: rp.LoRA(nn.Linear(D, D), 4, 4, "mull"), lambda: rp.Adapter(nn.Linear(D, D), 4, nn.GELU(), "mull")):
+    for make in (lambda: rp.LoRA(nn.Linear(D, D), 4, 4, "mull"),
+                 lambda: rp.Adapter(nn.Linear(D, D), 4, nn.GELU(), "mull")):
         with pytest.raises(ValueError, match="unknown route 'mull'"):  # the layers check too, not only add_*
             make()
 
