@@ -3,7 +3,8 @@
     python bench.py models      # our ViT-L/16, RoBERTa-large, GPT2-medium vs transformers (forward);
                                 # BART-base + LoRA vs transformers + peft (forward + backward);
                                 # CLIP RN101 forward: images/s and GFLOP/s vs plain conv/matmul rates
-    python bench.py routing     # routed LoRA vs plain LoRA vs peft; a VL-PET-large layer per route (fwd + bwd)
+    python bench.py routing     # routed LoRA vs plain LoRA vs peft; a VL-PET-large layer per route (fwd + bwd);
+                                # LoRA with cross-attention vs LoRA none / mul, pooled and 196-patch x_R
     python bench.py eval        # CIDEr-D vs pycocoevalcap; VQA accuracy over 200k questions
     python bench.py train       # VQA training step: ours (cached / recomputed ViT) vs transformers + peft
 
@@ -288,7 +289,7 @@ def _routing_step(layer, x, grad_out, x_R=None):
 
 def bench_routing(rounds=5, repeat=5):
     """RoBERTa-large-sized layer (d = 1024, r = alpha = 128, N = 21, batch 32): each route vs none vs peft
-    (fastest call of each); then the VL-PET table (bench_vlpet)."""
+    (fastest call of each); then the VL-PET table (bench_vlpet) and the cross-attention one (bench_cross_attention)."""
     import copy
 
     import peft
@@ -317,6 +318,8 @@ def bench_routing(rounds=5, repeat=5):
                  for name, (w, c) in best.items()])
     print()
     bench_vlpet()
+    print()
+    bench_cross_attention()
 
 
 def _interleaved_fastest(steps, rounds, repeat):
@@ -366,6 +369,41 @@ def bench_vlpet(rounds=5, repeat=3):
           f"ratios of CPU time; goal: every route <= 1.1x none")
     print_table(["layer", "wall ms", "CPU ms", "vs VL-PET none", "vs Adapter"],
                 [[name, 1e3 * w, 1e3 * c, c / none, c / adapter] for name, (w, c) in best.items()])
+
+
+def bench_cross_attention(rounds=5, repeat=3):
+    """LoRA with cross-attention (r = alpha = 128: width 32, 4 heads) against LoRA none and mul at the same r, on
+    a RoBERTa-large-sized layer (d = 1024, N = 21, batch 32), forward + backward, x_R pooled (L = 1) or 196
+    patches (ViT-L/16 at 224 px); LoRA matmul on the patches too (mul needs L = 1). CPU-time ratios, candidates
+    alternating within each round, fastest call of each."""
+    import copy
+
+    import routing_peft as rp
+
+    d, r, n, batch, patches = 1024, 128, 21, 32, 196
+    base = torch.nn.Linear(d, d).requires_grad_(False)
+    x = torch.randn(batch, n, d, requires_grad=True)
+    pooled, grid = torch.randn(batch, 1, d), torch.randn(batch, patches, d)
+    grad_out = torch.randn(batch, n, d)
+    layers = {"LoRA none": (rp.LoRA(copy.deepcopy(base), r, r, "none"), None),
+              "LoRA mul, pooled": (rp.LoRA(copy.deepcopy(base), r, r, "mul"), pooled),
+              f"LoRA matmul, {patches} patches": (rp.LoRA(copy.deepcopy(base), r, r, "matmul"), grid),
+              "cross-attention, pooled": (rp.CrossAttentionLoRA(copy.deepcopy(base), r, r), pooled),
+              f"cross-attention, {patches} patches": (rp.CrossAttentionLoRA(copy.deepcopy(base), r, r), grid)}
+    for layer, _ in layers.values():
+        rp.mark_trainable(layer)
+        with torch.no_grad():  # B off zero, as after some training (the cost does not depend on it)
+            layer.B.weight.normal_(0, 0.02)
+    steps = {name: _routing_step(layer, x, grad_out, x_R) for name, (layer, x_R) in layers.items()}
+    best = _interleaved_fastest(steps, rounds, repeat)
+    none, mul = best["LoRA none"][1], best["LoRA mul, pooled"][1]
+    print(f"forward + backward, x (B={batch}, N={n}, d={d}) requires grad, frozen Linear({d}, {d}), r = alpha = {r} "
+          f"(cross-attention: width {r // 4}, 4 heads), x_R ({batch}, 1 or {patches}, {d}); "
+          f"{torch.get_num_threads()} threads; fastest call of each, ratios of CPU time; {_load()}")
+    print_table(["layer", "trainable", "wall ms", "CPU ms", "vs LoRA none", "vs LoRA mul"],
+                [[name, f"{rp.count_parameters(layers[name][0])[0]:,}", 1e3 * w, 1e3 * c, c / none, c / mul]
+                 for name, (w, c) in best.items()])
+    print(_load())
 
 
 # ---- eval (issue 4) ---------------------------------------------------------
