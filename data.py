@@ -350,8 +350,8 @@ def _proto_fields(buf):
         yield number, wire, value
 
 
-# Schemas: field number -> (name, kind); kinds map to a wire type and a decoder (proto2 semantics:
-# an int32 is a 64-bit two's complement varint, a scalar field given twice keeps its last value).
+# Schemas: field number -> (name, kind); kinds map to a wire type and a decoder (proto2 semantics: a
+# scalar field given twice keeps its last value). Every "int" here is a non-negative enum.
 _WIRE = {"int": 0, "bool": 0, "float": 5, "str": 2, "bytes": 2}
 _PIECE = {1: ("piece", "str"), 2: ("score", "float"), 3: ("type", "int")}
 _TRAINER = {3: ("model_type", "int"), 24: ("treat_whitespace_as_suffix", "bool"), 35: ("byte_fallback", "bool"),
@@ -375,9 +375,7 @@ def _proto_message(buf, schema, defaults, what):
         name, kind = schema[number]
         if wire != _WIRE[kind]:
             raise ValueError(f"spiece.model: {what}.{name} has wire type {wire}, expected {_WIRE[kind]}")
-        if kind == "int":
-            value = value - (1 << 64) if value >= 1 << 63 else value
-        elif kind == "bool":
+        if kind == "bool":
             value = value != 0
         elif kind == "float":
             value = struct.unpack("<f", value)[0]
