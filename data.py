@@ -504,6 +504,8 @@ class SentencePieceTokenizer:
         self._check_supported(trainer, spec["denormalizer"])
         self.pieces = [p for p, _, _ in spec["pieces"]]
         self.types = [t for _, _, t in spec["pieces"]]
+        if BYTE in self.types:
+            raise ValueError("spiece.model: byte pieces without byte_fallback (sentencepiece refuses them too)")
         self.piece_to_id = {}
         for i, p in enumerate(self.pieces):
             if not p or p in self.piece_to_id:
@@ -663,8 +665,6 @@ class SentencePieceTokenizer:
             ids, total, f32 = [], 0.0, array.array("f", [0.0])  # total: the path score so far
             parts = s.split(SPACE)
             for word in ([parts[0]] if parts[0] else []) + [SPACE + p for p in parts[1:]]:
-                if abs(total) > SCORE_RESET:
-                    total = 0.0  # EncodeOptimized re-bases the scores at this node
                 hit = self._segment_cache.get(word)
                 if hit is None:
                     hit = self._segment_cache[word] = self._best_path(word, 0.0)

@@ -106,8 +106,9 @@ def test_the_settings_are_what_they_claim(models):
     assert user.normalize("ﬁ日本") == "▁ﬁ日本" and [user.pieces[i] for i in user.encode("ﬁ日本")] == ["▁", "ﬁ", "日本"]
 
 
-def test_long_text_rebases_scores_like_sentencepiece(models):
-    """Path scores beyond 1e5 are re-based by sentencepiece (float32 keeps 1/128 there); a long text."""
+def test_long_text_matches_sentencepiece(models):
+    """A text whose path score passes -1e5 (re-based by sentencepiece) with most words searched again after
+    large scores, where the cached paths are out of their float32 limits."""
     ours, ref = pair(models["nmt_nfkc"])
     rng = random.Random(5)
     words = " ".join(CAPTIONS + FOREIGN).split() + ["日本", "x{y}", "kalomi", "quive"]
@@ -222,6 +223,27 @@ def test_word_cache_is_exact_after_any_prefix():
         assert ours.encode(text) == ref.encode(text), text
 
 
+def test_long_word_rebases_scores_inside_the_lattice():
+    """One 9,000-character word of unknowns scores ~ -1e5, where sentencepiece re-bases the path scores
+    to 0; without that, float32 (1/128 there) would round "a"'s 2^-9 edge over "ab" away."""
+    ours, ref = pair(model_proto([("a", -1.5, 1), ("b", -0.5 + 2 ** -9, 1), ("ab", -2.0, 1)]))
+    text = "z" * 9000 + "ab"
+    assert ref.encode(text, out_type=str)[-2:] == ["a", "b"] and ref.encode("z" * 8000 + "ab", out_type=str)[-1] == "ab"
+    assert ours.encode(text) == ref.encode(text)
+
+
+def test_special_ids_are_control_pieces_named_by_the_trainer_spec():
+    blob = model_proto([("▁", -1.0, 1), ("a", -2.0, 1), ("<s>", 0.0, 3)], trainer=((47, "a"), (48, "<nope>")))
+    ref = spm.SentencePieceProcessor(model_proto=blob)
+    assert (ref.bos_id(), ref.eos_id(), ref.pad_id(), ref.unk_id()) == (5, -1, -1, 2)  # "a" is no CONTROL piece
+    with pytest.raises(ValueError, match="no CONTROL piece 'a'"):  # T5 needs its </s>
+        data.SentencePieceTokenizer(blob)
+    blob = model_proto([("▁", -1.0, 1), ("a", -2.0, 1), ("<s>", 0.0, 3)], trainer=((48, "a"),))
+    ours, ref = pair(blob)
+    assert (ours.bos_id, ours.eos_id, ours.pad_id, ours.unk_id) == (5, 1, None, 2)
+    assert (ref.bos_id(), ref.eos_id(), ref.pad_id(), ref.unk_id()) == (5, 1, -1, 2)
+
+
 def test_crafted_normalizer_rules():
     """Options and symbols that trained models do not combine: no escaping, a user symbol holding spaces
     (no word-by-word normalization then), and remove_extra_whitespaces over a replacement."""
@@ -241,6 +263,11 @@ def test_refused_models_name_the_problem(models, tmp_path):
         data.SentencePieceTokenizer(f.getvalue())
     with pytest.raises(ValueError, match="byte_fallback=true is not supported"):
         data.SentencePieceTokenizer(model_proto([("▁", -1.0, 1)], trainer=((35, True),)))
+    byte_piece = model_proto([("▁", -1.0, 1), ("<0x41>", 0.0, 6)])
+    with pytest.raises(RuntimeError):
+        spm.SentencePieceProcessor(model_proto=byte_piece)
+    with pytest.raises(ValueError, match="byte pieces without byte_fallback"):
+        data.SentencePieceTokenizer(byte_piece)
     with pytest.raises(ValueError, match="treat_whitespace_as_suffix=true"):
         data.SentencePieceTokenizer(model_proto([("▁", -1.0, 1)], trainer=((24, True),)))
     with pytest.raises(ValueError, match="trie size"):
