@@ -474,8 +474,8 @@ def _f32(x):
 
 class SentencePieceTokenizer:
     """T5's tokenizer: a sentencepiece unigram model, read from the bytes of its spiece.model, with the
-    ids of sentencepiece.SentencePieceProcessor.encode (tested against sentencepiece on models trained
-    inside the tests) and transformers' T5 vocabulary layout around it.
+    ids of sentencepiece.SentencePieceProcessor.encode (version 0.2.3; tested against it on models trained
+    and written inside the tests) and transformers' T5 vocabulary layout around it.
 
     SentencePieceTokenizer(model): model is the bytes of a spiece.model or a path to one. Steps, as
     sentencepiece: normalize (the file's own precompiled charsmap, longest match per position, user-
@@ -490,7 +490,12 @@ class SentencePieceTokenizer:
     "</s>" inside the text are encoded as plain text (transformers maps them to their ids; callers add
     specials by id); decode writes special tokens by name where sentencepiece writes "" for control
     pieces and " ⁇ " for <unk>. Refused: non-unigram models, byte_fallback, treat_whitespace_as_suffix,
-    a denormalizer with rules (none of which T5 uses)."""
+    a denormalizer with rules (none of which T5 uses).
+
+    The releases (VL-T5, VL-Adapter, VL-PET) tokenized with transformers' fast T5 pipeline instead (the
+    same charsmap, then a whitespace split and one Unigram run per word): the same ids on ordinary text;
+    it differs on a few characters (U+0085 splits words there; tokenizers' normalizer drops combining
+    marks after some characters, e.g. "ｌ\u0301" -> "l" where sentencepiece gives "ĺ")."""
 
     def __init__(self, model):
         if isinstance(model, (str, os.PathLike)):
@@ -500,10 +505,15 @@ class SentencePieceTokenizer:
                 model = f.read()
         self.model_bytes = bytes(model)
         spec = read_spiece_model(self.model_bytes)
-        trainer, norm = spec["trainer"], spec["normalizer"]
-        self._check_supported(trainer, spec["denormalizer"])
-        self.pieces = [p for p, _, _ in spec["pieces"]]
-        self.types = [t for _, _, t in spec["pieces"]]
+        self._check_supported(spec["trainer"], spec["denormalizer"])
+        self._read_vocabulary(spec["pieces"], spec["trainer"])
+        self._read_normalizer(spec["normalizer"])
+        self._build_lattice_tables(spec["pieces"])
+
+    def _read_vocabulary(self, pieces, trainer):
+        """pieces, types, piece_to_id and the special ids, checked as sentencepiece checks them."""
+        self.pieces = [p for p, _, _ in pieces]
+        self.types = [t for _, _, t in pieces]
         if BYTE in self.types:
             raise ValueError("spiece.model: byte pieces without byte_fallback (sentencepiece refuses them too)")
         self.piece_to_id = {}
@@ -521,6 +531,9 @@ class SentencePieceTokenizer:
             raise ValueError(f"spiece.model: no CONTROL piece {trainer['eos_piece']!r} (T5 appends </s>)")
         self.mask_id = None
         self.special_ids = {i for i, t in enumerate(self.types) if t in (CONTROL, UNKNOWN)}
+
+    def _read_normalizer(self, norm):
+        """The normalizer spec's flags, its charsmap and the user-defined symbols (kept as they are)."""
         self.add_dummy_prefix = norm["add_dummy_prefix"]
         self.remove_extra_whitespaces = norm["remove_extra_whitespaces"]
         self.escape_whitespaces = norm["escape_whitespaces"]
@@ -533,7 +546,6 @@ class SentencePieceTokenizer:
         spaced_rules = self.charsmap is not None and ord(" ") in self.charsmap.labels
         self._by_word = not spaced_rules and not any(b" " in s for s in user)
         self._word_cache = {}
-        self._build_lattice_tables(spec["pieces"])
 
     @staticmethod
     def _check_supported(trainer, denormalizer):
@@ -675,15 +687,15 @@ class SentencePieceTokenizer:
                 else:
                     hit = self._best_path(word, total)
                     total = hit[2]
-                ids += hit[0]
-        if self.unk_id not in ids:
-            return ids
-        return [i for k, i in enumerate(ids) if not (i == self.unk_id and k and ids[k - 1] == i)]
+                merge = ids and ids[-1] == self.unk_id == hit[0][0]  # an unknown run across the "▁"
+                ids += hit[0][1:] if merge else hit[0]
+        return ids
 
     def _best_path(self, s, offset):
-        """(ids, their scores, final score, offset limit) of sentencepiece's best path over s after a
-        path scoring `offset` (unknowns not merged yet). The same path is the best after any offset of
-        absolute value below the limit, and its score is then the float32 sum of its scores after it.
+        """(ids, scores, final score, offset limit) of sentencepiece's best path over s after a path
+        scoring `offset`: its ids (consecutive unknowns merged), the scores of its pieces (unknowns one by
+        one), best[len(s)]. The same path is the best after any offset of absolute value below the limit,
+        and its score is then the float32 sum of its scores after it.
 
         As EncodeOptimized (sentencepiece 0.2.3): best[j], the best score over s[:j], is float32, and so
         is each candidate best[i] + score, compared strictly (a tie keeps the first: the piece starting
@@ -727,7 +739,8 @@ class SentencePieceTokenizer:
         safe = 2 * (n + 1) * 2.0 ** -23  # margin > safe * (|offset| + 2 (n + 1) max|score|)
         limit = min(margin / safe - 2 * (n + 1) * self._max_abs_score, SCORE_RESET - (n + 1) * self._max_abs_score)
         path.reverse()
-        return [ids[j] for j in path], [scores[j] for j in path], best[n], limit
+        merged = [ids[j] for k, j in enumerate(path) if not (k and ids[j] == self.unk_id == ids[path[k - 1]])]
+        return merged, [scores[j] for j in path], best[n], limit
 
     def encode(self, text):
         """Token ids of text, no special tokens (sentencepiece's encode; HF add_special_tokens=False)."""
