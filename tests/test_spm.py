@@ -194,6 +194,7 @@ CRAFTED = {  # name: (pieces, text, sentencepiece's pieces)
                                                 ["▁", "xy"]),
     "unknown edge, float32 compare": ([("▁a", 10 + 2 ** -20, 1), ("▁az", -20.0, 1)], "az", ["▁az"]),
     "unknowns merged": ([("▁", -1.0, 1), ("a", -1.0, 1)], "xyzaüq", ["▁", "xyz", "a", "üq"]),
+    "unknowns merged across words": ([("a", -1.0, 1)], "x ya z", ["▁x▁y", "a", "▁z"]),  # no "▁" piece
     "user-defined scores 0.1 (utf-8 bytes - 1)": ([("▁", -1.0, 1), ("é", 0.1, 1), ("éé", -9.0, 4)], "éé",
                                                   ["▁", "éé"]),
     "unused pieces never match": ([("▁", -1.0, 1), ("▁ab", -1.0, 5), ("a", -2.0, 1), ("b", -2.0, 1)], "ab",
