@@ -7,8 +7,10 @@
                                 # LoRA with cross-attention vs LoRA none / mul, pooled and 196-patch x_R
     python bench.py eval        # CIDEr-D vs pycocoevalcap; VQA accuracy over 200k questions
     python bench.py train       # VQA training step: ours (cached / recomputed ViT) vs transformers + peft
+    python bench.py tokenizers  # T5's SentencePiece tokenizer (data.py) vs the sentencepiece package, 10k captions
 
-Needs the dev requirements (transformers, peft, pycocoevalcap). Runs on 2 threads unless told otherwise.
+Needs the dev requirements (transformers, peft, pycocoevalcap, sentencepiece). Runs on 2 threads unless told
+otherwise.
 """
 import argparse
 import statistics
@@ -461,6 +463,69 @@ def bench_eval():
     ])
 
 
+# ---- tokenizers (issue 20) --------------------------------------------------
+def _caption_texts(n, seed, words):
+    """n raw COCO-like captions: a capitalised sentence of 7-14 words (Zipf-like choice) and a period."""
+    import random
+    rng = random.Random(seed)
+    weights = [1.0 / (i + 1) ** 0.8 for i in range(len(words))]
+    return [" ".join(rng.choices(words, weights, k=rng.randint(7, 14))).capitalize() + "." for _ in range(n)]
+
+
+def _t5_like_model(vocab_size=2500):
+    """A unigram spiece.model trained by sentencepiece as T5's was (nmt_nfkc, <pad> 0, </s> 1, <unk> 2, no
+    <s>) on 20,000 generated captions over ~2,000 word forms (real caption words and made-up ones)."""
+    import io
+    import random
+
+    import sentencepiece as spm
+    rng = random.Random(0)
+    real = ("a an the man woman person people child dog dogs cat cats horse bus train car street road city "
+            "table plate food pizza sandwich bowl cup kitchen room bed couch tv laptop phone field grass tree "
+            "water beach wave surfboard snow ski skateboard frisbee ball tennis racket baseball bat player game "
+            "sitting standing riding holding playing eating walking looking flying parked next to on in of with "
+            "at near top front side large small red white black blue green yellow two three several group some "
+            "is are there what how many color which where who this that it its his her").split()
+    syllables = ["ka", "lo", "mi", "ta", "ren", "sho", "pa", "ve", "zu", "qui", "ne", "dor", "bel", "fi", "gra",
+                 "tio", "ing", "ed", "er", "st", "ch", "an", "or", "us"]
+    words = real + sorted({"".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(3000)})
+    f = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_caption_texts(20000, 1, words)), model_writer=f,
+                                   model_type="unigram", vocab_size=vocab_size, pad_id=0, eos_id=1, unk_id=2,
+                                   bos_id=-1, minloglevel=2, num_threads=2)
+    return f.getvalue(), words
+
+
+def bench_tokenizers(rounds=5):
+    """Encoding 10,000 captions: data.SentencePieceTokenizer (cold: a fresh tokenizer, empty word caches;
+    warm: caches filled, the prepare-once case after the first pass) vs sentencepiece's C++ encode called
+    per string and once on the whole list (num_threads=1). Same ids checked first; rounds alternate the
+    order; medians."""
+    import sentencepiece as spm
+
+    import data
+    blob, words = _t5_like_model()
+    texts = _caption_texts(10000, 2, words)
+    ref = spm.SentencePieceProcessor(model_proto=blob)
+    warm = data.SentencePieceTokenizer(blob)
+    n_ids = sum(len(i) for i in ref.encode(texts))
+    assert [warm.encode(t) for t in texts] == ref.encode(texts)
+    print(_load(), flush=True)
+    def cold():
+        tok = data.SentencePieceTokenizer(blob)  # loading included (~0.1 s)
+        return [tok.encode(t) for t in texts]
+    fns = {"ours, cold caches": cold,
+           "ours, warm caches": lambda: [warm.encode(t) for t in texts],
+           "sentencepiece, per string": lambda: [ref.encode(t) for t in texts],
+           "sentencepiece, one list call": lambda: ref.encode(texts, num_threads=1)}
+    times = {k: statistics.median(v) for k, v in _paired_rounds(fns, rounds).items()}
+    base = times["sentencepiece, per string"]
+    print_table(["10,000 captions, %d ids, vocab %d" % (n_ids, ref.get_piece_size()), "s", "ids/s",
+                 "time / sentencepiece per string"],
+                [[k, t, f"{n_ids / t:,.0f}", t / base] for k, t in times.items()])
+    print(_load())
+
+
 # ---- train (issue 5) --------------------------------------------------------
 def _random_weights(build):
     """build() on the meta device, then N(0, 0.02) weights and unit LayerNorms: random weights in a second
@@ -634,6 +699,7 @@ BENCHES = {}
 BENCHES["eval"] = bench_eval
 BENCHES["models"] = bench_models
 BENCHES["routing"] = bench_routing
+BENCHES["tokenizers"] = bench_tokenizers
 BENCHES["train"] = bench_train
 
 
