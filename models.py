@@ -911,6 +911,18 @@ def roberta_config(hf):
                   type_vocab_size=hf["type_vocab_size"], dropout=hf.get("hidden_dropout_prob", 0.1))
 
 
+def generation_fields(hf):
+    """The generation defaults a config.json carries, as Config fields. transformers 4.2.1 (the CLIP-BART
+    releases' version) read them from config.json only; generation_config.json came later (read_hf_dir
+    notes it when it says otherwise)."""
+    n, early = hf.get("no_repeat_ngram_size", 0), hf.get("early_stopping", False)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"unsupported generation default: config.json has no_repeat_ngram_size={n!r}, expected an integer >= 0")
+    if not isinstance(early, bool):
+        raise ValueError(f"unsupported generation default: config.json has early_stopping={early!r}, expected true or false")
+    return dict(num_beams=hf.get("num_beams", 1), no_repeat_ngram=n, early_stopping=early)
+
+
 def gpt2_config(hf):
     _require(hf, "activation_function", ["gelu_new", "gelu_pytorch_tanh"], "GPT-2 activation")
     _require(hf, "scale_attn_weights", [True], "GPT-2 attention scaling")
@@ -918,7 +930,7 @@ def gpt2_config(hf):
     d = hf["n_embd"]
     return Config("gpt2", d, hf["n_layer"], hf["n_head"], hf.get("n_inner") or 4 * d,
                   hf["layer_norm_epsilon"], vocab_size=hf["vocab_size"], max_positions=hf["n_positions"],
-                  dropout=hf.get("resid_pdrop", 0.1))
+                  dropout=hf.get("resid_pdrop", 0.1), **generation_fields(hf))
 
 
 def _encoder_layer_keys(c, names):
@@ -1000,7 +1012,7 @@ def bart_config(hf):
                   1e-5, vocab_size=hf["vocab_size"], max_positions=hf["max_position_embeddings"] + BART_POS_OFFSET,
                   pad_id=hf.get("pad_token_id", 1), dropout=hf.get("dropout", 0.1),
                   scale_embedding=bool(hf.get("scale_embedding", False)),
-                  decoder_start_id=hf.get("decoder_start_token_id", 2))  # LayerNorm eps: HF's default 1e-5
+                  decoder_start_id=hf.get("decoder_start_token_id", 2), **generation_fields(hf))  # LayerNorm eps: 1e-5
 
 
 def bart_dropout_note(hf):
@@ -1201,6 +1213,25 @@ def save_checkpoint(model, path, tokenizer=None):
     atomic_save(ckpt, path)
 
 
+def generation_note(src_dir, config):
+    """The generation defaults the converted file keeps, and any that generation_config.json (not read:
+    the releases' transformers 4.2.1 read config.json only) sets otherwise."""
+    note = (f"generation defaults from config.json: num_beams {config.num_beams}, no_repeat_ngram_size "
+            f"{config.no_repeat_ngram}, early_stopping {config.early_stopping}")
+    path = os.path.join(src_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return note
+    with open(path) as f:
+        try:
+            gen = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    ours = {"num_beams": config.num_beams, "no_repeat_ngram_size": config.no_repeat_ngram,
+            "early_stopping": config.early_stopping}
+    other = [f"{k}={gen[k]!r}" for k in ours if k in gen and gen[k] != ours[k]]
+    return note + (f"; generation_config.json, not read, sets {', '.join(other)}" if other else "")
+
+
 def read_hf_dir(src_dir):
     """(arch, config, state dict, weights path, notes) of a Hugging Face model directory."""
     cfg_path = os.path.join(src_dir, "config.json")
@@ -1218,6 +1249,7 @@ def read_hf_dir(src_dir):
     config = CONFIGS[arch][0](hf)
     notes = [read_image_preprocessing(src_dir, config)] if arch == "vit" else []
     notes += [bart_dropout_note(hf)] if arch == "bart" else []
+    notes += [generation_note(src_dir, config)] if arch in ("gpt2", "bart") else []
     sd, weights_path = read_weights(src_dir)
     return arch, config, sd, weights_path, notes
 
