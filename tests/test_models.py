@@ -373,13 +373,23 @@ def toy_search(dist, beams=2, max_new_tokens=5, **kw):
 
 
 def test_eos_ranked_below_k_never_ends_a_hypothesis():
-    # step 1: candidates 1 (.35), 2 (.34), EOS (.31): EOS ranks 2 = k, so [] may not end, although its score
-    # (log .31 = -1.17) would beat every later hypothesis (near-uniform steps: about (-1.05 - 3.6) / 2).
-    out, _ = toy_search({(): {1: .35, 2: .34, 0: .31}}, max_new_tokens=3)
-    assert out != [] and len(out) == 3
-    # the same EOS ranked 1 (< k) ends [] at step 1, and it wins
-    assert toy_search({(): {1: .35, 0: .34, 2: .31}}, max_new_tokens=3)[0] == []
-    assert toy_search({(): {1: .35, 2: .34, 0: .31}}, beams=3, max_new_tokens=3)[0] == []  # k = 3: rank 2 < k
+    # The search reads candidates in rank order until k beams live, so an EOS ranked k or lower is read only
+    # after an EOS above it. Step 1: 1 and 2 live (.5 each). Step 2: [1, EOS] -1.386 ranks 0 and ends H1 = [1]
+    # (-0.693); [2, 4] -1.492 ranks 1 and lives; [2, EOS] -1.609 ranks 2 = k: it may not end; [1, 5] -2.996
+    # lives. Step 3: [2, 4, EOS] (-1.502 / 3 = -0.501) ends and wins. Had [2] ended at step 2, the row would
+    # have held k = 2 hypotheses and stopped early, [1] winning.
+    dist = {(): {1: .5, 2: .5}, (1,): {0: .5, 5: .1}, (2,): {4: .45, 0: .4}, (2, 4): {0: .99}}
+    assert toy_search(dist, early_stopping=True)[0] == [2, 4]
+    assert toy_search(dist, beams=3, early_stopping=True)[0] == [1]  # k = 3: rank 2 ends [2]; 3 ended by step 2
+
+
+def test_two_k_candidates_refill_the_beams():
+    # k = 3. Step 2: [1, EOS] and [2, EOS] rank 0 and 1 and end; the live beams come from ranks 2, 3 and 4:
+    # [3, 6], [1, 4] and [2, 5]. Only [2, 5] goes on well: [2, 5, 7, 8, EOS] (-3.41 / 5 = -0.68) beats [1]
+    # (-0.80). With fewer than 2k candidates a step would lose [2, 5].
+    dist = {(): {1: .34, 2: .33, 3: .32}, (1,): {0: .6, 4: .1}, (2,): {0: .6, 5: .1}, (3,): {6: .2},
+            (2, 5): {7: .999}, (2, 5, 7): {8: .999}, (2, 5, 7, 8): {0: .999}}
+    assert toy_search(dist, beams=3, max_new_tokens=6)[0] == [2, 5, 7, 8]
 
 
 # Step 1 from []: EOS .40 ends H1 = [] (log .40 = -0.916); 1 (.35) and 2 (.20) live. Step 2 from [1]: EOS x,
@@ -428,15 +438,16 @@ def test_early_stopping_at_the_limit():
 
 
 def test_forced_eos_and_greedy():
-    dist = {(): {1: .9}, (1,): {2: .9}, (1, 2): {3: .9}}  # EOS never likely: the limit cuts every hypothesis
-    assert toy_search(dist, max_new_tokens=3)[0] == [1, 2, 3]
-    assert toy_search(dist, max_new_tokens=3, force_eos=True)[0] == [1, 2]  # step 3 must be EOS
-    out, calls = toy_search({(): {0: .6, 1: .4}}, beams=1)  # greedy: the first EOS ends the row, whatever the rules
-    assert out == [] and calls == 1
-    for rules in models.RULES:
+    # Step 1: [] ends by EOS (log .45 = -0.80); [1] lives. Step 2: [1, 2] (-1.8). At step 3 EOS forced with
+    # log p 0 scores [1, 2] -1.8 / 3 = -0.6: it wins. Unforced, step 3 is near uniform and [] wins.
+    dist = {(): {1: .5, 0: .45}, (1,): {2: .33}}
+    assert toy_search(dist, max_new_tokens=3, force_eos=True)[0] == [1, 2]
+    assert toy_search(dist, max_new_tokens=3)[0] == []
+    for rules in models.RULES:  # greedy: the first EOS ends the row, whatever the rules
         assert toy_search({(): {0: .6, 1: .4}}, beams=1, rules=rules) == ([], 1)
     with pytest.raises(ValueError, match="rules must be one of"):
         toy_search(dist, rules="4.3")
+    assert toy_search(dist, beams=1, max_new_tokens=3, force_eos=True)[0] == [1, 2]
 
 
 def test_block_repeated_ngrams_bans_exactly_the_repeats():
