@@ -327,22 +327,25 @@ def beam_search(step, batch_size, beams, max_new_tokens, eos_id, no_repeat_ngram
         if force_eos and t == max_new_tokens:
             logp = torch.full_like(logp, -math.inf)
             logp[:, eos_id] = 0.0
-        V = logp.shape[-1]
-        cand = (score[:, :, None] + logp.view(B, k, V)).view(B, k * V)  # (B, k, V) -> (B, k * V)
-        top_s, top_i = (x.tolist() for x in cand.topk(2 * k, dim=1))  # enough to refill k beams after EOS picks
-        next_beam = torch.zeros(B, k, dtype=torch.long)
-        next_tok = torch.full((B, k), eos_id, dtype=torch.long)
-        new_score = torch.full((B, k), -math.inf)
+        # The row's 2k best (beam, token) candidates by summed log p, enough to refill k beams after EOS picks;
+        # they lie among each beam's 2k best tokens, so the beam's score is added to those only.
+        n = min(2 * k, logp.shape[-1])
+        beam_s, beam_tok = logp.topk(n, dim=1)  # (B * k, n)
+        cand = (score.view(B * k, 1) + beam_s).view(B, k * n)  # (B * k, n) -> (B, k * n)
+        top_s, top_j = cand.topk(2 * k, dim=1)  # (B, 2k), in rank order
+        top_tok = beam_tok.view(B, k * n).gather(1, top_j)  # (B, 2k)
+        top_s, top_j, top_tok = top_s.tolist(), top_j.tolist(), top_tok.tolist()
+        next_beam, next_tok, new_score = ([[x] * k for _ in range(B)] for x in (0, eos_id, -math.inf))  # (B, k)
         for b in range(B):
             if done[b]:
                 continue
             live = 0
-            for rank, (s, i) in enumerate(zip(top_s[b], top_i[b])):
+            for rank, (s, j, tok) in enumerate(zip(top_s[b], top_j[b], top_tok[b])):
                 if live == k or s == -math.inf:
                     break
-                beam, tok = divmod(i, V)
+                beam = j // n
                 if tok != eos_id:
-                    next_beam[b, live], next_tok[b, live], new_score[b, live] = beam, tok, s
+                    next_beam[b][live], next_tok[b][live], new_score[b][live] = beam, tok, s
                     live += 1
                 elif rank < k:  # only the top k candidates may end a hypothesis
                     finished[b].append((s / t, seqs[b * k + beam]))
@@ -351,15 +354,16 @@ def beam_search(step, batch_size, beams, max_new_tokens, eos_id, no_repeat_ngram
                 if early_stopping or k == 1:
                     done[b] = True
                 elif rules == "5":
-                    done[b] = new_score[b, 0].item() / t <= finished[b][-1][0]
+                    done[b] = new_score[b][0] / t <= finished[b][-1][0]
                 else:  # transformers 4.x: the best candidate (rank 0), at the length its sequence will have
                     done[b] = top_s[b][0] / (t + (rules == "4.29.2")) <= finished[b][-1][0]
-        index = (torch.arange(B)[:, None] * k + next_beam).flatten().to(device)  # (B, k) -> (B * k,) rows to continue
-        seqs = torch.cat([seqs[index], next_tok.view(-1, 1).to(device)], dim=1)  # (B * k, t)
-        score = new_score.to(device)
+        index = (torch.arange(B)[:, None] * k + torch.tensor(next_beam)).flatten().to(device)  # (B * k,) rows to continue
+        next_tok = torch.tensor(next_tok, device=device).flatten()  # (B, k) -> (B * k,)
+        seqs = torch.cat([seqs[index], next_tok[:, None]], dim=1)  # (B * k, t)
+        score = torch.tensor(new_score, device=device)
         if all(done) or t == max_new_tokens:
             break
-        logits = step(next_tok.flatten().to(device), index)
+        logits = step(next_tok, index)
     limit = max_new_tokens + (rules != "5")  # transformers 4.x also counts the start token here
     for b in range(B):
         if not done[b]:  # the limit: the live beams end too
