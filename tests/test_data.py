@@ -92,7 +92,7 @@ def test_prepare_vqa_official_and_karpathy_splits(world, tok, tmp_path):
     karpathy = data.prepare_vqa(world, tok, karpathy=os.path.join(world, "dataset_coco.json"),
                                 cache_dir=str(tmp_path))
     # Karpathy: train = train2014 + restval images, val and test from val2014
-    assert {k: len(data.image_keys(v)) for k, v in karpathy["splits"].items()} == {"train": 192, "val": 24, "test": 24}
+    assert {k: len(set(v["image"])) for k, v in karpathy["splits"].items()} == {"train": 192, "val": 24, "test": 24}
     assert {k: len(v["image"]) for k, v in karpathy["splits"].items()} == {"train": 576, "val": 72, "test": 72}
     split_of = {img["cocoid"]: img["split"] for img in data.read_karpathy(os.path.join(world, "dataset_coco.json"))}
     for name, split in karpathy["splits"].items():
@@ -203,7 +203,7 @@ def test_bad_images_are_clear_errors(tmp_path, world):
 
 def test_image_dataset_over_unique_keys(world, tok):
     prepared = data.prepare_vqa(world, tok)
-    keys = data.image_keys(prepared["splits"]["val"])
+    keys = sorted(set(prepared["splits"]["val"]["image"]))
     assert len(keys) == 80 and keys == sorted(set(keys))
     ds = data.ImageDataset(keys, data.Images(world, 16, (0.5,) * 3, (0.5,) * 3))
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))

@@ -25,6 +25,7 @@ import data
 import eval as E
 import models
 import shapes
+import tasks
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -174,14 +175,14 @@ def test_patches_with_matmul(world, tmp_path, task):
     assert visual.shape == x_R.shape == (3, 4, D)
     seen = []
     model.text.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
-    tasks[0].loss(model, batch)
+    tasks[0].loss(model, batch, 0)
     assert seen == [4 + batch["input_ids"].shape[1]]  # 4 prefix positions + the text
     with pytest.raises(ValueError, match="patches"):
         train.check_config(dataclasses.replace(cfg, route="mul"))
     layer = model.text.blocks[0].attn.q
     layer.route = "mul"  # a routed layer given 4 visual tokens refuses them
     with pytest.raises(ValueError, match="one visual vector per example"):
-        tasks[0].loss(model, batch)
+        tasks[0].loss(model, batch, 0)
 
 
 def test_no_feature_cache_trains_like_the_cache(world, tmp_path):
@@ -264,7 +265,7 @@ def test_feature_cache_hits_and_invalidates(world, tmp_path, monkeypatch):
     model.config = dataclasses.replace(model.config, image_mean=(0.4, 0.4, 0.4))
     models.save_checkpoint(model, vit2)
     assert run(vision=vit2) == (1, 4)
-    monkeypatch.setattr(train.Features, "VERSION", train.Features.VERSION + 1)  # changed feature code
+    monkeypatch.setattr(tasks.Features, "VERSION", tasks.Features.VERSION + 1)  # changed feature code
     assert run(vision=vit2) == (1, 5)
     monkeypatch.undo()
     monkeypatch.setattr(data.ImageFeatures, "write", lambda *a, **k: calls.append(1) or compute(*a, **k))
@@ -373,16 +374,16 @@ def test_help_lists_every_option_with_its_default():
 
 def test_presets(tmp_path):
     for name, options in train.PRESETS.items():
-        cfg = train.config_from_args(["--preset", name, "--lr", "0.5"])  # explicit options win
+        cfg = train.parse_command_line(["--preset", name, "--lr", "0.5"])[0]  # explicit options win
         assert cfg.lr == 0.5 and all(getattr(cfg, k) == v for k, v in options.items() if k != "lr")
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"rank": 8, "epochs": 3}))
-    assert (train.config_from_args(["--preset", str(path)]).rank, train.config_from_args(["--preset", str(path)]).epochs) == (8, 3)
+    assert (train.parse_command_line(["--preset", str(path)])[0].rank, train.parse_command_line(["--preset", str(path)])[0].epochs) == (8, 3)
     with pytest.raises(ValueError, match="unknown preset"):
-        train.config_from_args(["--preset", "nope"])
+        train.parse_command_line(["--preset", "nope"])[0]
     path.write_text(json.dumps({"rank": 8, "rankk": 3}))
     with pytest.raises(ValueError, match=r"unknown options \['rankk'\]"):
-        train.config_from_args(["--preset", str(path)])
+        train.parse_command_line(["--preset", str(path)])[0]
 
 
 # ---- train.py --evaluate -----------------------------------------------------------------------------
@@ -404,6 +405,11 @@ def test_evaluate_a_run(world, tmp_path, capsys):
         train.cli(["--evaluate", world.vit])
     err = e.value.code
     assert err.startswith("error: ") and "not a train.py checkpoint" in err and len(err.splitlines()) == 1
+    with open(os.path.join(cfg.out, ".lock"), "a") as lock:  # a --resume of the run holds its folder
+        data.lock_file(lock)
+        with pytest.raises(SystemExit) as e:
+            train.cli(["--evaluate", cfg.out])
+    assert e.value.code == f"error: {cfg.out} is in use by another train.py process"
 
 
 # ---- beam search ------------------------------------------------------------------------------------
@@ -424,7 +430,7 @@ def caption_model(scale, V=50, eos=7, seed=0):
     sd, _ = models.convert_state_dict("gpt2", ref.state_dict(), c)
     ours = models.build_model(c).eval()
     ours.load_state_dict(sd, strict=True)
-    return train.CaptionModel(ours, D, True, eos), ref
+    return tasks.CaptionModel(ours, D, True, eos), ref
 
 
 def sequence_score(model, x_R, tokens, eos, limit):
@@ -484,11 +490,11 @@ def test_shuffle_visual_deranges_images(world, tmp_path):
     same pairs in every split, run and evaluation (fixed by the seed)."""
     keys = ["a", "a", "a", "b", "c", "c", "d"]  # 3 questions on image a, 2 on c
     splits = {"train": {"image": keys, "x": 1}, "val": {"image": ["d", "e"]}}
-    out = train.derange_images(splits, seed=0)
+    out = tasks.derange_images(splits, seed=0)
     assert out["train"]["x"] == 1 and all(o != k for o, k in zip(out["train"]["image"], keys))
     partner = dict(zip(keys + ["d", "e"], out["train"]["image"] + out["val"]["image"]))
     assert sorted(partner.values()) == sorted(partner) and len(set(out["train"]["image"][:3])) == 1  # a bijection
-    assert out == train.derange_images(splits, seed=0) and out != train.derange_images(splits, seed=1)
+    assert out == tasks.derange_images(splits, seed=0) and out != tasks.derange_images(splits, seed=1)
     # the task's splits and hence the features (the one input of prefix and routes) follow it
     plain, shuffled = (train.build(config(world, tmp_path, shuffle_visual=s))[0][0] for s in (False, True))
     batch = {"image": plain.splits["train"]["image"][:8]}
@@ -620,7 +626,7 @@ def test_resume_checks_the_answer_vocabulary(world, tmp_path):
 
 
 def test_caption_preset_keeps_long_captions():
-    assert train.config_from_args(["--preset", "caption-lora"]).max_len == 50  # the release's length, not 20
+    assert train.parse_command_line(["--preset", "caption-lora"])[0].max_len == 50  # the release's length, not 20
 
 
 def dropout_free_backbones(world, tmp_path):
@@ -645,7 +651,7 @@ def test_ddp_matches_one_process(world, tmp_path, task, procs, accum):
             "--answers", "20", "--rank", "4", "--alpha", "4", "--lr", "1e-2", "--beams", "1", "--max-new-tokens", "4",
             "--workers", "0", "--device", "cpu"]
     one = tmp_path / "one"
-    train.main(train.config_from_args(args + ["--out", str(one)]))
+    train.main(train.parse_command_line(args + ["--out", str(one)])[0])
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                            str(procs), "train.py", *args, "--out", str(tmp_path / "ddp")], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -659,6 +665,18 @@ def test_ddp_matches_one_process(world, tmp_path, task, procs, accum):
 
 
 # ---- losing no work: run folders, early checks, truncated files, kills, Ctrl-C ------------------------------
+
+
+def test_batches_too_small_for_the_processes(world, tmp_path):
+    """Each process must hold an example of every batch: a batch or a --train-limit smaller than the number of
+    processes is refused, naming the smallest batch that works."""
+    cfg = config(world, tmp_path / "run", batch_size=2)
+    train.check_world(cfg, 2)
+    with pytest.raises(ValueError, match=r"^--batch-size 2 gives vqa batches of 2 examples, fewer than the 3 processes "
+                                         r"\(each needs an example of every batch\); the smallest --batch-size for 3 processes is 3$"):
+        train.check_world(cfg, 3)
+    with pytest.raises(ValueError, match="^--train-limit 1 gives fewer training examples than the 2 processes$"):
+        train.check_world(dataclasses.replace(cfg, train_limit=1), 2)
 
 
 def test_run_folders_are_not_shared(world, tmp_path, monkeypatch, capsys):
@@ -679,7 +697,7 @@ def test_run_folders_are_not_shared(world, tmp_path, monkeypatch, capsys):
     again = train.main(dataclasses.replace(cfg, lr=0.5), overwrite=True)
     assert read_json(os.path.join(cfg.out, "config.json"))["lr"] == 0.5 and len(read_records(cfg.out)) == 2 and again != first
     with open(os.path.join(cfg.out, ".lock"), "a") as lock:  # another process holds the folder
-        train.lock_file(lock)
+        data.lock_file(lock)
         proc = subprocess.run([sys.executable, "-c", "import sys, train; train.cli(sys.argv[1:])", "--resume", cfg.out],
                               cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stderr.strip().endswith("is in use by another train.py process"), proc.stderr
