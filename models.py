@@ -607,6 +607,22 @@ class EncoderDecoder(nn.Module):
             return self.decode(tokens[:, None], memory, memory_mask, cache)[:, -1]
         return step
 
+    @torch.no_grad()
+    def resize_token_table(self, rows, std):
+        """Cut or grow the token table (and so the tied LM head) to `rows`, new rows N(0, std), as Hugging Face's
+        resize_token_embeddings; BART's final_logits_bias grows by zeros, T5 v1.1's own head by rows with
+        nn.Linear's init (what that resize gives T5, whose _init_weights skips plain Linear layers)."""
+        V, d = self.wte.weight.shape
+        n = max(0, rows - V)
+        new = self.wte.weight.new_empty(n, d).normal_(0.0, std)  # (n, d)
+        self.wte = nn.Embedding.from_pretrained(torch.cat([self.wte.weight[:rows], new]), freeze=False)  # (rows, d)
+        if self.config.arch == "bart":
+            self.final_logits_bias = torch.cat([self.final_logits_bias[:, :rows], self.final_logits_bias.new_zeros(1, n)], 1)
+        elif not self.config.tie_embeddings:  # T5 v1.1
+            weight = torch.cat([self.lm_head.weight[:rows], nn.Linear(d, n, bias=False).weight])  # (rows, d)
+            self.lm_head = nn.Linear(d, rows, bias=False)
+            self.lm_head.weight = nn.Parameter(weight)
+
 
 BART_POS_OFFSET = 2  # BART's learned positions: position p reads row p + 2 (a fairseq legacy)
 

@@ -56,13 +56,15 @@ parameter:
     VL-PET  (wraps a whole sub-layer, self-attention or FFN: input X, output H; in VL-PET's BART encoder,
             after each sub-layer, before its dropout, residual and post-LN; r = 96):
             H1  = H + W_up gelu_tanh(f(W_down H + b_down, W_down x_R + b_down)) + b_up
-            out = H1 * G,  G from the gate (gate_r = 96; parameters for d = 768 in brackets):
+            out = s H1 * G,  G from the gate (gate_r = 96; parameters for d = 768 in brackets), s = scale:
+            1 on BART, 0.3 in VL-PET's T5 scripts (--encoder_gating_scaling_factor):
         large     sigmoid(W_gu gelu_tanh(W_gd X + b_gd) + b_gu)  (B, N, d) per token and channel [148,320]
         middleX   sigmoid(w . (X + H1) + b)                     (B, N, 1) per token               [769]
         middleY   1 + z                                         (d,)      per channel             [768]
         small     mean over n of sigmoid(w . [X_n; H1_n] + b)    (B, 1, 1) per example             [1,537]
             + the bottleneck W_down, W_up [148,320]. Every new weight N(0, 0.02), biases 0, z ~ N(0, 0.02),
-            as the release: NOT the identity at init (large / middleX / small start near G = 0.5).
+            as the release's BART: NOT the identity at init (large / middleX / small start near G = 0.5).
+            zero_init=True, as its T5 scripts: W_down, W_gd nn.Linear's init, every other new weight 0.
     Parallel adapter (VL-PET's decoder module, on the cross-attention VALUE projection, r = 96, no gate):
             y = base(x) + W_up gelu_tanh(f(W_down x + b_down, W_down x_R + b_down)) + b_up, init as VL-PET.
 
@@ -374,6 +376,19 @@ def _init_as_vlpet(*modules):
                 nn.init.zeros_(m.bias)
 
 
+@torch.no_grad()
+def _init_as_vlpet_t5(layer):
+    """VL-PET's init on T5 (its T5 scripts' --use_*_zero_init flags; HF T5's _init_weights re-initialises no plain
+    Linear): the down-projections (W_down, the large gate's W_gd) keep nn.Linear's init, every other weight of the
+    layer starts at zero (W_up, b_up, the gates' last layers, z): H1 = H and G = 0.5 (middleY: 1) at init."""
+    for name, m in layer.named_modules():
+        if name in ("down", "gate.down"):
+            m.reset_parameters()
+    for name, p in layer.named_parameters():
+        if name.split(".")[0] in layer.trained and ".down." not in f".{name}":
+            nn.init.zeros_(p)
+
+
 class LargeGate(nn.Module):
     """G = sigmoid(W_gu gelu_tanh(W_gd X + b_gd) + b_gu): (B, N, d), one value per token and channel."""
 
@@ -452,22 +467,27 @@ def _sublayer_width(module):
 
 class VLPET(_Bottleneck):
     """VL-PET module around a whole sub-layer `module` (self-attention or FFN) whose input X and output H
-    have width d: H1 = H + W_up gelu_tanh(route(W_down H + b_down, W_down x_R + b_down)) + b_up, out = H1 * G.
+    have width d: H1 = H + W_up gelu_tanh(route(W_down H + b_down, W_down x_R + b_down)) + b_up,
+    out = scale * H1 * G.
 
     `module` is called with its usual arguments; X is its first positional argument or the keyword
     `hidden_states` (Hugging Face's name). A module may return a tuple whose first element is H (HF
-    attention): the rest passes through. `gate` is a module G(X, H1) (see GATES, make_gate). On a
+    attention): the rest passes through. `gate` is a module G(X, H1) (see GATES, make_gate). zero_init:
+    VL-PET's T5 init (_init_as_vlpet_t5) instead of its BART one. On a
     Hugging Face BART only the attention modules can be wrapped: its FFN (fc1, act, fc2) is inline in
     the layer's forward, not a module."""
 
     trained = ("down", "up", "gate")
 
-    def __init__(self, module, r, gate, route="none"):
+    def __init__(self, module, r, gate, route="none", scale=1.0, zero_init=False):
         d = _sublayer_width(module)
         super().__init__(route, d, r, d, nn.GELU(approximate="tanh"))
         self.module = module
         self.gate = gate
+        self.scale = scale
         _init_as_vlpet(self.down, self.up)  # each gate initialises itself as the release
+        if zero_init:
+            _init_as_vlpet_t5(self)
 
     def forward(self, *args, **kwargs):
         X = args[0] if args else kwargs.get("hidden_states")
@@ -476,22 +496,26 @@ class VLPET(_Bottleneck):
         out = self.module(*args, **kwargs)
         H = out[0] if isinstance(out, tuple) else out  # (B, N, d)
         H1 = H + self.branch(H)
-        H2 = H1 * self.gate(X, H1)  # G: (B, N, d), (B, N, 1), (d,) or (B, 1, 1)
+        H2 = self.scale * H1 * self.gate(X, H1)  # G: (B, N, d), (B, N, 1), (d,) or (B, 1, 1)
         return (H2, *out[1:]) if isinstance(out, tuple) else H2
 
     def extra_repr(self):
-        return f"route={self.route!r}, r={self.down.out_features}, gate={type(self.gate).__name__}"
+        return (f"route={self.route!r}, r={self.down.out_features}, gate={type(self.gate).__name__}, "
+                f"scale={self.scale:g}")
 
 
 class ParallelAdapter(_Bottleneck):
     """base(x) + W_up gelu_tanh(route(W_down x + b_down, W_down x_R + b_down)) + b_up, parallel to a linear
-    layer `base` (VL-PET's decoder module, on the cross-attention value projection); init as VL-PET."""
+    layer `base` (VL-PET's decoder module, on the cross-attention value projection); init as VL-PET on BART,
+    or with zero_init as on T5 (_init_as_vlpet_t5: W_up = 0, so base(x) at init)."""
 
-    def __init__(self, base, r, route="none"):
+    def __init__(self, base, r, route="none", zero_init=False):
         d_in, d_out = _linear_shape(base)
         super().__init__(route, d_in, r, d_out, nn.GELU(approximate="tanh"))
         self.base = base
         _init_as_vlpet(self.down, self.up)
+        if zero_init:
+            _init_as_vlpet_t5(self)
 
     def forward(self, x):
         return self.base(x) + self.branch(x)
@@ -544,21 +568,22 @@ def add_adapters(model, targets, r, route, act):
     return model
 
 
-def add_vlpet(model, targets, gate, r, route, gate_r=None):
+def add_vlpet(model, targets, gate, r, route, gate_r=None, scale=1.0, zero_init=False):
     """Wrap every sub-layer named by `targets` (e.g. "attn", "mlp"; HF BART: "self_attn") in a VL-PET
-    module with the given gate ('large' needs gate_r) and route; returns the model. Each module gets its
-    own gate. Restrict it to the encoder by passing the encoder: add_vlpet(model.encoder, ...)."""
+    module with the given gate ('large' needs gate_r), route, output scale and init (VLPET); returns the
+    model. Each module gets its own gate. Restrict it to the encoder: add_vlpet(model.encoder, ...)."""
     _check_route(route)
     _check_gate(gate, gate_r)
-    _replace_matches(model, targets, lambda m: VLPET(m, r, make_gate(gate, _sublayer_width(m), gate_r), route))
+    _replace_matches(model, targets, lambda m: VLPET(m, r, make_gate(gate, _sublayer_width(m), gate_r), route, scale,
+                                                     zero_init))
     return model
 
 
-def add_parallel_adapters(model, targets, r, route):
+def add_parallel_adapters(model, targets, r, route, zero_init=False):
     """Add a ParallelAdapter to every linear layer named by `targets` (VL-PET: "encoder_attn.v_proj" on HF
     BART, "cross.v" on ours); returns the model."""
     _check_route(route)
-    _replace_matches(model, targets, lambda m: ParallelAdapter(m, r, route))
+    _replace_matches(model, targets, lambda m: ParallelAdapter(m, r, route, zero_init))
     return model
 
 

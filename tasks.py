@@ -3,13 +3,14 @@
     python train.py                             # the VQA demo (tasks.VQA on a tiny ViT + RoBERTa)
     python train.py --task caption              # the captioning demo (tasks.Captioning, GPT-2)
     python train.py --task multitask            # CLIP-BART: GenerativeVQA, GQA, NLVR2, GenerativeCaptioning
+    python train.py --task multitask --text tiny-t5   # the same on the demo's tiny T5 (CLIP-T5)
 
 train.py builds a run from TASKS[--task] and runs the loop; this file knows nothing of the loop, the options'
 parsing or the run folder. Top to bottom: the frozen visual features (Features); `Task`, the interface the loop
 calls (prepared splits, batches, loss, evaluation, text-only baseline, gallery examples); settings 1 and 2
 (VQA as classification on RoBERTa, captioning on GPT-2) with their PEFT recipe and task models, after the block
-that lists where we deliberately differ from the routing release; setting 3 (CLIP-BART, VL-Adapter's and
-VL-PET's recipe: the visual embedding, VLBart, the PEFT placements, the four generative tasks); TASKS.
+that lists where we deliberately differ from the routing release; setting 3 (CLIP-BART and CLIP-T5, VL-Adapter's
+and VL-PET's recipe: the visual embedding, VLSeq2Seq, the PEFT placements, the four generative tasks); TASKS.
 
 A frozen image encoder gives, per example, the visual tokens (the text model's visual prefix, or BART's extra
 encoder input) and the routing input x_R of every PEFT bottleneck; for the ViT settings both are the same
@@ -465,7 +466,7 @@ class CaptionModel(nn.Module):
             return models.beam_search(step, B, k, max_new_tokens, eos_id)
 
 
-# ---- the CLIP-BART setting: VQAv2, GQA, NLVR2 and COCO captions, generative, on one BART ----------------
+# ---- the CLIP-BART setting: VQAv2, GQA, NLVR2 and COCO captions, generative, on one BART (or T5) ----------
 #
 # VL-Adapter's recipe, which VL-PET uses too (CLIPBART_NOTES.md in the README's references): CLIP RN101 grid
 # features (36 tokens an image) through a trainable visual embedding, appended after the text tokens of the
@@ -493,6 +494,15 @@ class CaptionModel(nn.Module):
 # - VL-PET-small's gate averages over every token, padding included, as the release: a prediction depends on
 #   its batch. The release evaluates with the training batches (VQA 500, GQA 833, NLVR2 166, captions 416) in
 #   file order, which --batch-size 500 --eval-batch-size 0 reproduces.
+# On T5 (T5_NOTES.md; VL-PET's T5 scripts, LoRA and VL-Adapter as Ladder-Side-Tuning's) we follow the T5 path:
+# - no BOS, decoding from <pad>; NLVR2 reads decoder position 0 after [<pad>] (BART: 1 after [</s>, <s>]).
+# - the visual embedding's norms are RMS norms; nothing added is re-initialised (HF T5's init skips Linear and
+#   Embedding): nn.Linear's init, the image-order and the 72 new token rows N(0, 1), VL-Adapter's W_up not zero.
+# - VL-PET: every encoder module's output x 0.3; W_up, the gates' last layers and the decoder's value adapters'
+#   W_up (r 96: --rank-dec) start at 0, so at step 0 each encoder sub-layer's output is x 0.15 (middleY 0.3).
+# - VL-Adapter trains no norm: --unfreeze_layer_norms tests isinstance against transformers' T5LayerNorm, not
+#   the copied class the model uses (7.98 % counts none); VL-PET's by-name rule trains the encoder's.
+# - Ours: a v1.1 head of its own gains nn.Linear-initialised rows (the releases ran t5-base only).
 
 
 def init_as_bart_release(*modules):
@@ -508,17 +518,20 @@ def init_as_bart_release(*modules):
 
 
 class VisualEmbedding(nn.Module):
-    """VL-Adapter's visual embedding (VL-T5 src/modeling_bart.py VisualEmbedding, CLIP features): per token
-    LN(W_f feat) + LN(W_p box) + the image-order embedding (image 0 or 1 of an NLVR2 pair) + the object-order
-    embedding (the frozen BART token table at row V - 1 - k for the k-th token of an image). CLIP grids have
-    no boxes: VL-Adapter feeds zeros, so the box term is a learned constant, kept for faithful counts."""
+    """VL-Adapter's visual embedding (VL-T5 src/modeling_{bart,t5}.py VisualEmbedding, CLIP features): per token
+    LN(W_f feat) + LN(W_p box) + the image-order embedding (image 0 or 1 of an NLVR2 pair) + the object-order embedding
+    (the frozen token table at row V - 1 - k for token k of an image); LN the backbone's (BART LayerNorm, T5 RMS norm).
+    CLIP grids have no boxes: VL-Adapter feeds zeros, so the box term is a learned constant (kept for the counts)."""
 
-    def __init__(self, d_visual, d):
+    def __init__(self, d_visual, config):
         super().__init__()
-        self.feat = nn.Sequential(nn.Linear(d_visual, d), nn.LayerNorm(d))
-        self.box = nn.Sequential(nn.Linear(5, d), nn.LayerNorm(d))
+        d, t5 = config.d_model, config.arch == "t5"
+        norm = functools.partial(models.RMSNorm if t5 else nn.LayerNorm, d, config.ln_eps)
+        self.feat = nn.Sequential(nn.Linear(d_visual, d), norm())
+        self.box = nn.Sequential(nn.Linear(5, d), norm())
         self.image_order = nn.Embedding(2, d)
-        init_as_bart_release(self)
+        if not t5:
+            init_as_bart_release(self)
 
     def forward(self, visual, n_images, token_table):
         """visual (B, n_images * L, d_visual), token_table (V, d) -> (B, n_images * L, d)."""
@@ -529,68 +542,65 @@ class VisualEmbedding(nn.Module):
         return x + token_table[token_table.shape[0] - 1 - k].to(x.dtype)
 
 
-class VLBart(nn.Module):
-    """Frozen BART with PEFT layers reading [<s> prompt + text </s>; visual tokens]. BART's token table gains
-    VL-Adapter's 200 added tokens (<extra_id_k>, <vis_extra_id_k>: new rows N(0, 0.02), frozen; the last 36
-    are the object-order embeddings), as its checkpoints and parameter counts have them."""
+class VLSeq2Seq(nn.Module):
+    """Frozen BART or T5 with PEFT layers reading [prompt + text (with the tokenizer's specials); visual tokens]
+    (VL-T5's VLBart and VLT5). Its frozen token table holds `rows`: VL-T5's tokenizer's, 200 added to the pieces
+    (<extra_id_k>, which T5's tokenizer has, <vis_extra_id_k>: the last 36 are the object-order embeddings)."""
 
-    ADDED_TOKENS = 200
-
-    def __init__(self, bart, d_visual, prefix, all_tokens):
+    def __init__(self, backbone, d_visual, prefix, all_tokens, rows):
         super().__init__()
-        V, d = bart.wte.weight.shape
-        with torch.no_grad():
-            table = torch.cat([bart.wte.weight, torch.empty(self.ADDED_TOKENS, d).normal_(0.0, 0.02)])
-            bart.wte = nn.Embedding.from_pretrained(table, freeze=True)  # (V + 200, d), still tied to the LM head
-            bart.final_logits_bias = torch.cat([bart.final_logits_bias, bart.final_logits_bias.new_zeros(1, self.ADDED_TOKENS)], 1)
-        self.bart, self.prefix, self.all_tokens = bart, prefix, all_tokens
-        self.visual = VisualEmbedding(d_visual, d)
+        backbone.resize_token_table(rows, 0.02 if backbone.config.arch == "bart" else 1.0)  # as the releases init
+        self.backbone, self.prefix, self.all_tokens = backbone, prefix, all_tokens
+        self.visual = VisualEmbedding(d_visual, backbone.config)
 
     def encode(self, input_ids, attention_mask, visual, n_images):
         """-> (encoder states (B, N + L, d), their mask, x_R (B, 1, d) or (B, L, d))."""
-        v = self.visual(visual, n_images, self.bart.wte.weight)  # (B, L, d)
+        v = self.visual(visual, n_images, self.backbone.wte.weight)  # (B, L, d)
         x_R = v if self.all_tokens else v.mean(1, keepdim=True)
-        with rp.visual_context(self.bart, x_R):
-            memory, mask = self.bart.encode(input_ids, attention_mask, v if self.prefix else None)
+        with rp.visual_context(self.backbone, x_R):
+            memory, mask = self.backbone.encode(input_ids, attention_mask, v if self.prefix else None)
         return memory, mask, x_R
 
     def forward(self, input_ids, attention_mask, visual, decoder_input_ids, n_images=1):
         """Teacher forcing: logits (B, T, V) of decoder_input_ids."""
         memory, mask, x_R = self.encode(input_ids, attention_mask, visual, n_images)
-        with rp.visual_context(self.bart, x_R):
-            return self.bart.decode(decoder_input_ids, memory, mask)
+        with rp.visual_context(self.backbone, x_R):
+            return self.backbone.decode(decoder_input_ids, memory, mask)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask, visual, beams, max_new_tokens, eos_id, n_images=1):
-        """Token ids per example: models.beam_search over BART's decoder (beams 1: greedy)."""
+        """Token ids per example: models.beam_search over the decoder (beams 1: greedy)."""
         memory, mask, x_R = self.encode(input_ids, attention_mask, visual, n_images)
         def per_beam(t):
             return None if t is None else t.repeat_interleave(beams, dim=0)  # (B, ...) -> (B * k, ...)
-        with rp.visual_context(self.bart, per_beam(x_R)):
-            return models.beam_search(self.bart.beam_step(per_beam(memory), per_beam(mask)), len(memory), beams,
+        with rp.visual_context(self.backbone, per_beam(x_R)):
+            return models.beam_search(self.backbone.beam_step(per_beam(memory), per_beam(mask)), len(memory), beams,
                                       max_new_tokens, eos_id)
 
 
-def add_peft_vl(cfg, bart):
-    """The PEFT layers of cfg.peft into BART, placed as their releases place them; returns the names of the
-    other parameters their releases train (VL-PET src/trainer_base.py unfreeze_parameters): LoRA (q, v of every
-    attention, encoder and decoder, self and cross) trains every bias; VL-Adapter (after every attention and
-    FFN, gelu_new) every LayerNorm; VL-PET (a gated module after every encoder attention and FFN, a parallel
-    adapter on the decoder's cross-attention values) the encoder's LayerNorms. Gate rank = rank (both 96)."""
-    n_enc, n_dec = len(bart.encoder.blocks), len(bart.decoder.blocks)
-    enc_ln = ["encoder.ln_emb"] + [f"encoder.blocks.{i}.{n}" for i in range(n_enc) for n in ("ln1", "ln2")]
+VLPET_GATES = {"vlpet-large": "large", "vlpet-middlex": "middleX", "vlpet-middley": "middleY", "vlpet-small": "small"}
+VLPET_T5_SCALE = 0.3  # every T5 script of VL-PET: --encoder_gating_scaling_factor 0.3
+
+
+def add_peft_vl(cfg, model):
+    """The PEFT layers of cfg.peft into BART or T5 where their releases place them; returns the names of the other
+    parameters they train (VL-PET src/trainer_base.py unfreeze_parameters; T5: the deviation block): LoRA (q, v of every
+    attention) every bias; VL-Adapter (after every attention and FFN, gelu_new) every nn.LayerNorm (none of T5's);
+    VL-PET (gated modules after the encoder's attentions and FFNs, gate rank = rank; a parallel adapter, r = rank_dec
+    or rank, on the decoder's cross-attention values) the encoder's norms."""
+    t5, norms = model.config.arch == "t5", (nn.LayerNorm, models.RMSNorm)
     if cfg.peft == "lora":
-        rp.add_lora(bart, ["attn.q", "attn.v", "cross.q", "cross.v"], cfg.rank, cfg.alpha, cfg.route, cfg.dropout)
+        rp.add_lora(model, ["attn.q", "attn.v", "cross.q", "cross.v"], cfg.rank, cfg.alpha, cfg.route, cfg.dropout)
         return ["bias"]
     if cfg.peft == "adapter":
-        rp.add_adapters(bart, ["attn.o", "cross.o", "mlp.fc2"], cfg.rank, cfg.route, nn.GELU(approximate="tanh"))
-        init_as_bart_release(*(m.down for m in bart.modules() if isinstance(m, rp.Adapter)),
-                             *(m.up for m in bart.modules() if isinstance(m, rp.Adapter)))  # no zero W_up there
-        return enc_ln + ["decoder.ln_emb"] + [f"decoder.blocks.{i}.{n}" for i in range(n_dec) for n in ("ln1", "ln_cross", "ln2")]
-    gate = {"vlpet-large": "large", "vlpet-middlex": "middleX", "vlpet-middley": "middleY", "vlpet-small": "small"}[cfg.peft]
-    rp.add_vlpet(bart.encoder, ["attn", "mlp"], gate, cfg.rank, cfg.route, gate_r=cfg.rank if gate == "large" else None)
-    rp.add_parallel_adapters(bart.decoder, ["cross.v"], cfg.rank, cfg.route)
-    return enc_ln
+        rp.add_adapters(model, ["attn.o", "cross.o", "mlp.fc2"], cfg.rank, cfg.route, nn.GELU(approximate="tanh"))
+        for a in [m for m in model.modules() if isinstance(m, rp.Adapter)]:  # no zero W_up in either release
+            a.up.reset_parameters() if t5 else init_as_bart_release(a.down, a.up)  # T5: nn.Linear's init
+        return [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+    rp.add_vlpet(model.encoder, ["attn", "mlp"], VLPET_GATES[cfg.peft], cfg.rank, cfg.route, zero_init=t5,
+                 gate_r=cfg.rank if cfg.peft == "vlpet-large" else None, scale=VLPET_T5_SCALE if t5 else 1.0)
+    rp.add_parallel_adapters(model.decoder, ["cross.v"], cfg.rank_dec or cfg.rank, cfg.route, zero_init=t5)
+    return [n for n, m in model.named_modules() if isinstance(m, norms) and n.startswith("encoder.")]
 
 
 CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
@@ -598,20 +608,21 @@ CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), ("
 
 
 class Generative(Task):
-    """What the four CLIP-BART tasks share: BART reads <s> prompt + text </s> and the visual tokens and generates
-    the answer, from the decoder start </s>; the loss is each example's token-mean cross-entropy (times the
-    target's weight), averaged over the batch (VL-PET src/{vqa,gqa,nlvr}_model.py)."""
+    """What the four CLIP-BART tasks share: BART (T5) reads <s> prompt + text </s> (no <s>) and the visual tokens and
+    generates the answer from the decoder start </s> (<pad>); the loss is each example's token-mean cross-entropy
+    (times the target's weight), averaged over the batch (VL-PET src/{vqa,gqa,nlvr}_model.py)."""
 
-    archs, tiny, vision, prompt, n_images, answer_tokens = ("bart",), "bart", "clip_resnet", "", 1, 10
+    archs, tiny, vision, prompt, n_images, answer_tokens = ("bart", "t5"), "bart", "clip_resnet", "", 1, 10
 
     @property
     def start_id(self):
-        return self.text_config.decoder_start_id  # BART: </s>
+        return self.text_config.decoder_start_id  # BART: </s>, T5: <pad>
 
-    def make_model(self, bart, d_visual):
-        extra = add_peft_vl(self.cfg, bart)
+    def make_model(self, backbone, d_visual):
+        extra = add_peft_vl(self.cfg, backbone)
         extra = [p for p in extra if p == "bias" or self.cfg.train_ln]
-        return VLBart(bart, d_visual, self.cfg.prefix, self.cfg.visual == "patches"), ["visual"] + extra
+        rows = len(self.tokenizer) + 200 - data.T5_EXTRA_IDS * isinstance(self.tokenizer, data.SentencePieceTokenizer)
+        return VLSeq2Seq(backbone, d_visual, self.cfg.prefix, self.cfg.visual == "patches", rows), ["visual"] + extra
 
     def collate(self, items):
         return data.collate_prompted(items, self.tokenizer.pad_id, self.start_id)
@@ -753,8 +764,8 @@ class GQA(Generative):
 
 class NLVR2(Generative):
     """NLVR2: two images, a statement; the target text is "true" or "false"; the prediction compares the two
-    words' logits at the first decoded position after [</s>, <s>] (VL-PET src/nlvr_model.py). Accuracy and
-    consistency as lil-lab/nlvr's metrics.py."""
+    words' logits at the first decoded position after BART's [</s>, <s>] (T5's [<pad>]: position 0; VL-PET
+    src/nlvr_model.py). Accuracy and consistency as lil-lab/nlvr's metrics.py."""
 
     name, headline, dataset_class, prompt, n_images = "nlvr2", ("nlvr2_accuracy",), data.PromptDataset, "nlvr: ", 2
     batch_share = 20 / 60
@@ -779,11 +790,11 @@ class NLVR2(Generative):
 
     def predict(self, model, split):
         preds = []
-        start = torch.tensor([[self.start_id, self.tokenizer.bos_id]])  # (1, 2): </s> <s>
+        start = torch.tensor([[self.start_id] + self.tokenizer.wrap([])[:-1]])  # (1, T): BART </s> <s>, T5 <pad>
         for batch in self.ordered_batches(split):
             ids, mask, visual = self.inputs(batch)
             with self.features.autocast():
-                logits = model(ids, mask, visual, start.expand(len(ids), 2).to(ids.device), self.n_images)[:, 1]  # (B, V)
+                logits = model(ids, mask, visual, start.expand(len(ids), -1).to(ids.device), self.n_images)[:, -1]
             preds += (logits[:, self.words[1]] > logits[:, self.words[0]]).tolist()
         s = self.splits[split]
         return self.scores(s, preds), [{"identifier": i, "prediction": str(p)} for i, p in zip(s["identifier"], preds)]

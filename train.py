@@ -46,7 +46,7 @@ from tasks import TASKS, X100, Features, add_metrics, evaluate, headline, write_
 class Config:
     task: str = "vqa"             # vqa (an answer classifier on RoBERTa) | caption (a GPT-2 decoder) | multitask (CLIP-BART: VQA, GQA, NLVR2, captions)
     vision: str = "tiny"          # converted image encoder, ViT (vqa, caption) or CLIP ResNet (multitask), or "tiny" (the demo's)
-    text: str = "tiny"            # converted text checkpoint (RoBERTa for vqa, GPT-2 for caption, BART for multitask), or "tiny"
+    text: str = "tiny"            # converted text checkpoint (RoBERTa for vqa, GPT-2 for caption, BART or T5 for multitask), or "tiny" (multitask: also "tiny-t5")
     data: str = "shapes"          # folder with the VQAv2 files and/or dataset_coco.json; "shapes": the demo's world
     images: str = ""              # folder with train2014/ and val2014/ ("" = the data folder)
     gqa: str = ""                 # multitask: GQA folder with questions1.2/ and images/ ("" = DATA/gqa)
@@ -55,6 +55,7 @@ class Config:
     peft: str = "lora"            # lora (q, v of every attention) | adapter (after every attention and FFN) | vlpet-large | vlpet-middlex | vlpet-middley | vlpet-small (multitask)
     route: str = "mul"            # routing function, one of routing_peft.ROUTES
     rank: int = 16                # bottleneck width r
+    rank_dec: int = 0             # multitask VL-PET: r of the decoder's value adapters (0 = rank; VL-PET's T5 scripts: 96)
     alpha: float = 16.0           # LoRA scale alpha / r (LoRA only)
     dropout: float = 0.0          # LoRA dropout on x and x_R (LoRA only)
     visual: str = "pooler"        # x_R: pooler | cls | mean | patches (ViT); mean | patches of the embedded CLIP tokens (multitask); patches only with route matmul
@@ -103,10 +104,18 @@ PRESETS = {
 CLIP_BART = dict(task="multitask", vision="ckpt/clip-rn101.pt", text="ckpt/bart-base.pt", data="data/vqa", images="data/coco",
                  gqa="data/gqa", nlvr2="data/nlvr2", visual="mean", batch_size=500, epochs=20, lr=1e-3, adam_eps=1e-6,
                  weight_decay=0.01, warmup=0.1, clip=5.0, beams=5, max_new_tokens=40, rank=96, route="none")
+VLPET = ("vlpet-large", "vlpet-middlex", "vlpet-middley", "vlpet-small")
 PRESETS.update({"multitask-lora": dict(CLIP_BART, peft="lora", rank=128, alpha=32, dropout=0.1),
                 "multitask-adapter": dict(CLIP_BART, peft="adapter"),
-                **{f"multitask-{p}": dict(CLIP_BART, peft=p) for p in ("vlpet-large", "vlpet-middlex", "vlpet-middley",
-                                                                         "vlpet-small")}})
+                **{f"multitask-{p}": dict(CLIP_BART, peft=p) for p in VLPET}})
+# The same on T5-base (T5_NOTES 4.1, 4.5): VL-PET's T5 scripts (scripts/image-text/T5-VL-PET-*.sh): batch 300, lr 3e-4,
+# r 192 (large: gate rank 192), the decoder's value adapters r 96 (the gate scale 0.3 and zero inits are tasks.py's T5
+# recipe); LoRA and VL-Adapter as Ladder-Side-Tuning's VL-T5/scripts/image (VL-PET's Table 2 copies those rows): lora.sh
+# r 150, alpha 32, dropout 0.1, adapter.sh r 192 (reduction factor 4), both lr 3e-4.
+CLIP_T5 = dict(CLIP_BART, text="ckpt/t5-base.pt", batch_size=300, lr=3e-4, rank=192)
+PRESETS.update({"multitask-t5-lora": dict(CLIP_T5, peft="lora", rank=150, alpha=32, dropout=0.1),
+                "multitask-t5-adapter": dict(CLIP_T5, peft="adapter"),
+                **{f"multitask-t5-{p}": dict(CLIP_T5, peft=p, rank_dec=96) for p in VLPET}})
 CHOICES = {"task": ("vqa", "caption", "multitask"), "vqa_split": ("auto", "karpathy", "official"),
            "peft": ("lora", "adapter", "vlpet-large", "vlpet-middlex", "vlpet-middley", "vlpet-small"),
            "route": tuple(rp.ROUTES), "visual": ("pooler", "cls", "mean", "patches"),
@@ -205,7 +214,8 @@ def check_config(cfg):
                          f"(route {cfg.route!r} needs one vector per image)")
     for names, ok, need in ((("rank", "epochs", "batch_size", "grad_accum", "max_len", "answers", "beams", "max_new_tokens"),
                              lambda v: v >= 1, "at least 1"), (("lr", "alpha"), lambda v: v > 0, "> 0"),
-                            (("max_steps", "train_limit", "warmup", "weight_decay", "workers", "clip"), lambda v: v >= 0, ">= 0"),
+                            (("max_steps", "train_limit", "warmup", "weight_decay", "workers", "clip", "rank_dec"),
+                             lambda v: v >= 0, ">= 0"),
                             (("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")):
         for name in names:
             if not ok(getattr(cfg, name)):
@@ -216,15 +226,18 @@ def check_config(cfg):
     clip_bart = cfg.task == "multitask"
     if cfg.peft.startswith("vlpet") and not clip_bart:
         raise ValueError(f"--peft {cfg.peft}: VL-PET is built for the CLIP-BART setting (--task multitask)")
+    if cfg.rank_dec and not cfg.peft.startswith("vlpet"):
+        raise ValueError(f"--rank-dec is the rank of VL-PET's decoder adapters; --peft {cfg.peft} has none")
     if clip_bart and cfg.visual not in ("mean", "patches"):
         raise ValueError(f"--visual {cfg.visual}: the CLIP-BART setting routes the mean embedded visual token (mean) "
                          f"or all of them (patches)")
 
 
 def backbone(name, arch):
-    """A converted checkpoint's path, or "tiny": the demo's `arch` backbone (pretrained on first use)."""
-    if name == "tiny":
-        return shapes.tiny_backbone(arch)
+    """A converted checkpoint's path, or one of the demo's tiny backbones (pretrained on first use): "tiny" (the
+    setting's `arch`) or "tiny-ARCH" (another, e.g. multitask's tiny-t5; build checks that the setting takes it)."""
+    if name == "tiny" or name.startswith("tiny-"):
+        return shapes.tiny_backbone(arch if name == "tiny" else name.removeprefix("tiny-"))
     if not os.path.isfile(name):
         raise FileNotFoundError(f"checkpoint not found: {name} (convert one with: python models.py convert "
                                 f"--src HF_DIR --out {name}, or use 'tiny')")

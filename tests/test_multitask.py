@@ -102,7 +102,7 @@ def test_a_step_changes_only_the_trainable_weights(world, tmp_path, peft, route)
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed <= trainable and changed, sorted(changed - trainable)[:5]
-    assert "visual.feat.0.weight" in changed and not any(k.startswith("bart.wte") for k in changed)
+    assert "visual.feat.0.weight" in changed and not any(k.startswith("backbone.wte") for k in changed)
     extra = {"lora": ".bias", "adapter": "ln_cross.weight", "vlpet-large": "encoder.ln_emb.weight"}
     if peft in extra:  # the release's other trainable parameters: biases, every LN, the encoder's LNs
         assert any(k.endswith(extra[peft]) for k in changed)
@@ -140,7 +140,7 @@ def test_parameter_counts_reproduce_vl_pet():
         with torch.device("meta"):
             bart = models.build_model(models.PRESETS["bart-base"])
             extra = tasks.add_peft_vl(cfg, bart)
-            model = tasks.VLBart(bart, 2048, True, False)
+            model = tasks.VLSeq2Seq(bart, 2048, True, False, 50265 + 200)
         counts = rp.count_parameters(rp.mark_trainable(model, ["visual"] + extra))
         assert counts == (trainable, total) and round(100 * trainable / total, 2) == percent, peft
     with torch.device("meta"):

@@ -156,14 +156,14 @@ def test_caption_loss_is_a_token_mean_over_the_batch():
 
 
 def vl_model(peft, route="mul", rank=4):
-    """Our tiny BART with cfg.peft placed as its release places it, inside VLBart; (model, trainable extras)."""
+    """Our tiny BART with cfg.peft placed as its release places it, inside VLSeq2Seq; (model, trainable extras)."""
     lora = peft == "lora"
     cfg = train.Config(task="multitask", peft=peft, route=route, rank=rank, alpha=32 if lora else 16,
                        dropout=0.0, visual="mean")
     torch.manual_seed(0)
     bart = models.build_model(BART)
     extra = tasks.add_peft_vl(cfg, bart)
-    model = tasks.VLBart(bart, 8, True, False)
+    model = tasks.VLSeq2Seq(bart, 8, True, False, len(TOK.vocab) + 200)
     return rp.mark_trainable(model, ["visual"] + extra).eval()
 
 
@@ -172,7 +172,7 @@ def peft_layers(model):
 
 
 def blocks(stack, names, kind):
-    return {f"bart.{stack}.blocks.{i}.{n}": kind for i in range(2) for n in names}
+    return {f"backbone.{stack}.blocks.{i}.{n}": kind for i in range(2) for n in names}
 
 
 def test_every_method_sits_where_its_release_puts_it():
@@ -193,8 +193,8 @@ def test_every_method_sits_where_its_release_puts_it():
 
 
 def trained_kinds(model):
-    """The trainable parameters, outside the PEFT layers, by module path without the block index."""
-    peft = tuple(n + "." for n in peft_layers(model))
+    """The trainable parameters other than the PEFT weights, by module path without the block index."""
+    peft = tuple(f"{n}.{c}." for n, m in model.named_modules() if isinstance(m, rp._PeftLayer) for c in m.trained)
     names = [n for n, p in model.named_parameters() if p.requires_grad and not n.startswith(peft)]
     return {re.sub(r"\.blocks\.\d+\.", ".blocks.", n) for n in names}
 
@@ -205,12 +205,12 @@ def test_every_method_trains_what_its_release_trains():
     visual = {"visual.feat.0.weight", "visual.feat.0.bias", "visual.feat.1.weight", "visual.feat.1.bias",
               "visual.box.0.weight", "visual.box.0.bias", "visual.box.1.weight", "visual.box.1.bias",
               "visual.image_order.weight"}
-    enc_ln = {f"bart.encoder.{n}.{w}" for n in ("ln_emb", "blocks.ln1", "blocks.ln2") for w in ("weight", "bias")}
-    dec_ln = {f"bart.decoder.{n}.{w}" for n in ("ln_emb", "blocks.ln1", "blocks.ln_cross", "blocks.ln2")
+    enc_ln = {f"backbone.encoder.{n}.{w}" for n in ("ln_emb", "blocks.ln1", "blocks.ln2") for w in ("weight", "bias")}
+    dec_ln = {f"backbone.decoder.{n}.{w}" for n in ("ln_emb", "blocks.ln1", "blocks.ln_cross", "blocks.ln2")
               for w in ("weight", "bias")}
     biases = {n for n in trained_kinds(vl_model("lora")) if n.endswith("bias")}
     assert trained_kinds(vl_model("lora")) == visual | biases
-    assert {f"bart.{s}.blocks.{m}.bias" for s in ("encoder", "decoder") for m in ("attn.k", "attn.o", "mlp.fc1")} <= biases
+    assert {f"backbone.{s}.blocks.{m}.bias" for s in ("encoder", "decoder") for m in ("attn.k", "attn.o", "mlp.fc1")} <= biases
     assert trained_kinds(vl_model("adapter")) == visual | enc_ln | dec_ln
     assert trained_kinds(vl_model("vlpet-large")) == visual | enc_ln
 
@@ -230,9 +230,9 @@ def test_x_R_is_the_mean_of_the_embedded_visual_tokens(n_images):
     visual embedding, over both images of a pair; every routed layer of the encoder sees exactly it."""
     model = vl_model("vlpet-large")
     ids, mask, visual = inputs(n_images=n_images)
-    embedded = model.visual(visual, n_images, model.bart.wte.weight)  # (B, n_images * L, d)
+    embedded = model.visual(visual, n_images, model.backbone.wte.weight)  # (B, n_images * L, d)
     seen = []
-    layer = model.bart.encoder.blocks[1].mlp
+    layer = model.backbone.encoder.blocks[1].mlp
     hook = layer.register_forward_pre_hook(lambda m, args: seen.append(m.x_R.clone()))
     with torch.no_grad():
         _, _, x_R = model.encode(ids, mask, visual, n_images)
@@ -260,8 +260,8 @@ def test_routing_reaches_the_decoder(peft):
             dec = torch.tensor([[2, 0, 5], [2, 0, 6]])
             out = []
             for x_R in (torch.randn(2, 1, 16), torch.randn(2, 1, 16)):
-                with rp.visual_context(model.bart, x_R):
-                    out.append(model.bart.decode(dec, memory, memory_mask))
+                with rp.visual_context(model.backbone, x_R):
+                    out.append(model.backbone.decode(dec, memory, memory_mask))
         logits[route] = out
     assert not torch.allclose(*logits["mul"], atol=1e-4)
     assert torch.equal(*logits["none"])
@@ -271,7 +271,7 @@ def test_visual_embedding_gives_each_token_its_object_and_image_rows():
     """VL-T5 src/modeling_bart.py VisualEmbedding: token k of image j gets the frozen token-table row V - 1 - k
     (the <vis_extra_id_k> embedding) and image-order row j. With the feature and box terms at zero, the output
     is exactly those two rows."""
-    emb = tasks.VisualEmbedding(3, 4)
+    emb = tasks.VisualEmbedding(3, dataclasses.replace(BART, d_model=4))
     with torch.no_grad():
         for lin in (emb.feat[0], emb.box[0]):
             lin.weight.zero_()
@@ -294,7 +294,7 @@ def test_new_modules_start_as_in_the_release():
     """VL-PET's BART runs (research: the last init_weights of VLBart's constructor): every new Linear N(0, 0.02)
     with zero bias, the image-order Embedding N(0, 0.02), the visual LayerNorms 1 / 0; VL-Adapter's adapters the
     same (no zero up-projection); LoRA keeps A Kaiming-uniform and B = 0 (its A, B are bare Parameters there)."""
-    emb = tasks.VisualEmbedding(2048, 768)
+    emb = tasks.VisualEmbedding(2048, models.PRESETS["bart-base"])
     for lin in (emb.feat[0], emb.box[0]):
         assert near(lin.weight, 0.02) and not lin.bias.any()
     for ln in (emb.feat[1], emb.box[1]):
@@ -316,3 +316,142 @@ def test_multitask_presets_run_the_releases_methods():
         cfg = train.parse_command_line(["--preset", name])[0]
         assert (cfg.route, cfg.precision) == ("none", "fp32"), name
         assert train.parse_command_line(["--preset", name, "--route", "mul"])[0].route == "mul"
+    for name in ("multitask-t5-vlpet-large", "multitask-t5-vlpet-middley", "multitask-t5-adapter", "multitask-t5-lora"):
+        cfg = train.parse_command_line(["--preset", name])[0]
+        assert (cfg.route, cfg.precision, cfg.text, cfg.batch_size, cfg.lr) == ("none", "fp32", "ckpt/t5-base.pt", 300, 3e-4)
+
+
+# ---- CLIP-T5: where the T5 releases differ from their BART path (T5_NOTES Q3, Q4) ------------------------------
+
+T5 = models.Config("t5", 64, 2, 2, 32, 1e-6, vocab_size=24, pad_id=0, dropout=0.0, decoder_start_id=0, d_kv=8)
+
+
+class T5Tokenizer:
+    """What the tasks read of a T5 tokenizer: no BOS, wrap appends </s> (1); "false" and "true" are one piece each."""
+
+    bos_id, eos_id, pad_id = None, 1, 0
+
+    def encode(self, text):
+        return {"false": [7], "true": [9]}[text]
+
+    def wrap(self, ids):
+        return list(ids) + [1]
+
+
+def test_t5_nlvr2_compares_true_and_false_at_decoder_position_0():
+    """VL-PET src/nlvr_model.py on T5: the decoder reads [<pad>] alone and "true" wins iff its logit at position 0
+    beats "false"'s (BART: [</s>, <s>], position 1)."""
+    margins = [2.0, -1.0, 0.5, -3.0]
+    seen = {}
+
+    def model(ids, mask, visual, decoder_input_ids, n_images):
+        seen["decoder"] = decoder_input_ids.tolist()
+        logits = torch.zeros(len(ids), decoder_input_ids.shape[1], 24)
+        for b, m in enumerate(margins):
+            logits[b, 0, 9] = m  # "true"; "false" (7) stays at 0
+        return logits
+
+    split = {"identifier": [f"test1-{i}-0-0" for i in range(4)], "label": torch.tensor([1, 0, 0, 0]),
+             "sentence": ["s"] * 4}
+    batch = {"input_ids": torch.zeros(4, 3, dtype=torch.long), "attention_mask": torch.ones(4, 3, dtype=torch.long),
+             "visual": torch.zeros(4, 2, 8)}
+    task = bare_task(tasks.NLVR2, tokenizer=T5Tokenizer(), text_config=T5, splits={"test": split},
+                     ordered_batches=lambda s: [batch])
+    m, results = task.predict(model, "test")
+    assert seen["decoder"] == [[0]] * 4
+    assert [r["prediction"] for r in results] == ["True", "False", "True", "False"] and m["accuracy"] == 0.75
+
+
+def t5_vl_model(peft, route="mul", rank=8, rank_dec=0, config=T5):
+    """A T5 with cfg.peft placed as the T5 releases place it, inside VLSeq2Seq (visual width 8), trainable as they train."""
+    lora = peft == "lora"
+    cfg = train.Config(task="multitask", peft=peft, route=route, rank=rank, rank_dec=rank_dec, alpha=32 if lora else 16,
+                       dropout=0.0, visual="mean")
+    t5 = models.build_model(config)
+    extra = tasks.add_peft_vl(cfg, t5)
+    model = tasks.VLSeq2Seq(t5, 8, True, False, config.vocab_size + 72)
+    return rp.mark_trainable(model, ["visual"] + extra).eval()
+
+
+def test_t5_methods_sit_where_bart_has_them_and_train_what_the_t5_releases_train():
+    """LoRA (LST lora.sh): q, v of every attention, the biases (T5 has none: the visual embedding's); VL-Adapter (LST
+    adapter.sh): after every attention and FFN, no norm (its isinstance test never matches T5's); VL-PET: gated modules
+    around the encoder's sub-layers and value adapters in the decoder, the encoder's norms (by name) trained."""
+    visual = {"visual.feat.0.weight", "visual.feat.0.bias", "visual.feat.1.weight", "visual.box.0.weight",
+              "visual.box.0.bias", "visual.box.1.weight", "visual.image_order.weight"}  # RMS norms: no bias
+    enc_norms = {"backbone.encoder.blocks.attn.module.ln.weight", "backbone.encoder.blocks.mlp.module.ln.weight",
+                 "backbone.encoder.ln_f.weight"}
+    expected = {"lora": ({**blocks("encoder", ("attn.q", "attn.v"), "LoRA"),
+                          **blocks("decoder", ("attn.q", "attn.v", "cross.q", "cross.v"), "LoRA")}, visual),
+                "adapter": ({**blocks("encoder", ("attn.o", "mlp.fc2"), "Adapter"),
+                             **blocks("decoder", ("attn.o", "cross.o", "mlp.fc2"), "Adapter")}, visual),
+                "vlpet-small": ({**blocks("encoder", ("attn", "mlp"), "VLPET"),
+                                 **blocks("decoder", ("cross.v",), "ParallelAdapter")}, visual | enc_norms)}
+    for peft, (layers, trained) in expected.items():
+        model = t5_vl_model(peft)
+        assert peft_layers(model) == layers, peft
+        assert trained_kinds(model) == trained, peft
+    for a in [m for m in t5_vl_model("adapter", rank=32).modules() if isinstance(m, rp.Adapter)]:
+        assert near(a.up.weight, 32 ** -0.5 / math.sqrt(3))  # nn.Linear's init: no zero W_up in LST's adapters
+
+
+@pytest.mark.parametrize("peft, gate", [("vlpet-large", 0.5), ("vlpet-middlex", 0.5), ("vlpet-small", 0.5),
+                                        ("vlpet-middley", 1.0)])
+def test_t5_vlpet_starts_at_zero_up_projections_scaled_by_0_3(peft, gate):
+    """VL-PET's T5 scripts (--use_*_zero_init, --encoder_gating_scaling_factor 0.3): W_up and the gate's last layer
+    start at zero, so every encoder module returns 0.3 * G * H, G = sigmoid(0) = 0.5 (middleY: 1 + 0); the decoder's
+    value adapters (r = rank_dec) add nothing; the down-projections keep nn.Linear's init (uniform, bound d^-0.5)."""
+    torch.manual_seed(0)
+    model = t5_vl_model(peft, rank=32, rank_dec=4)
+    t5 = model.backbone
+    x, bias = torch.randn(2, 5, 64), torch.zeros(1, 2, 5, 5)
+    with torch.no_grad(), rp.visual_context(t5, torch.randn(2, 1, 64)):
+        for block in t5.encoder.blocks:
+            assert (block.attn(x, bias) - 0.3 * gate * block.attn.module(x, bias)).abs().max() < 1e-6
+            assert (block.mlp(x) - 0.3 * gate * block.mlp.module(x)).abs().max() < 1e-6
+            assert near(block.mlp.down.weight, 64 ** -0.5 / math.sqrt(3)) and block.mlp.down.bias.abs().max() > 0
+        for block in t5.decoder.blocks:
+            assert block.cross.v.down.out_features == 4 and torch.equal(block.cross.v(x), block.cross.v.base(x))
+    if peft == "vlpet-large":
+        assert near(t5.encoder.blocks[0].attn.gate.down.weight, 64 ** -0.5 / math.sqrt(3))
+
+
+def test_t5_visual_embedding_has_rms_norms_and_pytorch_init():
+    """VL-T5 src/modeling_t5.py VisualEmbedding: T5LayerNorm (weight only, no mean subtracted) after both Linears, and
+    nothing re-initialised: nn.Linear's uniform init, the image-order rows N(0, 1), as the 72 new token rows."""
+    emb = tasks.VisualEmbedding(4, dataclasses.replace(T5, d_model=4))
+    with torch.no_grad():
+        emb.feat[0].weight.copy_(torch.eye(4))
+        for p in (emb.feat[0].bias, emb.box[0].weight, emb.box[0].bias, emb.image_order.weight):
+            p.zero_()
+    out = emb(torch.tensor([[[1.0, 2.0, 3.0, 6.0]]]), 1, torch.zeros(10, 4))
+    rms = math.sqrt((1 + 4 + 9 + 36) / 4 + 1e-6)  # a LayerNorm would subtract the mean 3 first
+    assert out[0, 0].tolist() == pytest.approx([1 / rms, 2 / rms, 3 / rms, 6 / rms], rel=1e-6)
+    big = tasks.VisualEmbedding(2048, models.PRESETS["t5-base"])
+    assert near(big.feat[0].weight, 2048 ** -0.5 / math.sqrt(3)) and near(big.image_order.weight, 1.0)
+    assert not any(n.endswith("bias") for n, _ in big.feat[1].named_parameters())
+    torch.manual_seed(0)
+    assert near(t5_vl_model("lora").backbone.wte.weight[T5.vocab_size:], 1.0)
+
+
+T5_COUNTS = {  # preset: (trainable, total, the paper's %); T5_NOTES 5.2
+    "multitask-t5-vlpet-large": (17_582_208, 240_521_856, 7.31), "multitask-t5-vlpet-small": (10_518_168, 233_457_816, 4.51),
+    "multitask-t5-vlpet-middlex": (10_499_736, 233_439_384, 4.50),
+    "multitask-t5-vlpet-middley": (10_499_712, 233_439_360, 4.50),
+    "multitask-t5-adapter": (19_333_632, 242_292_480, 7.98), "multitask-t5-lora": (18_170_112, 241_128_960, 7.54)}
+
+
+def test_t5_parameter_counts_reproduce_vl_pet():
+    """On t5-base resized to VL-T5's 32,200 rows with the visual embedding for RN101 grids (meta device, no weights):
+    224,540,160 parameters, and each T5 preset's trainable count and the percentage VL-PET reports (Table 2)."""
+    with torch.device("meta"):
+        base = tasks.VLSeq2Seq(models.build_model(models.PRESETS["t5-base"]), 2048, True, False, 32_200)
+    assert sum(p.numel() for p in base.parameters()) == 224_540_160
+    for preset, (trainable, total, percent) in T5_COUNTS.items():
+        cfg = train.parse_command_line(["--preset", preset])[0]
+        with torch.device("meta"):
+            t5 = models.build_model(models.PRESETS["t5-base"])
+            extra = tasks.add_peft_vl(cfg, t5)
+            model = rp.mark_trainable(tasks.VLSeq2Seq(t5, 2048, True, False, 32_200), ["visual"] + extra)
+        counts = rp.count_parameters(model)
+        assert counts == (trainable, total) and round(100 * trainable / total, 2) == percent, preset

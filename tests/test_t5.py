@@ -359,6 +359,30 @@ def test_t5_transformers5_file_of_an_unscaled_model(tmp_path):
         assert max_diff(ours(ids, mask, dec), want) <= TOL
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_t5_resize_token_table_keeps_the_old_rows(family):
+    """resize_token_table (VL-T5's 32,128 -> 32,200): the old tokens' logits do not move, the new rows are N(0, std)
+    in the shared table and, for v1.1's own head, nn.Linear's uniform init (bound d^-0.5); a cut keeps the first rows."""
+    ref = tiny_t5(family, seed=4)
+    c = models.t5_config(hub_config(ref))
+    ours = models.build_model(c).eval()
+    ours.load_state_dict(models.convert_state_dict("t5", ref.state_dict(), c)[0], strict=True)
+    ids, mask = padded_batch([6, 4], 6)
+    ids, dec = ids.clamp(max=V - 9), decoder_inputs(2, 3).clamp(max=V - 9)  # tokens the cut keeps
+    with torch.no_grad():
+        before = ours(ids, mask, dec)
+        ours.resize_token_table(V + 4000, 2.0)
+        grown = ours(ids, mask, dec)
+        new = ours.wte.weight[V:]
+        assert grown.shape == (2, 3, V + 4000) and max_diff(grown[..., :V], before) <= 1e-6
+        assert abs(new.std().item() - 2.0) < 0.1 and abs(new.mean().item()) < 0.1
+        if family == "v1.1":
+            head = ours.lm_head.weight[V:]
+            assert head.abs().max() <= D ** -0.5 and abs(head.std().item() - D ** -0.5 / 3 ** 0.5) < 0.01
+        ours.resize_token_table(V - 8, 1.0)
+        assert max_diff(ours(ids, mask, dec), before[..., :V - 8]) <= 1e-6
+
+
 # ---- the module tree PEFT code relies on ------------------------------------------------------------
 
 
