@@ -1,7 +1,7 @@
 """The demos' synthetic world, their tiny pretrained backbones and pictures: no part of the method.
 
     python shapes.py world [--out data/shapes] [--n-images 3000] [--seed 0]   # the world, in the real formats
-    python shapes.py backbones                          # the tiny ViT, RoBERTa, GPT-2, CLIP ResNet and BART
+    python shapes.py backbones                          # the tiny ViT, RoBERTa, GPT-2, CLIP ResNet, BART and T5
     python train.py                                     # builds both on first use
 
 The world: 64-px images of coloured shapes (1-4 per image, one per quadrant), with VQAv2 questions
@@ -35,7 +35,8 @@ The tiny backbones have the real architectures (models.py), tiny (d = 128), in t
 checkpoint format: a ViT and a CLIP ResNet trained briefly to name the colour, shape and size in each
 quadrant of freshly drawn scenes (a stand-in for ImageNet-21k or CLIP pretraining: none of the demo's
 images), a RoBERTa trained with masked-LM, a GPT-2 with next-token LM and a BART by denoising on the
-world's text, each with a byte-level BPE learned on its text. World and backbones live next to this
+world's text, each with a byte-level BPE learned on its text, and a T5 by span corruption with a SentencePiece
+unigram model of the world's words (spiece_model). World and backbones live next to this
 file (data/shapes, data/tiny), wherever train.py is run from.
 
 The pictures (Pillow only): study_chart draws a study's table (a bar per route, the seeds' spread, the
@@ -49,6 +50,8 @@ import json
 import math
 import os
 import random
+import re
+import struct
 from collections import Counter
 
 import numpy as np
@@ -866,13 +869,15 @@ TINY = {  # the same architectures as the real backbones, tiny; d = 128 for ViT,
     # CLIP's ResNet at the images' own 64 px: a 2 x 2 grid (one cell a quadrant), 256 channels (stem width 8)
     "clip_resnet": models.Config("clip_resnet", 256, 4, 4, 0, 1e-5, image_size=64, stages=(1, 1, 1, 1), output_dim=128,
                                  image_mean=models.CLIP_MEAN, image_std=models.CLIP_STD, image_resample="bicubic"),
-    # no dropout in the tiny BART: on 2 CPU cores its masks would cost a third of every step
+    # no dropout in the tiny BART and T5: on 2 CPU cores their masks would cost a third of every step
     "bart": models.Config("bart", 128, 2, 4, 512, 1e-5, max_positions=66),
+    "t5": models.Config("t5", 128, 2, 4, 512, 1e-6, pad_id=0, decoder_start_id=0, d_kv=32),
 }
 TINY_VOCAB = 1000
 VIT_STEPS, VIT_LR, VIT_SCENES = 700, 2e-3, 8000
 TEXT_STEPS, TEXT_LR = 400, 1e-3  # per text backbone
 BART_STEPS, BART_LR = 800, 3e-3  # BART's decoder needs ~800 steps to learn to read its encoder (copy), not just the LM
+T5_STEPS, T5_LR = 800, 3e-3
 PRETRAIN_WARMUP = 50
 
 
@@ -972,6 +977,71 @@ def pretrain_bart(tokenizer, texts):
     return pretrain(model, nn.Identity(), loss, BART_STEPS, BART_LR, "pretrain tiny BART (denoising)")
 
 
+def _proto_field(number, value):
+    """One protocol-buffer field (spiece_model): float -> fixed32, int -> varint, str or bytes -> length-delimited."""
+    def varint(n):
+        out = bytearray()
+        while True:
+            out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
+            n >>= 7
+            if not n:
+                return bytes(out)
+    if isinstance(value, float):
+        return varint(number << 3 | 5) + struct.pack("<f", value)
+    if isinstance(value, int):
+        return varint(number << 3) + varint(value)
+    value = value.encode() if isinstance(value, str) else value
+    return varint(number << 3 | 2) + varint(len(value)) + value
+
+
+def spiece_model(texts):
+    """The tiny T5's spiece.model, the bytes of a SentencePiece ModelProto (data.SentencePieceTokenizer reads it): a
+    unigram model with T5's specials (<pad> 0, </s> 1, <unk> 2), then "▁word" for every word of `texts` and every
+    character, scored by log frequency, characters 10 lower: each word of the world is one piece, as in t5-base."""
+    words = Counter(w for t in texts for w in re.findall(r"\w+", t))
+    chars = Counter(c for t in texts for c in t.replace(" ", data.SPACE))
+    total = sum(words.values()) + sum(chars.values())
+    pieces = [("<pad>", 0.0, 3), ("</s>", 0.0, 3), ("<unk>", 0.0, 2)]  # types: 3 CONTROL, 2 UNKNOWN, 1 NORMAL
+    pieces += [(data.SPACE + w, math.log(n / total), 1) for w, n in words.most_common()]
+    pieces += [(c, math.log(n / total) - 10, 1) for c, n in chars.most_common()]
+    proto = b"".join(_proto_field(1, _proto_field(1, p) + _proto_field(2, s) + _proto_field(3, t)) for p, s, t in pieces)
+    return proto + _proto_field(2, _proto_field(3, 1)) + _proto_field(3, _proto_field(1, "identity"))  # unigram, no map
+
+
+def span_corruption(ids, tokenizer, g, rate=0.15, span=3):
+    """T5's objective on one text's token ids (no </s>): spans of `span` tokens at random starts, about `rate` of the
+    tokens (at least one span), each replaced in the input by the next sentinel <extra_id_k>; the target is each
+    sentinel followed by its span, then one more sentinel (the T5 paper, 3.1.4). -> (input ids, target ids) + </s>."""
+    n, last = len(ids), len(tokenizer) - 1  # <extra_id_k> = last - k
+    masked = torch.zeros(n, dtype=torch.bool)
+    for start in torch.randint(n, (max(1, round(n * rate / span)),), generator=g).tolist():
+        masked[start:start + span] = True
+    inputs, targets, k = [], [], 0
+    for i in range(n):
+        if masked[i] and (i == 0 or not masked[i - 1]):  # a span starts: its sentinel in both
+            inputs.append(last - k)
+            targets.append(last - k)
+            k += 1
+        (targets if masked[i] else inputs).append(ids[i])
+    return inputs + [tokenizer.eos_id], targets + [last - k, tokenizer.eos_id]
+
+
+def pretrain_t5(tokenizer, texts):
+    """The tiny T5, trained briefly as T5 is: span corruption (span_corruption)."""
+    c = dataclasses.replace(TINY["t5"], vocab_size=len(tokenizer))
+    model = models.build_model(c)
+    seqs = [tokenizer.encode(t) for t in texts]
+    g = torch.Generator().manual_seed(0)
+
+    def loss(step):
+        pairs = [span_corruption(seqs[j], tokenizer, g) for j in torch.randint(len(seqs), (64,), generator=g).tolist()]
+        ids, mask = data.pad_sequences([torch.tensor(i) for i, _ in pairs], tokenizer.pad_id)  # (B, N)
+        decoder_input_ids, labels = data.seq2seq_targets([t for _, t in pairs], c.decoder_start_id, tokenizer.pad_id)
+        return F.cross_entropy(model(ids, mask, decoder_input_ids).flatten(0, 1), labels.flatten())
+
+    return pretrain(model, nn.Identity(), loss, T5_STEPS, T5_LR, "pretrain tiny T5 (span corruption)")
+
+
 def pretrain_text(arch, tokenizer, texts):
     """The tiny RoBERTa (masked LM) or GPT-2 (next-token LM) on the synthetic world's text."""
     c = dataclasses.replace(TINY[arch], vocab_size=len(tokenizer), pad_id=tokenizer.pad_id)
@@ -1003,7 +1073,7 @@ def pretrain_text(arch, tokenizer, texts):
 
 
 def tiny_backbone(arch):
-    """Path of the demo's tiny pretrained `arch` backbone (vit, roberta, gpt2, clip_resnet, bart), pretrained on first use
+    """Path of the demo's tiny pretrained `arch` backbone (vit, roberta, gpt2, clip_resnet, bart, t5), pretrained on first use
     (about a minute each) from a fixed seed: the same weights whatever ran before."""
     path = os.path.join(TINY_DIR, f"{arch}.pt")
     if os.path.isfile(path):
@@ -1018,6 +1088,10 @@ def tiny_backbone(arch):
         texts = bart_texts(WORLD)
         tokenizer = data.BPETokenizer(**data.learn_bpe(texts, TINY_VOCAB))
         models.save_checkpoint(pretrain_bart(tokenizer, texts), path, tokenizer.to_data())
+    elif arch == "t5":
+        texts = bart_texts(WORLD)
+        tokenizer = data.SentencePieceTokenizer(spiece_model(texts))
+        models.save_checkpoint(pretrain_t5(tokenizer, texts), path, tokenizer.to_data())
     else:
         questions, captions = world_texts(WORLD)
         tokenizer = data.BPETokenizer(**data.learn_bpe(questions + captions, TINY_VOCAB))
@@ -1293,7 +1367,7 @@ def main(argv=None):
     p.add_argument("--n-images", type=int, default=3000,
                    help="number of VQA / COCO / GQA scenes (2/3 train2014, 1/3 val2014); NLVR2 has n-images / 5 pairs")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same bytes)")
-    sub.add_parser("backbones", help=f"pretrain the tiny ViT, RoBERTa and GPT-2 into {TINY_DIR} (once)")
+    sub.add_parser("backbones", help=f"pretrain every tiny backbone ({', '.join(TINY)}) into {TINY_DIR} (once)")
     args = parser.parse_args(argv)
     if args.command == "world":
         make_world(args.out, n_images=args.n_images, seed=args.seed)

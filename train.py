@@ -170,7 +170,7 @@ def build_parser():
     parser.add_argument("--study", action="store_true", default=None,
                         help="train every route x PEFT method x seeds (VQA and captions, with controls; or --task "
                              f"multitask) from these options; table and chart in OUT/study.md, study.png (default OUT: "
-                             f"{STUDY_OUT}, {STUDY_OUT}-multitask)")
+                             f"{STUDY_OUT}, {STUDY_OUT}-multitask, {STUDY_OUT}-multitask-t5 with --text tiny-t5)")
     return parser
 
 
@@ -555,7 +555,8 @@ def final_report(cfg, tasks, model, opt, step, records):
     records.append(record)
     save_run(cfg, model, opt, step, tasks, records, {})
     names = [n for t in tasks for n in t.headline]
-    demo = " (the demo's tiny backbones, pretrained on the synthetic world)" if "tiny" in (cfg.vision, cfg.text) else ""
+    tiny = any(name == "tiny" or name.startswith("tiny-") for name in (cfg.vision, cfg.text))
+    demo = " (the demo's tiny backbones, pretrained on the synthetic world)" if tiny else ""
     print(f"\n{split} split{demo}; accuracy in %, CIDEr and BLEU x100:")
     print("| model | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
     for label, values in (("text-only baseline", base), (f"{cfg.peft} r={cfg.rank}, route {cfg.route}", record)):
@@ -722,12 +723,19 @@ def check_same_run(cfg):
                          f"wants {ours[diff[0]]!r}); remove it or choose another --out")
 
 
+def study_out(base):
+    """A study's default folder: runs/study, runs/study-multitask, and for another tiny backbone its name after it
+    (--task multitask --text tiny-t5: runs/study-multitask-t5)."""
+    tiny = base.text.removeprefix("tiny-") if base.text.startswith("tiny-") else ""
+    return STUDY_OUT + "".join(f"-{part}" for part in ("multitask" if base.task == "multitask" else "", tiny) if part)
+
+
 def run_study(base, given=(), routes=None, seeds=None):
     """Train every run of the grid that has not finished (an interrupted one resumes), then read each run's final
     record and write the table to OUT/study.md and the chart to OUT/study.png. Returns (rows, the table)."""
     if base.max_steps:
         raise ValueError("--study compares whole runs: it takes no --max-steps")
-    base = dataclasses.replace(base, out=base.out or STUDY_OUT + ("-multitask" if base.task == "multitask" else ""))
+    base = dataclasses.replace(base, out=base.out or study_out(base))
     grid = study_grid(base, given, routes, seeds)
     t0 = time.time()
     for k, cfg in enumerate(grid.values(), 1):
@@ -745,7 +753,8 @@ def run_study(base, given=(), routes=None, seeds=None):
     metrics.atomic_write(path, lambda f: f.write(table))
     seeds = len({key[-1] for key in grid})
     shapes.study_chart(rows, os.path.join(base.out, "study.png"), {r["task"]: STUDY_METRICS[r["task"]][0] for r in rows}, X100,
-                       f"Study: mean ± std over {seeds} seed{'s' * (seeds > 1)} per route, {'the demo' if base.text == 'tiny' else base.text}")
+                       f"Study: mean ± std over {seeds} seed{'s' * (seeds > 1)} per route, "
+                       f"{'the demo' if base.text == 'tiny' else base.text}")
     print("\n" + table + f"\nstudy: {len(grid)} runs in {base.out}, "
           f"{time.time() - t0:.0f}s; table in {path}, chart in {os.path.join(base.out, 'study.png')}")
     return rows, table

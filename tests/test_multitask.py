@@ -36,11 +36,14 @@ def world(tmp_path_factory):
     tokenizer = data.BPETokenizer(**data.learn_bpe(shapes.bart_texts(path), 300))
     torch.manual_seed(0)
     w = SimpleNamespace(root=root, data=path, cache=str(root / "cache"), tokenizer=tokenizer,
-                        clip=str(root / "clip.pt"), bart=str(root / "bart.pt"))
+                        clip=str(root / "clip.pt"), bart=str(root / "bart.pt"), t5=str(root / "t5.pt"))
     models.save_checkpoint(models.build_model(CLIP), w.clip)
     bart = models.Config("bart", 32, 1, 2, 64, 1e-5, vocab_size=len(tokenizer), pad_id=tokenizer.pad_id,
                          max_positions=66, dropout=0.1)
     models.save_checkpoint(models.build_model(bart), w.bart, tokenizer.to_data())
+    spm = data.SentencePieceTokenizer(shapes.spiece_model(shapes.bart_texts(path)))
+    t5 = models.Config("t5", 32, 1, 2, 64, 1e-6, vocab_size=len(spm), pad_id=0, dropout=0.1, decoder_start_id=0, d_kv=16)
+    models.save_checkpoint(models.build_model(t5), w.t5, spm.to_data())
     return w
 
 
@@ -83,6 +86,22 @@ def test_every_method_end_to_end(world, tmp_path, peft, route):
     caption = E.score_caption_files(str(out / "results_caption_test.json"), karpathy, "test")
     assert caption["CIDEr"] == pytest.approx(result["CIDEr"], abs=1e-12)
     assert {f"gallery_{t}.png" for t in ("vqa", "gqa", "nlvr2", "caption")} <= set(os.listdir(out))
+
+
+def test_t5_end_to_end(world, tmp_path):
+    """The four tasks on a T5 with its SentencePiece tokenizer: VL-T5's token table (the pieces + 200 rows), and
+    main() writes each task's official results, which eval.py scores to the final record's numbers."""
+    cfg = config(world, tmp_path / "run", "--text", world.t5, "--peft", "vlpet-large", "--route", "mul")
+    _, model, _ = train.build(cfg)
+    pieces = len(data.load_tokenizer(world.t5).pieces)
+    assert model.backbone.wte.weight.shape[0] == pieces + 200 and model.backbone.config.arch == "t5"
+    result = train.main(cfg)
+    out = tmp_path / "run"
+    nlvr2 = E.score_nlvr2_files(str(out / "results_nlvr2_test.csv"), shapes.nlvr2_files(world.data, "test1")[0])
+    assert result["final"] and nlvr2 == result["nlvr2"]
+    gqa = E.score_gqa_files(str(out / "results_gqa_test.json"), shapes.gqa_files(world.data, "testdev")[0])
+    caption = E.score_caption_files(str(out / "results_caption_test.json"), os.path.join(world.data, data.KARPATHY), "test")
+    assert gqa == result["gqa"] and caption["CIDEr"] == pytest.approx(result["CIDEr"], abs=1e-12)
 
 
 @pytest.mark.parametrize("peft,route", METHODS)
@@ -174,17 +193,26 @@ def test_multitask_options():
     assert (cfg.peft, cfg.visual, cfg.clip, cfg.adam_eps, cfg.warmup) == ("vlpet-large", "mean", 5.0, 1e-6, 0.1)
     assert train.parse_command_line(["--task", "multitask", "--peft", "lora", "--visual", "patches"])[0].visual == "patches"
     for bad, phrase in ((dataclasses.replace(cfg, visual="pooler"), "CLIP-BART setting routes"),
-                        (train.Config(peft="vlpet-small"), "VL-PET is built for the CLIP-BART setting")):
+                        (train.Config(peft="vlpet-small"), "VL-PET is built for the CLIP-BART setting"),
+                        (dataclasses.replace(cfg, peft="lora", rank_dec=96), "--rank-dec is the rank of VL-PET's")):
         with pytest.raises(ValueError, match=phrase):
             train.check_config(bad)
 
 
-def test_multitask_study(world, tmp_path, monkeypatch):
-    """python train.py --study --task multitask, tiny: the grid of PEFT methods and routes, the table with each
-    task's metric and VL-PET's average, and its chart."""
+def test_tiny_backbone_names(monkeypatch):
+    """--text tiny is the setting's own demo backbone, tiny-ARCH another one (the demo's tiny T5: tiny-t5)."""
+    monkeypatch.setattr(shapes, "tiny_backbone", lambda arch: f"data/tiny/{arch}.pt")
+    assert train.backbone("tiny", "bart") == "data/tiny/bart.pt"
+    assert train.backbone("tiny-t5", "bart") == "data/tiny/t5.pt"
+
+
+@pytest.mark.parametrize("text", ["bart", "t5"])
+def test_multitask_study(world, tmp_path, monkeypatch, text):
+    """python train.py --study --task multitask, tiny, on BART or T5: the grid of PEFT methods and routes, the table
+    with each task's metric and VL-PET's average, and its chart."""
     monkeypatch.setitem(train.STUDY, "multitask", ({"lora": train.ROUTES5, "vlpet-small": ("none",)}, 2,
                                                    {"epochs": 1, "train_limit": 40}))
-    cfg, meta = train.parse_command_line(["--study", "--task", "multitask", "--vision", world.clip, "--text", world.bart,
+    cfg, meta = train.parse_command_line(["--study", "--task", "multitask", "--vision", world.clip, "--text", getattr(world, text),
                                           "--data", world.data, "--cache", world.cache, "--out", str(tmp_path / "study"),
                                           "--batch-size", "16", "--rank", "4", "--beams", "1", "--max-new-tokens", "8",
                                           "--workers", "0"])
@@ -198,6 +226,9 @@ def test_multitask_study(world, tmp_path, monkeypatch):
     expected = (record["vqa_accuracy"] + record["gqa_accuracy"] + record["nlvr2_accuracy"] + 100 * record["CIDEr"]) / 4
     assert row["mean"] == (pytest.approx(expected), 0.0)
     assert os.path.isfile(tmp_path / "study" / "study.png")
+    for text, out in (("tiny", "runs/study-multitask"), ("tiny-t5", "runs/study-multitask-t5")):
+        assert train.study_out(dataclasses.replace(cfg, text=text)) == out
+    assert train.study_out(dataclasses.replace(cfg, task="vqa", text="tiny")) == "runs/study"
 
 
 def test_vqa_targets_are_drawn_per_example(world, tmp_path):

@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import data
@@ -507,3 +508,55 @@ def test_make_world_rejects_worlds_too_small(tmp_path):
         shapes.make_world(str(tmp_path), n_images=19)
     with pytest.raises(ValueError, match="nlvr2_sets must be at least 3"):
         shapes.make_world(str(tmp_path), n_images=40, nlvr2_sets=2)
+
+
+# ---- the tiny T5's tokenizer and objective ------------------------------------------------------------------
+
+
+def test_tiny_t5_tokenizer_has_every_word_as_one_piece(world):
+    """shapes.spiece_model, read by data.SentencePieceTokenizer: T5's specials (<pad> 0, </s> 1, <unk> 2, the 100
+    sentinels last), every word of the world's text one piece (as in t5-base: answers and "true" / "false" are single
+    tokens, so targets and NLVR2's scored words are), texts round-trip, characters it never saw are <unk>."""
+    texts = shapes.bart_texts(world)
+    tok = data.SentencePieceTokenizer(shapes.spiece_model(texts))
+    assert (tok.pad_id, tok.eos_id, tok.unk_id, tok.bos_id) == (0, 1, 2, None)
+    assert len(tok) == len(tok.pieces) + 100 and tok.wrap([5]) == [5, 1]
+    for text in texts[::97]:
+        ids = tok.encode(text)
+        assert tok.decode(ids) == text
+        assert len(ids) == len(re.findall(r"\w+|[^\w\s]", text))  # one piece a word, one a punctuation mark
+    assert [tok.id_to_piece(i) for i in tok.encode("true false")] == ["\u2581true", "\u2581false"]
+    assert tok.encode("red §")[-1] == tok.unk_id
+
+
+def test_span_corruption_hides_spans_behind_sentinels():
+    """T5's objective: the input keeps the text with each masked span replaced by the next sentinel <extra_id_k>
+    (k = 0, 1, ...); the target lists each sentinel with its span and ends with one more sentinel and </s>: putting
+    the spans back gives the text. About 15 % of the tokens in spans of 3, at least one span."""
+    tok = data.SentencePieceTokenizer(shapes.spiece_model(["a b c d e f g h i j k l m n o p q r s t"]))
+    sentinel = {len(tok) - 1 - k: k for k in range(100)}  # <extra_id_k>, written out
+    g = torch.Generator().manual_seed(0)
+    masked = []
+    for n in (1, 4, 20, 20, 20, 20):
+        ids = list(range(3, 3 + n))
+        inputs, targets = shapes.span_corruption(ids, tok, g)
+        assert inputs[-1] == targets[-1] == 1 and targets[-2] in sentinel
+        spans, k = {}, None
+        for t in targets[:-2]:
+            if t in sentinel:
+                k = sentinel[t]
+                spans[k] = []
+            else:
+                spans[k].append(t)
+        assert list(spans) == list(range(len(spans))) and targets[-2] == len(tok) - 1 - len(spans) and spans
+        rebuilt = [x for t in inputs[:-1] for x in (spans[sentinel[t]] if t in sentinel else [t])]
+        assert rebuilt == ids
+        masked.append(sum(map(len, spans.values())) / n)
+    assert masked[0] == 1.0 and all(0 < m <= 0.3 for m in masked[2:])
+    lengths, fractions = [], []  # over many texts of 20 tokens: one span of 3 (cut at the end), 15 %
+    for _ in range(300):
+        inputs, targets = shapes.span_corruption(list(range(3, 23)), tok, g)
+        marks = "".join("|" if t in sentinel else "t" for t in targets[:-2])  # e.g. "|ttt": a sentinel, its span
+        lengths += [len(span) for span in marks.split("|")[1:]]
+        fractions.append(marks.count("t") / 20)
+    assert 2.6 <= np.mean(lengths) <= 3.0 and 0.12 <= np.mean(fractions) <= 0.15
