@@ -619,7 +619,9 @@ class EncoderDecoder(nn.Module):
         if self.config.arch == "bart":
             self.final_logits_bias = torch.cat([self.final_logits_bias[:, :rows], self.final_logits_bias.new_zeros(1, n)], 1)
         elif not self.config.tie_embeddings:  # T5 v1.1
-            weight = torch.cat([self.lm_head.weight[:rows], nn.Linear(d, n, bias=False).weight])  # (rows, d)
+            weight = self.lm_head.weight[:rows]
+            if n:
+                weight = torch.cat([weight, nn.Linear(d, n, bias=False).weight])  # (rows, d)
             self.lm_head = nn.Linear(d, rows, bias=False)
             self.lm_head.weight = nn.Parameter(weight)
 
