@@ -123,6 +123,7 @@ class Task:
     prompt = ""         # put before every question (the CLIP-BART tasks' prompts)
     batch_share = 1.0   # the task's batch size, as a share of cfg.batch_size
     vocab = None        # what the trained head depends on (the VQA answers): a checkpoint must match it
+    prediction = ""     # the field of a results entry that holds the prediction (the broken-output check)
 
     @classmethod
     def data_folder(cls, cfg, data_dir):
@@ -135,6 +136,12 @@ class Task:
     @property
     def batch_size(self):
         return max(1, int(self.cfg.batch_size * self.batch_share))
+
+    @property
+    def eval_batch_size(self):
+        """cfg.eval_batch_size, else the task's training batch size (VL-PET's release evaluates each task with
+        its training batch: VQA 500, GQA 833, NLVR2 166, captions 416; src/multitask.py's loaders)."""
+        return self.cfg.eval_batch_size or self.batch_size
 
     @property
     def n_train(self):
@@ -167,23 +174,52 @@ class Task:
                                            collate_fn=collate or self.collate)
 
     @torch.no_grad()
-    def evaluate(self, model, split):
-        """(metrics in eval.py's names, results in the official format) on a split."""
+    def evaluate(self, model, split, limit=0):
+        """(metrics in eval.py's names, results in the official format) on a split, or on its first `limit`
+        examples (limit > 0: a split of its own, "val[:500]", kept in self.splits)."""
+        if 0 < limit < len(self.splits[split]["image"]):
+            name = f"{split}[:{limit}]"
+            if name not in self.splits:
+                self.splits[name] = self.first_rows(split, limit)
+            split = name
         model.eval()
         try:
             return self.predict(model, split)
         finally:
             model.train()
 
+    def first_rows(self, split, n):
+        """The first n examples of a prepared split: every per-example column cut to n, the offsets of a ragged
+        column to n + 1 (its flat values, which the offsets index, stay whole)."""
+        return {k: v if k in RAGGED_VALUES else v[:n + 1] if k.endswith("_offsets") else v[:n]
+                for k, v in self.splits[split].items()}
+
     def ordered_batches(self, split):
         """The collated batches of a split in order (evaluation), with a progress bar."""
         ds = self.dataset(split)
-        return data.progress(self.loader(ds, index_batches(len(ds), self.cfg.batch_size)), f"evaluate {split}", "batch")
+        batches = index_batches(len(ds), self.eval_batch_size)
+        return data.progress(self.loader(ds, batches), f"evaluate {self.name} {split}", "batch", len(batches))
+
+    def output_warning(self, results, split):
+        """One line when every prediction is empty, or (two or more) all the same: the signs of a tokenizer that
+        does not fit the checkpoint, a checkpoint that does not fit its arch, or a collapsed run. Else None."""
+        predictions = {str(r[self.prediction]).strip() for r in results}
+        if predictions == {""}:
+            what = "empty"
+        elif len(predictions) == 1 and len(results) > 1:
+            what = f"the same, {predictions.pop()!r}"
+        else:
+            return None
+        return (f"warning: {self.name}: all {len(results):,} {split} predictions are {what} (a tokenizer or checkpoint "
+                f"that does not fit, or a collapsed run?)")
 
     def write_results(self, results, folder, split):
         path = os.path.join(folder, f"results_{self.name}_{split}.json")
         metrics.write_json(results, path)
         return path
+
+
+RAGGED_VALUES = ("input_ids", "target_ids", "target_scores")  # a prepared split's flat ragged columns (data.PromptDataset)
 
 
 def index_batches(n, batch_size):
@@ -197,6 +233,7 @@ class VQA(Task):
     official soft scores (summed over answers); prediction = argmax; the official VQA accuracy."""
 
     name, archs, tiny, headline, dataset_class = "vqa", ("roberta",), "roberta", ("vqa_accuracy",), data.VQADataset
+    prediction = "answer"
 
     def prepare_data(self, data_dir):
         """{"splits", "answers"}: the tokenised splits and the answer vocabulary (data.prepare_vqa, cached)."""
@@ -279,6 +316,7 @@ class Captioning(Task):
     cross-entropy on every caption token and the EOS (a token mean); beam search; CIDEr-D, BLEU, ROUGE-L."""
 
     name, archs, tiny, headline, dataset_class = "caption", ("gpt2",), "gpt2", ("CIDEr", "Bleu_4"), data.CaptionDataset
+    prediction = "caption"
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -309,16 +347,20 @@ class Captioning(Task):
         """Beam search (cfg.beams) on every image of the split, scored against its references."""
         s = self.splits[split]
         keys, ids = s["image"], s["image_id"].tolist()
-        batches = index_batches(len(keys), self.cfg.batch_size)
+        batches = index_batches(len(keys), self.eval_batch_size)
         if self.features.pixels is None:
             loader = ({"image": [keys[j] for j in b]} for b in batches)
         else:  # images decoded by DataLoader workers, the ViT run per batch
             loader = self.loader(data.ImageDataset(keys, self.features.pixels), batches, collate=torch.utils.data.default_collate)
         captions = {}
-        for b, batch in zip(batches, data.progress(loader, f"evaluate {split}", "batch", total=len(batches))):
+        for b, batch in zip(batches, data.progress(loader, f"evaluate {self.name} {split}", "batch", len(batches))):
             with autocast(self.features.device):
                 captions.update(zip([ids[j] for j in b], self.generate(model, batch)))
         return metrics.caption_scores(self.refs(split), captions), [{"image_id": k, "caption": c} for k, c in captions.items()]
+
+    def first_rows(self, split, n):
+        """The first n images of a split with their references: what evaluation reads (no training captions)."""
+        return {k: self.splits[split][k][:n] for k in ("image_id", "image", "refs")}
 
     def generate(self, model, batch):
         out = model.generate(*self.features(batch), self.cfg.beams, self.cfg.max_new_tokens, self.tokenizer.eos_id)
@@ -629,6 +671,7 @@ class GQA(Generative):
     """GQA (balanced; train = train + val, evaluation on testdev, as VL-PET): exact-match accuracy."""
 
     name, headline, dataset_class, prompt = "gqa", ("gqa_accuracy",), data.PromptDataset, "gpa: "  # VL-PET's typo
+    prediction = "prediction"
     batch_share = 100 / 60  # VL-PET's per-task batch sizes (src/multitask.py): VQA 500, GQA 833, NLVR2 166, captions 416
 
     @classmethod
@@ -651,7 +694,7 @@ class GQA(Generative):
 
     def predict(self, model, split):
         preds = dict(zip(self.splits[split]["question_id"], self.answers(model, split)))
-        return metrics.gqa_scores(preds, self.questions), \
+        return metrics.gqa_scores(preds, {q: self.questions[q] for q in preds}), \
             [{"questionId": q, "prediction": p} for q, p in preds.items()]
 
     def summary(self, m):
@@ -682,6 +725,7 @@ class NLVR2(Generative):
     consistency as lil-lab/nlvr's metrics.py."""
 
     name, headline, dataset_class, prompt, n_images = "nlvr2", ("nlvr2_accuracy",), data.PromptDataset, "nlvr: ", 2
+    prediction = "prediction"
     batch_share = 20 / 60
 
     @classmethod
@@ -796,16 +840,23 @@ def headline(record, tasks):
     return ", ".join(f"{n} {record[n] * X100.get(n, 1):.2f}" for t in tasks for n in t.headline)
 
 
-def evaluate(tasks, model, split):
-    """{task: (metrics in eval.py's names, results in the official format)} of every task on a split."""
-    return {task: task.evaluate(model, split) for task in tasks}
+def evaluate(tasks, model, split, limit=0):
+    """{task: (metrics in eval.py's names, results in the official format)} of every task on a split (limit > 0:
+    on its first `limit` examples)."""
+    return {task: task.evaluate(model, split, limit) for task in tasks}
 
 
 def add_metrics(record, scored):
-    """Each task's metrics into a record: nested under the task's name, its headline values flat."""
-    for task, (m, _) in scored.items():
+    """Each task's metrics into a record: nested under the task's name, its headline values flat; "examples":
+    {task: how many examples its scores are over (captions: images)}; "warnings": the tasks' broken-output
+    lines (Task.output_warning), only if there are any."""
+    for task, (m, results) in scored.items():
         record.update(task.summary(m))
         record[task.name] = m
+        record.setdefault("examples", {})[task.name] = len(results)
+        warning = task.output_warning(results, record["split"])
+        if warning:
+            record.setdefault("warnings", []).append(warning)
 
 
 def write_results(out, scored, split):

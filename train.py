@@ -63,6 +63,7 @@ class Config:
     train_ln: bool = True         # also train the LayerNorms inside the text model's blocks
     epochs: int = 6               # passes over the training split
     batch_size: int = 64          # examples per batch (under torchrun: all processes together)
+    eval_batch_size: int = 0      # examples per evaluation batch (0 = each task's training batch size, as VL-PET's release)
     grad_accum: int = 1           # batches per optimizer step (effective batch = batch_size * grad_accum)
     lr: float = 2e-3              # peak AdamW learning rate
     warmup: float = 0.05          # linear warm-up: a fraction of all steps if < 1, else steps; then linear decay
@@ -75,6 +76,7 @@ class Config:
     max_new_tokens: int = 20      # caption length limit in tokens (multitask: also the training captions')
     max_steps: int = 0            # stop after this many optimizer steps (0 = all epochs); schedule unchanged
     train_limit: int = 0          # train on the first N examples of each task only (0 = all; VL-T5's --train_topk)
+    val_limit: int = 0            # score every epoch on the first N examples of each task's val split (0 = all; the final test: always all)
     seed: int = 0                 # seeds the new weights, the data order and dropout
     device: str = "auto"          # auto | cpu | cuda | mps
     workers: int = 2              # image-loading processes (only when features are not cached)
@@ -83,24 +85,30 @@ class Config:
     cache: str = "cache"          # folder of the feature and prepared-data caches, shared by runs
 
 
-# The released hyper-parameters of the two paper settings (README). Checkpoint and data paths are the
-# README's; pass --vision/--text/--data/--images to change them.
-PAPER = dict(vision="ckpt/vit-l16.pt", images="data/coco", epochs=20)
+# The released hyper-parameters of the two paper settings (README). Checkpoint and data paths follow the README's
+# layout (every dataset under DATA = data/real, as in the demo's world); pass --vision/--text/--data/--images to
+# change them.
+DATA = "data/real"
+PAPER = dict(vision="ckpt/vit-l16.pt", data=DATA, epochs=20)
 PRESETS = {
-    "vqa-lora": dict(PAPER, task="vqa", text="ckpt/roberta-large.pt", data="data/vqa", peft="lora", rank=128,
-                     alpha=128, lr=3e-4, batch_size=512, warmup=0.05),
-    "vqa-adapter": dict(PAPER, task="vqa", text="ckpt/roberta-large.pt", data="data/vqa", peft="adapter", rank=64,
-                        lr=3e-4, batch_size=512, warmup=0.05),
-    "caption-lora": dict(PAPER, task="caption", text="ckpt/gpt2-medium.pt", data="data/coco", peft="lora",
-                         rank=128, alpha=128, lr=3e-5, batch_size=40, warmup=5000, max_len=50),
+    "vqa-lora": dict(PAPER, task="vqa", text="ckpt/roberta-large.pt", peft="lora", rank=128, alpha=128, lr=3e-4,
+                     batch_size=512, warmup=0.05),
+    "vqa-adapter": dict(PAPER, task="vqa", text="ckpt/roberta-large.pt", peft="adapter", rank=64, lr=3e-4,
+                        batch_size=512, warmup=0.05),
+    # captions: trained up to 50 tokens (configs/coco_task.yaml:11), generated with 5 beams and no length given
+    # (test_vit_gpt.py:153), so transformers 4.29.2's (environment.yml:270) default max_length 20
+    # (generation/configuration_utils.py:226) counts the one start id generate() puts in front of inputs_embeds
+    # (generation/utils.py:594, :1343): at most 19 new tokens, the end token included (Routing_VLPEFT @ e91d826)
+    "caption-lora": dict(PAPER, task="caption", text="ckpt/gpt2-medium.pt", peft="lora", rank=128, alpha=128,
+                         lr=3e-5, batch_size=40, warmup=5000, max_len=50, max_new_tokens=19),
 }
 # The CLIP-BART setting as VL-PET released it (scripts/image-text/*.sh, CLIPBART_NOTES 1.7): batch 500 (VQA; the
 # other tasks' batches in proportion), 20 epochs, AdamW lr 1e-3, eps 1e-6, weight decay 0.01, 10 % warm-up, gradient
 # clipping at 5 (the converted bart-base keeps its dropout 0.1). LoRA r 128 / alpha 32 / dropout 0.1, the
 # adapters and VL-PET r 96 (VL-PET: gate rank 96 and the decoder's value adapter r 96 too).
-CLIP_BART = dict(task="multitask", vision="ckpt/clip-rn101.pt", text="ckpt/bart-base.pt", data="data/vqa", images="data/coco",
-                 gqa="data/gqa", nlvr2="data/nlvr2", visual="mean", batch_size=500, epochs=20, lr=1e-3, adam_eps=1e-6,
-                 weight_decay=0.01, warmup=0.1, clip=5.0, beams=5, max_new_tokens=40, rank=96)
+CLIP_BART = dict(task="multitask", vision="ckpt/clip-rn101.pt", text="ckpt/bart-base.pt", data=DATA, visual="mean",
+                 batch_size=500, epochs=20, lr=1e-3, adam_eps=1e-6, weight_decay=0.01, warmup=0.1, clip=5.0, beams=5,
+                 max_new_tokens=40, rank=96)
 PRESETS.update({"multitask-lora": dict(CLIP_BART, peft="lora", rank=128, alpha=32, dropout=0.1),
                 "multitask-adapter": dict(CLIP_BART, peft="adapter"),
                 **{f"multitask-{p}": dict(CLIP_BART, peft=p) for p in ("vlpet-large", "vlpet-middlex", "vlpet-middley",
@@ -116,7 +124,8 @@ CHOICES = {"task": ("vqa", "caption", "multitask"), "vqa_split": ("auto", "karpa
 TASK_DEFAULTS = {"multitask": dict(visual="mean", peft="vlpet-large", adam_eps=1e-6, weight_decay=0.01, warmup=0.1,
                                    clip=5.0, max_new_tokens=40, epochs=2, batch_size=64, lr=1e-2)}
 LORA_ONLY = ("alpha", "dropout")
-RESUME_OVERRIDES = ("max_steps", "device", "workers")  # what --resume may change: not the math
+RESUME_OVERRIDES = ("max_steps", "device", "workers", "val_limit", "eval_batch_size")  # what --resume may change: not the math
+RESUME_KEPT = ("val_limit", "eval_batch_size")  # of those, the run's own unless given again
 META = ("preset", "resume", "overwrite", "evaluate", "split", "study")  # command-line options that are not Config fields
 
 
@@ -203,7 +212,8 @@ def check_config(cfg):
                          f"(route {cfg.route!r} needs one vector per image)")
     for names, ok, need in ((("rank", "epochs", "batch_size", "grad_accum", "max_len", "answers", "beams", "max_new_tokens"),
                              lambda v: v >= 1, "at least 1"), (("lr", "alpha"), lambda v: v > 0, "> 0"),
-                            (("max_steps", "train_limit", "warmup", "weight_decay", "workers", "clip"), lambda v: v >= 0, ">= 0"),
+                            (("max_steps", "train_limit", "val_limit", "eval_batch_size", "warmup", "weight_decay", "workers",
+                              "clip"), lambda v: v >= 0, ">= 0"),
                             (("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")):
         for name in names:
             if not ok(getattr(cfg, name)):
@@ -223,10 +233,10 @@ def backbone(name, arch):
     """A converted checkpoint's path, or "tiny": the demo's `arch` backbone (pretrained on first use)."""
     if name == "tiny":
         return shapes.tiny_backbone(arch)
-    if not os.path.isfile(name):
+    if not os.path.exists(name):
         raise FileNotFoundError(f"checkpoint not found: {name} (convert one with: python models.py convert "
                                 f"--src HF_DIR --out {name}, or use 'tiny')")
-    return name
+    return name  # a folder is refused by models.load_checkpoint, which says how to convert it
 
 
 def build(cfg):
@@ -429,11 +439,12 @@ def train(cfg, rank, world, resume):
             record = {"epoch": step / steps_per_epoch, "step": step, "split": "val", "train_loss":
                       float(np.mean([x for v in losses.values() for x in v])),
                       "task_train_loss": {k: float(np.mean(v)) for k, v in losses.items()}}
-            score(cfg, tasks, model, record)
+            score(cfg, tasks, model, record, cfg.val_limit)
             records.append(record)
             save_run(cfg, model, opt, step, tasks, records, {} if step % steps_per_epoch == 0 else losses)
-            print(f"epoch {record['epoch']:.2f} step {step}: loss {record['train_loss']:.4f}, val "
+            print(f"epoch {record['epoch']:.2f} step {step}: loss {record['train_loss']:.4f}, val{limited(record, tasks)} "
                   f"{headline(record, tasks)} ({time.time() - t0:.0f}s)")
+            print_warnings(record)
         if world > 1:
             torch.distributed.barrier()
     if rank == 0 and step >= total:
@@ -486,12 +497,26 @@ def start_run_folder(cfg, model, tasks, total, device):
           f"of {all_params:,} parameters; training examples: {examples}; {total} steps on {device}; run folder {cfg.out}")
 
 
-def score(cfg, tasks, model, record):
-    """Every task on record["split"]: its metrics into the record, its predictions into OUT/results_*. -> scored."""
-    scored = evaluate(tasks, model, record["split"])
+def score(cfg, tasks, model, record, limit=0):
+    """Every task on record["split"] (limit > 0: its first `limit` examples): its metrics into the record, its
+    predictions into OUT/results_*. -> scored."""
+    scored = evaluate(tasks, model, record["split"], limit)
     add_metrics(record, scored)
     write_results(cfg.out, scored, record["split"])
     return scored
+
+
+def limited(record, tasks):
+    """ " (first 500 of 26,729 vqa, ...)" for a record scored on part of its split, else ""."""
+    part = [f"{record['examples'][t.name]:,} of {len(t.splits[record['split']]['image']):,} {t.name}" for t in tasks
+            if record["examples"][t.name] < len(t.splits[record["split"]]["image"])]
+    return f" (first {', '.join(part)})" if part else ""
+
+
+def print_warnings(record):
+    """The record's broken-output lines (tasks.Task.output_warning), if any."""
+    for line in record.get("warnings", []):
+        print(line)
 
 
 def draw_galleries(cfg, scored, split):
@@ -518,6 +543,7 @@ def final_report(cfg, tasks, model, opt, step, records):
     print("| model | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
     for label, values in (("text-only baseline", base), (f"{cfg.peft} r={cfg.rank}, route {cfg.route}", record)):
         print(f"| {label} | " + " | ".join(f"{values[n] * X100.get(n, 1):.2f}" for n in names) + " |")
+    print_warnings(record)
     print(f"results, galleries and last.pt in {cfg.out}")
 
 
@@ -593,7 +619,8 @@ def restore(ckpt, model, opt, tasks, source):
 
 def evaluate_run(path, split="test", device="auto"):
     """python train.py --evaluate RUN: rebuild a run from its last.pt, predict `split` and score it. Writes
-    RUN/results_{task}_{split}.json and RUN/metrics_{split}.json; returns ({task: metrics}, that path)."""
+    RUN/results_{task}_{split}.json and RUN/metrics_{split}.json, prints the broken-output warnings (if any);
+    returns ({task: metrics}, that path)."""
     cfg = run_config(path, device=device)
     tasks, model, _ = build(cfg)
     restore(load_run(path), model, None, tasks, run_file(path))
@@ -604,6 +631,9 @@ def evaluate_run(path, split="test", device="auto"):
     write_results(cfg.out, scored, split)
     out, path = {task.name: m for task, (m, _) in scored.items()}, os.path.join(cfg.out, f"metrics_{split}.json")
     metrics.write_json(out, path)
+    record = {"split": split}
+    add_metrics(record, scored)
+    print_warnings(record)
     return out, path
 
 
@@ -624,7 +654,7 @@ STUDY_CONTROLS = {"noprefix": {"prefix": False}, "shuffled": {"shuffle_visual": 
 STUDY_CONTROLLED = ("vqa", "lora")  # the (task, peft) the controls run for
 STUDY_METRICS = {"vqa": ("vqa_accuracy",), "caption": ("CIDEr", "Bleu_4"),  # the first is the gain's
                  "multitask": ("mean", "vqa_accuracy", "gqa_accuracy", "nlvr2_accuracy", "CIDEr")}
-STUDY_FREE = ("out", "device", "workers", "cache", "max_steps")  # may differ from a finished run's config
+STUDY_FREE = ("out", "device", "workers", "cache", "max_steps", "val_limit")  # may differ from a finished run's config
 
 
 def study_grid(base, given=(), routes=None, seeds=None):
@@ -785,7 +815,8 @@ def cli(argv=None):
             print(json.dumps(out, indent=1) + f"\nwrote {path}")
             return out
         if meta.get("resume"):
-            return main(run_config(meta["resume"], **{o: getattr(cfg, o) for o in RESUME_OVERRIDES}), resume=True)
+            overrides = {o: getattr(cfg, o) for o in RESUME_OVERRIDES if o not in RESUME_KEPT or o in meta["given"]}
+            return main(run_config(meta["resume"], **overrides), resume=True)
         if meta.get("study"):
             return run_study(cfg, meta["given"])
         return main(cfg, overwrite=meta.get("overwrite", False))
