@@ -109,16 +109,24 @@ def test_val_limit_scores_the_first_examples_and_the_final_test_all(world, tmp_p
     assert "val (first 5 of " in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("task", ["vqa", "caption"])
-def test_val_limit_in_settings_1_and_2(world, tmp_path, task):
-    """The classifier VQA and GPT-2 captions take the limit too: the first 3 questions / images."""
-    cfg = config(world, tmp_path / "run", task=task, val_limit=3)
+@pytest.mark.parametrize("task,n", [("vqa", 12), ("caption", 3)])
+def test_val_limit_in_settings_1_and_2(world, tmp_path, task, n):
+    """The classifier VQA and GPT-2 captions take the limit too: the first n questions / images, scored as the
+    official evaluation scores those predictions."""
+    cfg = config(world, tmp_path / "run", task=task, val_limit=n)
     train.main(cfg)
     val, test = read_records(cfg.out)
     built, _, _ = train.build(cfg)
-    assert val["examples"] == {task: 3} and test["examples"] == {task: len(built[0].splits["test"]["image"])}
-    assert results_ids(cfg.out, task, "val") == split_ids(built[0], "val")[:3]
-    assert val[task]["n_questions" if task == "vqa" else "n_images"] == 3
+    assert val["examples"] == {task: n} and test["examples"] == {task: len(built[0].splits["test"]["image"])}
+    assert results_ids(cfg.out, task, "val") == split_ids(built[0], "val")[:n] and len(split_ids(built[0], "val")) > n
+    assert val[task]["n_questions" if task == "vqa" else "n_images"] == n
+    results = E.load_json(os.path.join(cfg.out, f"results_{task}_val.json"), "results")
+    if task == "vqa":
+        annotations = [a for s in ("train2014", "val2014") for a in E.load_json(data.vqa_files(world.data, s)[1], "")["annotations"]
+                       if a["question_id"] in {r["question_id"] for r in results}]
+        official = E.vqa_scores({r["question_id"]: r["answer"] for r in results}, annotations)
+        assert (val["vqa_accuracy"], val["vqa"]["perAnswerType"]) == (official["overall"], official["perAnswerType"])
+        assert official["overall"] > 0  # something right: soft targets cut wrongly would show
 
 
 def test_evaluation_batches(world, tmp_path, monkeypatch):
