@@ -39,7 +39,7 @@ import eval as metrics
 import models
 import routing_peft as rp
 import shapes
-from tasks import TASKS, X100, Features, add_metrics, autocast, evaluate, headline, write_results
+from tasks import TASKS, X100, Features, add_metrics, headline, write_results
 
 
 @dataclass
@@ -83,32 +83,30 @@ class Config:
     out: str = ""                 # run folder ("" = runs/TASK)
     feature_cache: bool = True    # cache frozen image features on disk (off: recompute every step, as released)
     cache: str = "cache"          # folder of the feature and prepared-data caches, shared by runs
+    precision: str = "fp32"       # fp32 | bf16 (autocast of every forward pass; the releases trained in fp32)
 
 
 # The released hyper-parameters of the two paper settings (README). Checkpoint and data paths follow the README's
-# layout (every dataset under DATA = data/real, as in the demo's world); pass --vision/--text/--data/--images to
-# change them.
-DATA = "data/real"
-PAPER = dict(vision="ckpt/vit-l16.pt", data=DATA, epochs=20)
+# layout (every dataset under data/real, as in the demo's world); --vision/--text/--data/--images change them.
+PAPER = dict(vision="ckpt/vit-l16.pt", data="data/real", epochs=20)
 PRESETS = {
     "vqa-lora": dict(PAPER, task="vqa", text="ckpt/roberta-large.pt", peft="lora", rank=128, alpha=128, lr=3e-4,
                      batch_size=512, warmup=0.05),
     "vqa-adapter": dict(PAPER, task="vqa", text="ckpt/roberta-large.pt", peft="adapter", rank=64, lr=3e-4,
                         batch_size=512, warmup=0.05),
-    # captions: trained up to 50 tokens (configs/coco_task.yaml:11), generated with 5 beams and no length given
-    # (test_vit_gpt.py:153), so transformers 4.29.2's (environment.yml:270) default max_length 20
-    # (generation/configuration_utils.py:226) counts the one start id generate() puts in front of inputs_embeds
-    # (generation/utils.py:594, :1343): at most 19 new tokens, the end token included (Routing_VLPEFT @ e91d826)
+    # captions: trained up to 50 tokens, generated with 5 beams and HF 4.29.2's default max_length 20, which counts the start id
+    # generate() puts before inputs_embeds: 19 new tokens (Routing_VLPEFT @ e91d826 configs/coco_task.yaml:11, test_vit_gpt.py:153)
     "caption-lora": dict(PAPER, task="caption", text="ckpt/gpt2-medium.pt", peft="lora", rank=128, alpha=128,
                          lr=3e-5, batch_size=40, warmup=5000, max_len=50, max_new_tokens=19),
 }
 # The CLIP-BART setting as VL-PET released it (scripts/image-text/*.sh, CLIPBART_NOTES 1.7): batch 500 (VQA; the
 # other tasks' batches in proportion), 20 epochs, AdamW lr 1e-3, eps 1e-6, weight decay 0.01, 10 % warm-up, gradient
-# clipping at 5 (the converted bart-base keeps its dropout 0.1). LoRA r 128 / alpha 32 / dropout 0.1, the
-# adapters and VL-PET r 96 (VL-PET: gate rank 96 and the decoder's value adapter r 96 too).
-CLIP_BART = dict(task="multitask", vision="ckpt/clip-rn101.pt", text="ckpt/bart-base.pt", data=DATA, visual="mean",
-                 batch_size=500, epochs=20, lr=1e-3, adam_eps=1e-6, weight_decay=0.01, warmup=0.1, clip=5.0, beams=5,
-                 max_new_tokens=40, rank=96)
+# clipping at 5 (the converted bart-base keeps its dropout 0.1), fp32. LoRA r 128 / alpha 32 / dropout 0.1, the
+# adapters and VL-PET r 96 (VL-PET: gate rank 96 and the decoder's value adapter r 96 too). Route none: the
+# release's method exactly; --route mul adds routing.
+CLIP_BART = dict(task="multitask", vision="ckpt/clip-rn101.pt", text="ckpt/bart-base.pt", data="data/real", visual="mean", batch_size=500,
+                 epochs=20, lr=1e-3, adam_eps=1e-6, weight_decay=0.01, warmup=0.1, clip=5.0, beams=5, max_new_tokens=40,
+                 rank=96, route="none")
 PRESETS.update({"multitask-lora": dict(CLIP_BART, peft="lora", rank=128, alpha=32, dropout=0.1),
                 "multitask-adapter": dict(CLIP_BART, peft="adapter"),
                 **{f"multitask-{p}": dict(CLIP_BART, peft=p) for p in ("vlpet-large", "vlpet-middlex", "vlpet-middley",
@@ -116,7 +114,7 @@ PRESETS.update({"multitask-lora": dict(CLIP_BART, peft="lora", rank=128, alpha=3
 CHOICES = {"task": ("vqa", "caption", "multitask"), "vqa_split": ("auto", "karpathy", "official"),
            "peft": ("lora", "adapter", "vlpet-large", "vlpet-middlex", "vlpet-middley", "vlpet-small"),
            "route": tuple(rp.ROUTES), "visual": ("pooler", "cls", "mean", "patches"),
-           "device": ("auto", "cpu", "cuda", "mps")}
+           "device": ("auto", "cpu", "cuda", "mps"), "precision": ("fp32", "bf16")}
 # The demo's defaults of a setting other than the first (the Config defaults are the VQA demo's): below a preset
 # and explicit options. CLIP-BART: x_R the mean embedded visual token; VL-PET-large with route mul; VL-PET's
 # optimiser settings (AdamW eps 1e-6, weight decay 0.01, 10 % warm-up, gradient clipping at 5); caption beams 5,
@@ -124,8 +122,7 @@ CHOICES = {"task": ("vqa", "caption", "multitask"), "vqa_split": ("auto", "karpa
 TASK_DEFAULTS = {"multitask": dict(visual="mean", peft="vlpet-large", adam_eps=1e-6, weight_decay=0.01, warmup=0.1,
                                    clip=5.0, max_new_tokens=40, epochs=2, batch_size=64, lr=1e-2)}
 LORA_ONLY = ("alpha", "dropout")
-RESUME_OVERRIDES = ("max_steps", "device", "workers", "val_limit", "eval_batch_size")  # what --resume may change: not the math
-RESUME_KEPT = ("val_limit", "eval_batch_size")  # of those, the run's own unless given again
+RESUME_OVERRIDES = ("max_steps", "device", "workers", "val_limit", "eval_batch_size")  # what --resume may change (not the math)
 META = ("preset", "resume", "overwrite", "evaluate", "split", "study")  # command-line options that are not Config fields
 
 
@@ -213,8 +210,7 @@ def check_config(cfg):
     for names, ok, need in ((("rank", "epochs", "batch_size", "grad_accum", "max_len", "answers", "beams", "max_new_tokens"),
                              lambda v: v >= 1, "at least 1"), (("lr", "alpha"), lambda v: v > 0, "> 0"),
                             (("max_steps", "train_limit", "val_limit", "eval_batch_size", "warmup", "weight_decay", "workers",
-                              "clip"), lambda v: v >= 0, ">= 0"),
-                            (("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")):
+                              "clip"), lambda v: v >= 0, ">= 0"), (("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")):
         for name in names:
             if not ok(getattr(cfg, name)):
                 raise ValueError(f"--{name.replace('_', '-')} must be {need}, got {getattr(cfg, name)}")
@@ -256,7 +252,7 @@ def build(cfg):
     if text.config.arch not in setting[0].archs:
         raise ValueError(f"{text_path} is a {text.config.arch} checkpoint, expected {' or '.join(setting[0].archs)} "
                          f"for --task {cfg.task}")
-    tokenizer = data.BPETokenizer.from_checkpoint(text_path)
+    tokenizer = data.load_tokenizer(text_path)
     features, tasks = {}, []  # one feature store per images folder, shared by the tasks that read it
     for c in setting:
         folder = c.images_folder(cfg, data_dir)
@@ -323,8 +319,8 @@ def train_step(model, task, batches, cfg, step, rank, world):
         torch.manual_seed(step_seed(cfg, rank, step, i))  # dropout: see step_seed
         last = i + 1 == len(batches)
         with model.no_sync() if world > 1 and not last else contextlib.nullcontext():  # DDP syncs once a step
-            with autocast(task.features.device):
-                loss, n = task.loss(model, batch)
+            with task.features.autocast():
+                loss, n = task.loss(model, batch, step)
             loss.backward()
         total, count = total + loss.item(), count + n
     if world > 1:
@@ -349,7 +345,8 @@ def optimizer(model, cfg):
 def step_seed(cfg, rank, step, micro):
     """The seed of the random draws (dropout) of one micro-batch: a function of (seed, process, optimizer
     step, micro-batch), so a resumed run draws exactly what an uninterrupted one would, whatever ran in
-    between (evaluation, DataLoader seeds), and a checkpoint needs no RNG state."""
+    between (evaluation, DataLoader seeds), and a checkpoint needs no RNG state. Dropout masks differ with the
+    processes; what a task's loss draws per example does not (Task: a function of seed, step and index)."""
     return ((cfg.seed * 1_000_003 + rank) * 1_000_003 + step) * 4096 + micro
 
 
@@ -362,6 +359,25 @@ def pick_device(name):
     if name == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+
+
+def smallest_batch(cfg, world):
+    """The smallest --batch-size that gives each of `world` processes at least one example of every task's batch."""
+    return next(b for b in itertools.count(1) if all(c.batch_of(b) >= world for c in TASKS[cfg.task]))
+
+
+def check_world(cfg, world):
+    """Before any work: every process must hold an example of every batch of every task (its share of a batch is
+    every world-th example). A process's batch sizes do not depend on the number of processes, so a run over several
+    processes equals one process; a batch too small for them is refused, naming the smallest that works."""
+    if cfg.train_limit and cfg.train_limit < world:
+        raise ValueError(f"--train-limit {cfg.train_limit} gives fewer training examples than the {world} processes")
+    small = next((c for c in TASKS[cfg.task] if c.batch_of(cfg.batch_size) < world), None)
+    if small:
+        n = small.batch_of(cfg.batch_size)
+        raise ValueError(f"--batch-size {cfg.batch_size} gives {small.name} batches of {n} example{'s' * (n > 1)}, fewer "
+                         f"than the {world} processes (each needs an example of every batch); the smallest --batch-size "
+                         f"for {world} processes is {smallest_batch(cfg, world)}")
 
 
 def start_distributed(cfg):
@@ -390,6 +406,7 @@ def main(cfg, resume=False, overwrite=False):
     check_config(cfg)
     rank, world = start_distributed(cfg)
     try:
+        check_world(cfg, world)
         with run_folder(cfg, rank, resume, overwrite):
             return train(cfg, rank, world, resume)
     finally:
@@ -399,8 +416,6 @@ def main(cfg, resume=False, overwrite=False):
 
 def train(cfg, rank, world, resume):
     """The loop: build, restore, then steps, an evaluation and a checkpoint after every epoch, the final report."""
-    if cfg.batch_size < world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the number of processes ({world})")
     with rank_zero_first(rank, world):
         tasks, model, device = build(cfg)
     opt = optimizer(model, cfg)
@@ -439,12 +454,12 @@ def train(cfg, rank, world, resume):
             record = {"epoch": step / steps_per_epoch, "step": step, "split": "val", "train_loss":
                       float(np.mean([x for v in losses.values() for x in v])),
                       "task_train_loss": {k: float(np.mean(v)) for k, v in losses.items()}}
-            score(cfg, tasks, model, record, cfg.val_limit)
+            score(cfg, tasks, model, record)
             records.append(record)
             save_run(cfg, model, opt, step, tasks, records, {} if step % steps_per_epoch == 0 else losses)
-            print(f"epoch {record['epoch']:.2f} step {step}: loss {record['train_loss']:.4f}, val{limited(record, tasks)} "
-                  f"{headline(record, tasks)} ({time.time() - t0:.0f}s)")
-            print_warnings(record)
+            part = f" (up to {cfg.val_limit:,} a task)" if cfg.val_limit else ""
+            print(f"epoch {record['epoch']:.2f} step {step}: loss {record['train_loss']:.4f}, val{part} "
+                  f"{headline(record, tasks)} ({time.time() - t0:.0f}s)", *record["warnings"], sep="\n")
         if world > 1:
             torch.distributed.barrier()
     if rank == 0 and step >= total:
@@ -465,11 +480,7 @@ def run_folder(cfg, rank, resume, overwrite):
         yield
         return
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, ".lock"), "a") as lock:
-        try:
-            data.lock_file(lock)
-        except OSError:
-            raise RuntimeError(f"{cfg.out} is in use by another train.py process") from None
+    with locked(cfg.out):
         held = os.path.isfile(os.path.join(cfg.out, "config.json"))
         if held and not (resume or overwrite):
             raise ValueError(f"{cfg.out} holds a run already: continue it with --resume {cfg.out}, replace it with "
@@ -485,6 +496,18 @@ def run_folder(cfg, rank, resume, overwrite):
             raise KeyboardInterrupt(f"interrupted: {saved}; continue with: python train.py --resume {cfg.out}") from None
 
 
+@contextlib.contextmanager
+def locked(out):
+    """The run folder OUT locked for the block (OUT/.lock, released by the OS when the process ends, kill -9
+    included): training, resuming and evaluating a run exclude each other."""
+    with open(os.path.join(out, ".lock"), "a") as lock:
+        try:
+            data.lock_file(lock)
+        except OSError:
+            raise RuntimeError(f"{out} is in use by another train.py process") from None
+        yield
+
+
 # ---- records and checkpoints --------------------------------------------------------------------------
 
 
@@ -497,26 +520,14 @@ def start_run_folder(cfg, model, tasks, total, device):
           f"of {all_params:,} parameters; training examples: {examples}; {total} steps on {device}; run folder {cfg.out}")
 
 
-def score(cfg, tasks, model, record, limit=0):
-    """Every task on record["split"] (limit > 0: its first `limit` examples): its metrics into the record, its
-    predictions into OUT/results_*. -> scored."""
-    scored = evaluate(tasks, model, record["split"], limit)
+def score(cfg, tasks, model, record):
+    """Every task on record["split"] (an epoch's: its first --val-limit examples): metrics into the record, predictions
+    into OUT/results_*. -> scored: {task: (metrics, results)}."""
+    limit = 0 if record.get("final") else cfg.val_limit
+    scored = {task: task.evaluate(model, record["split"], limit) for task in tasks}
     add_metrics(record, scored)
     write_results(cfg.out, scored, record["split"])
     return scored
-
-
-def limited(record, tasks):
-    """ " (first 500 of 26,729 vqa, ...)" for a record scored on part of its split, else ""."""
-    part = [f"{record['examples'][t.name]:,} of {len(t.splits[record['split']]['image']):,} {t.name}" for t in tasks
-            if record["examples"][t.name] < len(t.splits[record["split"]]["image"])]
-    return f" (first {', '.join(part)})" if part else ""
-
-
-def print_warnings(record):
-    """The record's broken-output lines (tasks.Task.output_warning), if any."""
-    for line in record.get("warnings", []):
-        print(line)
 
 
 def draw_galleries(cfg, scored, split):
@@ -529,9 +540,7 @@ def draw_galleries(cfg, scored, split):
 def final_report(cfg, tasks, model, opt, step, records):
     """Every task on the test split (val where there is none) next to its text-only baseline, as a table."""
     split = "test" if all("test" in t.splits for t in tasks) else "val"
-    base = {}
-    for task in tasks:
-        base.update(task.summary(task.text_only_baseline(split)))
+    base = {k: v for task in tasks for k, v in task.summary(task.text_only_baseline(split)).items()}
     record = {"epoch": cfg.epochs, "step": step, "split": split, "final": True,
               "trainable_params": rp.count_parameters(model)[0], "text_only": base}
     draw_galleries(cfg, score(cfg, tasks, model, record), split)
@@ -543,8 +552,7 @@ def final_report(cfg, tasks, model, opt, step, records):
     print("| model | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
     for label, values in (("text-only baseline", base), (f"{cfg.peft} r={cfg.rank}, route {cfg.route}", record)):
         print(f"| {label} | " + " | ".join(f"{values[n] * X100.get(n, 1):.2f}" for n in names) + " |")
-    print_warnings(record)
-    print(f"results, galleries and last.pt in {cfg.out}")
+    print(*record["warnings"], f"results, galleries and last.pt in {cfg.out}", sep="\n")
 
 
 def trainable_state(model):
@@ -618,22 +626,20 @@ def restore(ckpt, model, opt, tasks, source):
 
 
 def evaluate_run(path, split="test", device="auto"):
-    """python train.py --evaluate RUN: rebuild a run from its last.pt, predict `split` and score it. Writes
-    RUN/results_{task}_{split}.json and RUN/metrics_{split}.json, prints the broken-output warnings (if any);
-    returns ({task: metrics}, that path)."""
+    """python train.py --evaluate RUN: rebuild a run from its last.pt, predict `split` and score it, the run folder locked.
+    Writes RUN/results_{task}_{split}.json, RUN/metrics_{split}.json; returns ({task: metrics}, that path)."""
     cfg = run_config(path, device=device)
-    tasks, model, _ = build(cfg)
-    restore(load_run(path), model, None, tasks, run_file(path))
-    lacking = next((t for t in tasks if split not in t.splits), None)
-    if lacking:
-        raise ValueError(f"split {split!r} not in the {lacking.name} data (it has {sorted(lacking.splits)})")
-    scored = evaluate(tasks, model, split)
-    write_results(cfg.out, scored, split)
-    out, path = {task.name: m for task, (m, _) in scored.items()}, os.path.join(cfg.out, f"metrics_{split}.json")
-    metrics.write_json(out, path)
-    record = {"split": split}
-    add_metrics(record, scored)
-    print_warnings(record)
+    with locked(cfg.out):  # a --resume of the run would delete our temporary files
+        tasks, model, _ = build(cfg)
+        restore(load_run(path), model, None, tasks, run_file(path))
+        lacking = next((t for t in tasks if split not in t.splits), None)
+        if lacking:
+            raise ValueError(f"split {split!r} not in the {lacking.name} data (it has {sorted(lacking.splits)})")
+        scored = {task: task.evaluate(model, split) for task in tasks}
+        write_results(cfg.out, scored, split)
+        out, path = {task.name: m for task, (m, _) in scored.items()}, os.path.join(cfg.out, f"metrics_{split}.json")
+        metrics.write_json(out, path)
+        print("".join(line + "\n" for t, (_, r) in scored.items() for line in t.output_warning(r, split)), end="")
     return out, path
 
 
@@ -808,6 +814,8 @@ def error_line(e):
 def cli(argv=None):
     """python train.py: bad input ends in one line "error: ..." (exit status 1; 2 for bad options), Ctrl-C in one
     line saying how to continue (exit status 130); no traceback."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # a redirected log (nohup, a batch job) gets each line when printed
     try:
         cfg, meta = parse_command_line(argv)
         if meta.get("evaluate"):
@@ -815,8 +823,8 @@ def cli(argv=None):
             print(json.dumps(out, indent=1) + f"\nwrote {path}")
             return out
         if meta.get("resume"):
-            overrides = {o: getattr(cfg, o) for o in RESUME_OVERRIDES if o not in RESUME_KEPT or o in meta["given"]}
-            return main(run_config(meta["resume"], **overrides), resume=True)
+            given = {o: getattr(cfg, o) for o in RESUME_OVERRIDES if o in meta["given"] or o == "max_steps"}  # 0: to the end
+            return main(run_config(meta["resume"], **given), resume=True)
         if meta.get("study"):
             return run_study(cfg, meta["given"])
         return main(cfg, overwrite=meta.get("overwrite", False))

@@ -106,7 +106,21 @@ def test_val_limit_scores_the_first_examples_and_the_final_test_all(world, tmp_p
     gqa = {r["questionId"]: r["prediction"] for r in E.load_json(os.path.join(cfg.out, "results_gqa_val.json"), "results")}
     questions = E.read_gqa_questions(shapes.gqa_files(world.data, "testdev")[0])
     assert val["gqa"] == E.gqa_scores(gqa, {q: questions[q] for q in gqa})
-    assert "val (first 5 of " in capsys.readouterr().out
+    assert "val (up to 5 a task) vqa_accuracy " in capsys.readouterr().out
+
+
+def test_first_rows_are_the_first_examples(world, tmp_path):
+    """data.first_rows on each prepared format (VQA, GQA, NLVR2: ragged inputs and targets; captions: images with
+    their per-caption columns): its dataset's items are the first items of the whole split's, none more."""
+    for t in train.build(config(world, tmp_path / "run"))[0]:
+        whole = t.splits["val"]
+        head = data.first_rows(whole, 5)
+        n = int((whole["caption_image"] < 5).sum()) if "caption_image" in whole else 5
+        assert len(head["image"]) == 5 and len(t.dataset_class(head)) == n < len(t.dataset_class(whole)), t.name
+        for m in range(n):
+            a, b = t.dataset_class(head)[m], t.dataset_class(whole)[m]
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k]
+                                                for k in a), (t.name, m)
 
 
 @pytest.mark.parametrize("task,n", [("vqa", 12), ("caption", 3)])
@@ -134,33 +148,35 @@ def test_evaluation_batches(world, tmp_path, monkeypatch):
     one for all. Evaluation goes through data.progress, named by task and split, with its number of batches."""
     cfg = config(world, tmp_path / "run", batch_size=12)
     built, model, _ = train.build(cfg)
-    assert [t.eval_batch_size for t in built] == [12, 20, 4, 10]  # 12 x 1, 100/60, 20/60, 50/60
+    assert [list(map(len, t.eval_batches(25))) for t in built] == [[12, 12, 1], [20, 5], [4] * 6 + [1], [10, 10, 5]]
     calls = []
 
     def progress(iterable, desc, unit, total=None, **kw):
         calls.append((desc, total))
         return iterable
     monkeypatch.setattr(data, "progress", progress)
-    tasks.evaluate(built, model, "val", limit=5)
+    for t in built:
+        t.evaluate(model, "val", limit=5)
     assert calls == [("evaluate vqa val[:5]", 1), ("evaluate gqa val[:5]", 1), ("evaluate nlvr2 val[:5]", 2),
                      ("evaluate caption val[:5]", 1)]
     calls.clear()
     for t in built:
         t.cfg = dataclasses.replace(cfg, eval_batch_size=2)
-    tasks.evaluate(built, model, "val", limit=5)
+        t.evaluate(model, "val", limit=5)
     assert [total for _, total in calls] == [3] * 4
 
 
 def test_eval_options_on_resume(world, tmp_path, monkeypatch):
-    """--resume keeps a run's --val-limit and --eval-batch-size unless given again, and takes new ones; --max-steps
-    goes back to its default (to the end) unless given."""
-    cfg = config(world, tmp_path / "run", task="vqa", val_limit=4, max_steps=1, epochs=2)
+    """--resume keeps a run's --val-limit, --eval-batch-size, --workers and --device unless given again, and takes
+    new ones; --max-steps goes back to its default (to the end) unless given."""
+    cfg = config(world, tmp_path / "run", task="vqa", val_limit=4, max_steps=1, epochs=2, device="cpu")
     train.main(cfg)
     seen = []
     monkeypatch.setattr(train, "main", lambda c, resume=False, overwrite=False: seen.append((c, resume)))
     train.cli(["--resume", cfg.out])
-    train.cli(["--resume", cfg.out, "--val-limit", "2", "--eval-batch-size", "3"])
-    assert [(c.val_limit, c.eval_batch_size, c.max_steps, resume) for c, resume in seen] == [(4, 0, 0, True), (2, 3, 0, True)]
+    train.cli(["--resume", cfg.out, "--val-limit", "2", "--eval-batch-size", "3", "--workers", "1", "--max-steps", "3"])
+    assert [(c.val_limit, c.eval_batch_size, c.workers, c.device, c.max_steps, resume) for c, resume in seen] == \
+        [(4, 0, 0, "cpu", 0, True), (2, 3, 1, "cpu", 3, True)]
 
 
 # ---- §3 outputs that are obviously broken ---------------------------------------------------------------
@@ -168,11 +184,11 @@ def test_eval_options_on_resume(world, tmp_path, monkeypatch):
 
 def test_output_warning_lines():
     t = tasks.GQA.__new__(tasks.GQA)
-    assert t.output_warning([{"prediction": " "}, {"prediction": ""}], "val") == \
-        "warning: gqa: all 2 val predictions are empty (a tokenizer or checkpoint that does not fit, or a collapsed run?)"
-    assert "are the same, 'yes'" in t.output_warning([{"prediction": "yes"}] * 3, "test")
-    assert t.output_warning([{"prediction": "yes"}, {"prediction": "no"}], "val") is None
-    assert t.output_warning([{"prediction": "yes"}], "val") is None  # one example says nothing
+    assert t.output_warning([{"questionId": "1", "prediction": " "}, {"questionId": "2", "prediction": ""}], "val") == \
+        ["warning: gqa: all 2 val predictions are empty (a tokenizer or checkpoint that does not fit, or a collapsed run?)"]
+    assert "are the same, 'yes'" in t.output_warning([{"questionId": str(i), "prediction": "yes"} for i in range(3)], "test")[0]
+    assert t.output_warning([{"questionId": "1", "prediction": "yes"}, {"questionId": "2", "prediction": "no"}], "val") == []
+    assert t.output_warning([{"questionId": "1", "prediction": "yes"}], "val") == []  # one example says nothing
 
 
 def test_collapsed_and_empty_outputs_are_said(world, tmp_path, monkeypatch, capsys):

@@ -175,14 +175,14 @@ def test_patches_with_matmul(world, tmp_path, task):
     assert visual.shape == x_R.shape == (3, 4, D)
     seen = []
     model.text.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
-    tasks[0].loss(model, batch)
+    tasks[0].loss(model, batch, 0)
     assert seen == [4 + batch["input_ids"].shape[1]]  # 4 prefix positions + the text
     with pytest.raises(ValueError, match="patches"):
         train.check_config(dataclasses.replace(cfg, route="mul"))
     layer = model.text.blocks[0].attn.q
     layer.route = "mul"  # a routed layer given 4 visual tokens refuses them
     with pytest.raises(ValueError, match="one visual vector per example"):
-        tasks[0].loss(model, batch)
+        tasks[0].loss(model, batch, 0)
 
 
 def test_no_feature_cache_trains_like_the_cache(world, tmp_path):
@@ -405,6 +405,11 @@ def test_evaluate_a_run(world, tmp_path, capsys):
         train.cli(["--evaluate", world.vit])
     err = e.value.code
     assert err.startswith("error: ") and "not a train.py checkpoint" in err and len(err.splitlines()) == 1
+    with open(os.path.join(cfg.out, ".lock"), "a") as lock:  # a --resume of the run holds its folder
+        data.lock_file(lock)
+        with pytest.raises(SystemExit) as e:
+            train.cli(["--evaluate", cfg.out])
+    assert e.value.code == f"error: {cfg.out} is in use by another train.py process"
 
 
 # ---- beam search ------------------------------------------------------------------------------------
@@ -660,6 +665,18 @@ def test_ddp_matches_one_process(world, tmp_path, task, procs, accum):
 
 
 # ---- losing no work: run folders, early checks, truncated files, kills, Ctrl-C ------------------------------
+
+
+def test_batches_too_small_for_the_processes(world, tmp_path):
+    """Each process must hold an example of every batch: a batch or a --train-limit smaller than the number of
+    processes is refused, naming the smallest batch that works."""
+    cfg = config(world, tmp_path / "run", batch_size=2)
+    train.check_world(cfg, 2)
+    with pytest.raises(ValueError, match=r"^--batch-size 2 gives vqa batches of 2 examples, fewer than the 3 processes "
+                                         r"\(each needs an example of every batch\); the smallest --batch-size for 3 processes is 3$"):
+        train.check_world(cfg, 3)
+    with pytest.raises(ValueError, match="^--train-limit 1 gives fewer training examples than the 2 processes$"):
+        train.check_world(dataclasses.replace(cfg, train_limit=1), 2)
 
 
 def test_run_folders_are_not_shared(world, tmp_path, monkeypatch, capsys):
