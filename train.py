@@ -3,8 +3,7 @@
     python train.py                             # demo: synthetic VQA, tiny pretrained ViT + RoBERTa, CPU
     python train.py --task caption              # demo: synthetic captioning with a tiny GPT-2
     python train.py --task multitask            # demo: CLIP-BART on VQA, GQA, NLVR2 and captions at once
-    python train.py --preset vqa-lora --vision ckpt/vit-l16.pt --text ckpt/roberta-large.pt \\
-        --data DATA --images IMAGES             # a paper setting (README: all three)
+    python train.py --preset vqa-lora           # a paper setting (README: all three; data and checkpoints as laid out there)
     python train.py --resume runs/vqa           # continue a run exactly where it stopped
     python train.py --evaluate runs/vqa --split test   # regenerate a run's predictions and score them
     python train.py --study                     # every route x PEFT method x seeds: runs/study/study.md, .png
