@@ -25,8 +25,10 @@ import itertools
 import json
 import os
 import random
+import re
 import sys
 import time
+import traceback
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -72,7 +74,7 @@ class Config:
     max_len: int = 20             # text tokens: <s> question </s> (vqa, and multitask's VQA and GQA) or caption + EOS (caption)
     answers: int = 3129           # K, size of the answer vocabulary (vqa)
     beams: int = 5                # beam width for captioning (1 = greedy)
-    max_new_tokens: int = 20      # caption length limit in tokens (multitask: also the training captions')
+    max_new_tokens: int = 20      # caption length limit in new tokens (multitask: training captions hold one fewer)
     max_steps: int = 0            # stop after this many optimizer steps (0 = all epochs); schedule unchanged
     train_limit: int = 0          # train on the first N examples of each task only (0 = all; VL-T5's --train_topk)
     val_limit: int = 0            # score every epoch on the first N examples of each task's val split (0 = all; the final test: always all)
@@ -104,7 +106,7 @@ PRESETS = {
 # adapters and VL-PET r 96 (VL-PET: gate rank 96 and the decoder's value adapter r 96 too). Route none: the
 # release's method exactly; --route mul adds routing.
 CLIP_BART = dict(task="multitask", vision="ckpt/clip-rn101.pt", text="ckpt/bart-base.pt", data="data/real", visual="mean", batch_size=500,
-                 epochs=20, lr=1e-3, adam_eps=1e-6, weight_decay=0.01, warmup=0.1, clip=5.0, beams=5, max_new_tokens=40,
+                 epochs=20, lr=1e-3, adam_eps=1e-6, weight_decay=0.01, warmup=0.1, clip=5.0, beams=5, max_new_tokens=39,
                  rank=96, route="none")
 PRESETS.update({"multitask-lora": dict(CLIP_BART, peft="lora", rank=128, alpha=32, dropout=0.1),
                 "multitask-adapter": dict(CLIP_BART, peft="adapter"),
@@ -117,9 +119,9 @@ CHOICES = {"task": ("vqa", "caption", "multitask"), "vqa_split": ("auto", "karpa
 # The demo's defaults of a setting other than the first (the Config defaults are the VQA demo's): below a preset
 # and explicit options. CLIP-BART: x_R the mean embedded visual token; VL-PET-large with route mul; VL-PET's
 # optimiser settings (AdamW eps 1e-6, weight decay 0.01, 10 % warm-up, gradient clipping at 5); caption beams 5,
-# at most 40 tokens.
+# at most 39 new tokens (the release's max_length 40 counts the decoder start).
 TASK_DEFAULTS = {"multitask": dict(visual="mean", peft="vlpet-large", adam_eps=1e-6, weight_decay=0.01, warmup=0.1,
-                                   clip=5.0, max_new_tokens=40, epochs=2, batch_size=64, lr=1e-2)}
+                                   clip=5.0, max_new_tokens=39, epochs=2, batch_size=64, lr=1e-2)}
 LORA_ONLY = ("alpha", "dropout")
 RESUME_OVERRIDES = ("max_steps", "device", "workers", "val_limit", "eval_batch_size")  # what --resume may change (not the math)
 META = ("preset", "resume", "overwrite", "evaluate", "split", "study")  # command-line options that are not Config fields
@@ -810,9 +812,24 @@ def error_line(e):
     return lines[-1].strip() if lines else type(e).__name__
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def raised_on_purpose(e):
+    """Whether e is one of this project's messages about the user's input: raised by a `raise` statement in
+    its own files, not a slip inside a library or a wrong line of ours (a shape mismatch, max() of nothing),
+    which keeps its traceback. A DataLoader worker's error arrives with its traceback as text: read from it."""
+    frames = re.findall(r'File "([^"]+)", line \d+, in \S+\n +(.*)', str(e))  # torch's ExceptionWrapper
+    if not frames:
+        last = traceback.extract_tb(e.__traceback__)[-1]
+        frames = [(last.filename, last.line)]
+    filename, line = frames[-1]
+    return os.path.dirname(os.path.abspath(filename)) == HERE and line.lstrip().startswith("raise")
+
+
 def cli(argv=None):
     """python train.py: bad input ends in one line "error: ..." (exit status 1; 2 for bad options), Ctrl-C in one
-    line saying how to continue (exit status 130); no traceback."""
+    line saying how to continue (exit status 130); no traceback. Any other exception is a bug: its traceback shows."""
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # a redirected log (nohup, a batch job) gets each line when printed
     try:
@@ -827,7 +844,11 @@ def cli(argv=None):
         if meta.get("study"):
             return run_study(cfg, meta["given"])
         return main(cfg, overwrite=meta.get("overwrite", False))
-    except (ValueError, OSError, RuntimeError) as e:
+    except OSError as e:  # a file missing, unreadable or in use; a full disk
+        sys.exit(f"error: {error_line(e)}")
+    except (ValueError, RuntimeError) as e:
+        if not raised_on_purpose(e):
+            raise
         sys.exit(f"error: {error_line(e)}")
     except KeyboardInterrupt as e:
         print(f"\n{e or 'interrupted'}", file=sys.stderr)
