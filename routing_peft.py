@@ -38,6 +38,18 @@ parameter:
             after_b=True (ablation): y = W0 x + b + (alpha / r) f(B A drop(x), B A drop(x_R)), the route
             in full width. With B = 0 every multiplicative route (all but none and add) then has EXACTLY
             zero gradient on A and B, so B stays 0 forever: why the paper routes inside the bottleneck.
+    LoRA with cross-attention (the routes' parameterised baseline; CrossAttentionLoRA), parallel to W0, b;
+            width w = r/4 inside, h heads (default 4); the text and the image get their OWN down-projections:
+            x_t = A_t drop(x)   (B, N, w),   x_v = A_v drop(x_R)   (B, L, w)
+            a   = [softmax(Q_i K_i^T / sqrt(w/h)) V_i]_i  heads side by side,
+                  Q = W_q x_t, K = W_k drop(x_v), V = W_v drop(x_v)
+            y   = W0 x + b + (alpha / r) B W_up W_o drop(a)        W_up: w -> r, B: r -> d_out
+            No bias, no mask; B zeros (identity at init), the seven others Kaiming-uniform. Trainable per
+            layer: d_in r/2 + r^2/2 + r d_out (LoRA: r d_in + r d_out; d = 1024, r = 128: 204,800 vs 262,144).
+            a REPLACES x_t, as the release (no residual). So with ONE visual token (pooled x_R, L = 1) the
+            softmax is 1 and a = V at every text position: the update is the image-only constant
+            (alpha/r) B W_up W_o W_v A_v x_R, and the scoring path A_t, W_q, W_k gets exactly zero gradient.
+            The text meets the image only through several visual tokens (patches, L > 1).
     Adapter (after a module whose output is h):
             h + W_up act(f(W_down h + b_down, W_down x_R + b_down)) + b_up,   W_up, b_up: zeros.
 
@@ -64,6 +76,14 @@ Deliberate deviations from the authors' released code (Routing_VLPEFT)
   is explicit (`merge_lora`), never a side effect of .train() / .eval().
 - x_R is passed through `visual_context` instead of extra forward arguments and flags threaded
   through copies of the model files, so the backbone's code stays untouched.
+- LoRA with cross-attention (loralib/layers.py MergedLinearSplitAttn, which no model file of the release
+  builds). Kept: widths r/4 and r, 4 heads, 1/sqrt(head width), no bias, no projection inside the attention
+  (W_o is its own Linear after it), the five dropout sites, Kaiming-uniform and zero B, alpha/r, no residual.
+  Changed: one module per projection, like the routes (its config pairs it with GPT-2's fused q|v, where one
+  module would span both bottlenecks, width r/2); where it goes is ours: q and v of every self-attention,
+  as LoRA, is what we recommend; an r that 4 * heads does not divide is an error (the release floors r//4).
+  No visual-token mask: every x_R here has one L per batch (pooled 1, ViT 196 patches, CLIP 36 per image,
+  72 per pair), and visual_context takes one dense (B, L, d) tensor.
 (Model-level deviations, e.g. GPT-2's fused q|k|v split into q, k, v, are listed in tasks.py, above the task models.)
 
 VL-PET: where the released code differs from the paper, we follow the code (HenryHZY/VL-PET
@@ -89,6 +109,8 @@ Usage
     # or VL-PET-large on the encoder's sub-layers and the decoder's cross-attention value projection:
     # rp.add_vlpet(model.encoder, ["attn", "mlp"], "large", r=96, route="matmul", gate_r=96)
     # rp.add_parallel_adapters(model.decoder, ["cross.v"], r=96, route="matmul")
+    # or the parameterised baseline, LoRA with cross-attention (best with patch tokens, x_R (B, L, d)):
+    # rp.add_cross_attention_lora(model, ["attn.q", "attn.v"], r=128, alpha=128, heads=4)
     rp.mark_trainable(model, extra=["ln1", "ln2", "head"])
     print(rp.count_parameters(model))              # (trainable, total); the same for every route
     with rp.visual_context(model, x_R):            # x_R: (B, L, d) or (B, d), d = the layers' width
@@ -195,11 +217,13 @@ class _PeftLayer(nn.Module):
     """What every PEFT layer shares: the route name and the visual feature set by visual_context.
 
     The one protocol the helpers rely on: a PEFT layer subclasses _PeftLayer and names, in `trained`,
-    the children that hold its weights (everything else in it, the wrapped layer, stays frozen)."""
+    the children that hold its weights (everything else in it, the wrapped layer, stays frozen), and
+    `route` says how x_R enters it: a name in ROUTES ('none': not at all; each subclass checks its own)
+    or 'cross_attention' (CrossAttentionLoRA). visual_context binds x_R to every layer whose route is
+    not 'none'."""
 
     def __init__(self, route, width):
         super().__init__()
-        _check_route(route)
         self.route = route
         self.width = width  # the width x_R must have
         self.x_R = None  # (B, L, width) inside visual_context, None outside
@@ -226,6 +250,7 @@ class LoRA(_PeftLayer):
     trained = ("A", "B")  # the children holding the LoRA weights
 
     def __init__(self, base, r, alpha, route="none", dropout=0.0, after_b=False):
+        _check_route(route)
         d_in, d_out = _linear_shape(base)
         super().__init__(route, width=d_in)
         self.base = base
@@ -254,6 +279,49 @@ class LoRA(_PeftLayer):
         return f"route={self.route!r}, r={self.A.out_features}, scale={self.scale:g}, after_b={self.after_b}"
 
 
+class CrossAttentionLoRA(_PeftLayer):
+    """base(x) + (alpha/r) B W_up W_o drop(MHA(W_q x_t, W_k drop(x_v), W_v drop(x_v))), x_t = A_t drop(x),
+    x_v = A_v drop(x_R), in parallel to a linear layer `base`: the routes' parameterised baseline, the release's
+    "LoRA with cross-attention" (loralib/layers.py MergedLinearSplitAttn). Width w = r/4 inside."""
+
+    trained = ("A_t", "A_v", "W_q", "W_k", "W_v", "W_o", "W_up", "B")
+
+    def __init__(self, base, r, alpha, heads=4, dropout=0.0):
+        if r % 4 or (r // 4) % heads:
+            raise ValueError(f"CrossAttentionLoRA attends at width r/4 split into `heads` heads: r must be a "
+                             f"multiple of 4 * heads, got r={r}, heads={heads}")
+        d_in, d_out = _linear_shape(base)
+        super().__init__("cross_attention", width=d_in)
+        self.base = base
+        w = r // 4
+        self.A_t, self.A_v = nn.Linear(d_in, w, bias=False), nn.Linear(d_in, w, bias=False)  # text, image
+        self.W_q, self.W_k, self.W_v, self.W_o = (nn.Linear(w, w, bias=False) for _ in range(4))
+        self.W_up = nn.Linear(w, r, bias=False)
+        self.B = nn.Linear(r, d_out, bias=False)
+        nn.init.zeros_(self.B.weight)  # every other weight: nn.Linear's Kaiming-uniform, as the release
+        self.heads = heads
+        self.drop = nn.Dropout(dropout)
+        self.scale = alpha / r
+
+    def split_heads(self, z):
+        """(B, T, w) -> (B, heads, T, w / heads)."""
+        return z.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def forward(self, x):
+        y = self.base(x)
+        x_t = self.A_t(self.drop(x))  # (B, N, w)
+        x_v = self.A_v(self.drop(self.visual_tokens(x)))  # (B, L, w)
+        q = self.split_heads(self.W_q(x_t))  # (B, h, N, w/h)
+        k = self.split_heads(self.W_k(self.drop(x_v)))  # (B, h, L, w/h)
+        v = self.split_heads(self.W_v(self.drop(x_v)))  # (B, h, L, w/h)
+        a = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(w/h)) v over the L tokens: (B, h, N, w/h)
+        a = a.transpose(1, 2).flatten(2)  # (B, N, h, w/h) -> (B, N, w), the heads side by side
+        return y + self.B(self.W_up(self.W_o(self.drop(a))) * self.scale)
+
+    def extra_repr(self):
+        return f"r={self.W_up.out_features}, heads={self.heads}, scale={self.scale:g}"
+
+
 class _Bottleneck(_PeftLayer):
     """What Adapter, VLPET and ParallelAdapter share: the routed branch
     W_up act(f(W_down h + b_down, W_down x_R + b_down)) + b_up."""
@@ -261,6 +329,7 @@ class _Bottleneck(_PeftLayer):
     trained = ("down", "up")  # the children holding the adapter weights
 
     def __init__(self, route, d_in, r, d_out, act):
+        _check_route(route)
         if not isinstance(act, nn.Module):
             raise TypeError(f"act must be an nn.Module instance such as nn.GELU(), got {act!r}")
         super().__init__(route, width=d_in)
@@ -460,6 +529,13 @@ def add_lora(model, targets, r, alpha, route, dropout=0.0, after_b=False):
     return model
 
 
+def add_cross_attention_lora(model, targets, r, alpha, heads=4, dropout=0.0):
+    """Wrap every linear layer named by `targets` in a CrossAttentionLoRA (the paper's parameterised baseline;
+    recommended places: q and v of every self-attention, as LoRA); returns the model."""
+    _replace_matches(model, targets, lambda m: CrossAttentionLoRA(m, r, alpha, heads, dropout))
+    return model
+
+
 def add_adapters(model, targets, r, route, act):
     """Insert an Adapter after every linear layer named by `targets`; act: an nn.Module such as nn.GELU().
     Each adapter gets its own deep copy of act. Returns the model."""
@@ -487,7 +563,7 @@ def add_parallel_adapters(model, targets, r, route):
 
 
 def _peft_layers(model):
-    """(qualified name, layer) of every _PeftLayer: LoRA, Adapter, VLPET, ParallelAdapter."""
+    """(qualified name, layer) of every _PeftLayer: LoRA, CrossAttentionLoRA, Adapter, VLPET, ParallelAdapter."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, _PeftLayer)]
 
 
@@ -534,8 +610,8 @@ def count_parameters(model):
 def visual_context(model, x_R):
     """Within the block every routed layer of `model` sees x_R, of shape (B, L, d) or (B, d) (= L of 1).
 
-    d must equal each routed layer's width (LoRA, parallel adapter: its input width; Adapter: its module's
-    output width; VL-PET: its sub-layer's width).
+    d must equal each routed layer's width (LoRA, CrossAttentionLoRA, parallel adapter: its input width;
+    Adapter: its module's output width; VL-PET: its sub-layer's width).
     The batch B must equal the batch of every call inside the block (beam search: repeat x_R per beam).
     x_R is always cleared on exit, also on an exception; layers with route 'none' ignore it."""
     if x_R.dim() == 2:
@@ -588,8 +664,8 @@ def merge_lora(model):
     """Fold every LoRA into its base layer (W0 += (alpha/r) B A) and put the base layer back in place.
 
     Only route 'none' can be merged: a routed update depends on the image. Refuses (before changing
-    anything) if any LoRA is routed. Returns the model."""
-    loras = [(name, m) for name, m in _peft_layers(model) if isinstance(m, LoRA)]
+    anything) if any LoRA is routed or the model holds a CrossAttentionLoRA. Returns the model."""
+    loras = [(name, m) for name, m in _peft_layers(model) if isinstance(m, (LoRA, CrossAttentionLoRA))]
     routed = [f"{name} (route {m.route!r})" for name, m in loras if m.route != "none"]
     if routed:
         raise ValueError(f"cannot merge routed LoRA layers, their update depends on x_R: {routed}")

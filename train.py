@@ -26,8 +26,10 @@ import itertools
 import json
 import os
 import random
+import re
 import sys
 import time
+import traceback
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -39,7 +41,7 @@ import eval as metrics
 import models
 import routing_peft as rp
 import shapes
-from tasks import TASKS, X100, Features, add_metrics, autocast, evaluate, headline, write_results
+from tasks import TASKS, X100, Features, add_metrics, evaluate, headline, write_results
 
 
 @dataclass
@@ -72,7 +74,7 @@ class Config:
     max_len: int = 20             # text tokens: <s> question </s> (vqa, and multitask's VQA and GQA) or caption + EOS (caption)
     answers: int = 3129           # K, size of the answer vocabulary (vqa)
     beams: int = 5                # beam width for captioning (1 = greedy)
-    max_new_tokens: int = 20      # caption length limit in tokens (multitask: also the training captions')
+    max_new_tokens: int = 20      # caption length limit in new tokens (multitask: training captions hold one fewer)
     max_steps: int = 0            # stop after this many optimizer steps (0 = all epochs); schedule unchanged
     train_limit: int = 0          # train on the first N examples of each task only (0 = all; VL-T5's --train_topk)
     seed: int = 0                 # seeds the new weights, the data order and dropout
@@ -81,6 +83,7 @@ class Config:
     out: str = ""                 # run folder ("" = runs/TASK)
     feature_cache: bool = True    # cache frozen image features on disk (off: recompute every step, as released)
     cache: str = "cache"          # folder of the feature and prepared-data caches, shared by runs
+    precision: str = "fp32"       # fp32 | bf16 (autocast of every forward pass; the releases trained in fp32)
 
 
 # The released hyper-parameters of the two paper settings (README). Checkpoint and data paths are the
@@ -96,11 +99,12 @@ PRESETS = {
 }
 # The CLIP-BART setting as VL-PET released it (scripts/image-text/*.sh, CLIPBART_NOTES 1.7): batch 500 (VQA; the
 # other tasks' batches in proportion), 20 epochs, AdamW lr 1e-3, eps 1e-6, weight decay 0.01, 10 % warm-up, gradient
-# clipping at 5 (the converted bart-base keeps its dropout 0.1). LoRA r 128 / alpha 32 / dropout 0.1, the
-# adapters and VL-PET r 96 (VL-PET: gate rank 96 and the decoder's value adapter r 96 too).
+# clipping at 5 (the converted bart-base keeps its dropout 0.1), fp32. LoRA r 128 / alpha 32 / dropout 0.1, the
+# adapters and VL-PET r 96 (VL-PET: gate rank 96 and the decoder's value adapter r 96 too). Route none: the
+# release's method exactly; --route mul adds routing.
 CLIP_BART = dict(task="multitask", vision="ckpt/clip-rn101.pt", text="ckpt/bart-base.pt", data="data/vqa", images="data/coco",
                  gqa="data/gqa", nlvr2="data/nlvr2", visual="mean", batch_size=500, epochs=20, lr=1e-3, adam_eps=1e-6,
-                 weight_decay=0.01, warmup=0.1, clip=5.0, beams=5, max_new_tokens=40, rank=96)
+                 weight_decay=0.01, warmup=0.1, clip=5.0, beams=5, max_new_tokens=39, rank=96, route="none")
 PRESETS.update({"multitask-lora": dict(CLIP_BART, peft="lora", rank=128, alpha=32, dropout=0.1),
                 "multitask-adapter": dict(CLIP_BART, peft="adapter"),
                 **{f"multitask-{p}": dict(CLIP_BART, peft=p) for p in ("vlpet-large", "vlpet-middlex", "vlpet-middley",
@@ -108,13 +112,13 @@ PRESETS.update({"multitask-lora": dict(CLIP_BART, peft="lora", rank=128, alpha=3
 CHOICES = {"task": ("vqa", "caption", "multitask"), "vqa_split": ("auto", "karpathy", "official"),
            "peft": ("lora", "adapter", "vlpet-large", "vlpet-middlex", "vlpet-middley", "vlpet-small"),
            "route": tuple(rp.ROUTES), "visual": ("pooler", "cls", "mean", "patches"),
-           "device": ("auto", "cpu", "cuda", "mps")}
+           "device": ("auto", "cpu", "cuda", "mps"), "precision": ("fp32", "bf16")}
 # The demo's defaults of a setting other than the first (the Config defaults are the VQA demo's): below a preset
 # and explicit options. CLIP-BART: x_R the mean embedded visual token; VL-PET-large with route mul; VL-PET's
 # optimiser settings (AdamW eps 1e-6, weight decay 0.01, 10 % warm-up, gradient clipping at 5); caption beams 5,
-# at most 40 tokens.
+# at most 39 new tokens (the release's max_length 40 counts the decoder start).
 TASK_DEFAULTS = {"multitask": dict(visual="mean", peft="vlpet-large", adam_eps=1e-6, weight_decay=0.01, warmup=0.1,
-                                   clip=5.0, max_new_tokens=40, epochs=2, batch_size=64, lr=1e-2)}
+                                   clip=5.0, max_new_tokens=39, epochs=2, batch_size=64, lr=1e-2)}
 LORA_ONLY = ("alpha", "dropout")
 RESUME_OVERRIDES = ("max_steps", "device", "workers")  # what --resume may change: not the math
 META = ("preset", "resume", "overwrite", "evaluate", "split", "study")  # command-line options that are not Config fields
@@ -246,7 +250,7 @@ def build(cfg):
     if text.config.arch not in setting[0].archs:
         raise ValueError(f"{text_path} is a {text.config.arch} checkpoint, expected {' or '.join(setting[0].archs)} "
                          f"for --task {cfg.task}")
-    tokenizer = data.BPETokenizer.from_checkpoint(text_path)
+    tokenizer = data.load_tokenizer(text_path)
     features, tasks = {}, []  # one feature store per images folder, shared by the tasks that read it
     for c in setting:
         folder = c.images_folder(cfg, data_dir)
@@ -313,8 +317,8 @@ def train_step(model, task, batches, cfg, step, rank, world):
         torch.manual_seed(step_seed(cfg, rank, step, i))  # dropout: see step_seed
         last = i + 1 == len(batches)
         with model.no_sync() if world > 1 and not last else contextlib.nullcontext():  # DDP syncs once a step
-            with autocast(task.features.device):
-                loss, n = task.loss(model, batch)
+            with task.features.autocast():
+                loss, n = task.loss(model, batch, step)
             loss.backward()
         total, count = total + loss.item(), count + n
     if world > 1:
@@ -339,7 +343,8 @@ def optimizer(model, cfg):
 def step_seed(cfg, rank, step, micro):
     """The seed of the random draws (dropout) of one micro-batch: a function of (seed, process, optimizer
     step, micro-batch), so a resumed run draws exactly what an uninterrupted one would, whatever ran in
-    between (evaluation, DataLoader seeds), and a checkpoint needs no RNG state."""
+    between (evaluation, DataLoader seeds), and a checkpoint needs no RNG state. Dropout masks differ with the
+    processes; what a task's loss draws per example does not (Task: a function of seed, step and index)."""
     return ((cfg.seed * 1_000_003 + rank) * 1_000_003 + step) * 4096 + micro
 
 
@@ -352,6 +357,25 @@ def pick_device(name):
     if name == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device(name, int(os.environ.get("LOCAL_RANK", 0))) if name == "cuda" else torch.device(name)
+
+
+def smallest_batch(cfg, world):
+    """The smallest --batch-size that gives each of `world` processes at least one example of every task's batch."""
+    return next(b for b in itertools.count(1) if all(c.batch_of(b) >= world for c in TASKS[cfg.task]))
+
+
+def check_world(cfg, world):
+    """Before any work: every process must hold an example of every batch of every task (its share of a batch is
+    every world-th example). A process's batch sizes do not depend on the number of processes, so a run over several
+    processes equals one process; a batch too small for them is refused, naming the smallest that works."""
+    if cfg.train_limit and cfg.train_limit < world:
+        raise ValueError(f"--train-limit {cfg.train_limit} gives fewer training examples than the {world} processes")
+    small = next((c for c in TASKS[cfg.task] if c.batch_of(cfg.batch_size) < world), None)
+    if small:
+        n = small.batch_of(cfg.batch_size)
+        raise ValueError(f"--batch-size {cfg.batch_size} gives {small.name} batches of {n} example{'s' * (n > 1)}, fewer "
+                         f"than the {world} processes (each needs an example of every batch); the smallest --batch-size "
+                         f"for {world} processes is {smallest_batch(cfg, world)}")
 
 
 def start_distributed(cfg):
@@ -380,6 +404,7 @@ def main(cfg, resume=False, overwrite=False):
     check_config(cfg)
     rank, world = start_distributed(cfg)
     try:
+        check_world(cfg, world)
         with run_folder(cfg, rank, resume, overwrite):
             return train(cfg, rank, world, resume)
     finally:
@@ -389,8 +414,6 @@ def main(cfg, resume=False, overwrite=False):
 
 def train(cfg, rank, world, resume):
     """The loop: build, restore, then steps, an evaluation and a checkpoint after every epoch, the final report."""
-    if cfg.batch_size < world:
-        raise ValueError(f"--batch-size {cfg.batch_size} is smaller than the number of processes ({world})")
     with rank_zero_first(rank, world):
         tasks, model, device = build(cfg)
     opt = optimizer(model, cfg)
@@ -454,11 +477,7 @@ def run_folder(cfg, rank, resume, overwrite):
         yield
         return
     os.makedirs(cfg.out, exist_ok=True)
-    with open(os.path.join(cfg.out, ".lock"), "a") as lock:
-        try:
-            data.lock_file(lock)
-        except OSError:
-            raise RuntimeError(f"{cfg.out} is in use by another train.py process") from None
+    with locked(cfg.out):
         held = os.path.isfile(os.path.join(cfg.out, "config.json"))
         if held and not (resume or overwrite):
             raise ValueError(f"{cfg.out} holds a run already: continue it with --resume {cfg.out}, replace it with "
@@ -472,6 +491,18 @@ def run_folder(cfg, rank, resume, overwrite):
             record = final_record(cfg.out, final=False)
             saved = f"last.pt holds step {record['step']}" if record else "nothing was saved yet"
             raise KeyboardInterrupt(f"interrupted: {saved}; continue with: python train.py --resume {cfg.out}") from None
+
+
+@contextlib.contextmanager
+def locked(out):
+    """The run folder OUT locked for the block (OUT/.lock, released by the OS when the process ends, kill -9
+    included): training, resuming and evaluating a run exclude each other."""
+    with open(os.path.join(out, ".lock"), "a") as lock:
+        try:
+            data.lock_file(lock)
+        except OSError:
+            raise RuntimeError(f"{out} is in use by another train.py process") from None
+        yield
 
 
 # ---- records and checkpoints --------------------------------------------------------------------------
@@ -593,18 +624,19 @@ def restore(ckpt, model, opt, tasks, source):
 
 
 def evaluate_run(path, split="test", device="auto"):
-    """python train.py --evaluate RUN: rebuild a run from its last.pt, predict `split` and score it. Writes
-    RUN/results_{task}_{split}.json and RUN/metrics_{split}.json; returns ({task: metrics}, that path)."""
+    """python train.py --evaluate RUN: rebuild a run from its last.pt, predict `split` and score it, the run folder
+    locked. Writes RUN/results_{task}_{split}.json and RUN/metrics_{split}.json; returns ({task: metrics}, that path)."""
     cfg = run_config(path, device=device)
-    tasks, model, _ = build(cfg)
-    restore(load_run(path), model, None, tasks, run_file(path))
-    lacking = next((t for t in tasks if split not in t.splits), None)
-    if lacking:
-        raise ValueError(f"split {split!r} not in the {lacking.name} data (it has {sorted(lacking.splits)})")
-    scored = evaluate(tasks, model, split)
-    write_results(cfg.out, scored, split)
-    out, path = {task.name: m for task, (m, _) in scored.items()}, os.path.join(cfg.out, f"metrics_{split}.json")
-    metrics.write_json(out, path)
+    with locked(cfg.out):  # a --resume of the run would delete our temporary files
+        tasks, model, _ = build(cfg)
+        restore(load_run(path), model, None, tasks, run_file(path))
+        lacking = next((t for t in tasks if split not in t.splits), None)
+        if lacking:
+            raise ValueError(f"split {split!r} not in the {lacking.name} data (it has {sorted(lacking.splits)})")
+        scored = evaluate(tasks, model, split)
+        write_results(cfg.out, scored, split)
+        out, path = {task.name: m for task, (m, _) in scored.items()}, os.path.join(cfg.out, f"metrics_{split}.json")
+        metrics.write_json(out, path)
     return out, path
 
 
@@ -776,9 +808,26 @@ def error_line(e):
     return lines[-1].strip() if lines else type(e).__name__
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def raised_on_purpose(e):
+    """Whether e is one of this project's messages about the user's input: raised by a `raise` statement in
+    its own files, not a slip inside a library or a wrong line of ours (a shape mismatch, max() of nothing),
+    which keeps its traceback. A DataLoader worker's error arrives with its traceback as text: read from it."""
+    frames = re.findall(r'File "([^"]+)", line \d+, in \S+\n +(.*)', str(e))  # torch's ExceptionWrapper
+    if not frames:
+        last = traceback.extract_tb(e.__traceback__)[-1]
+        frames = [(last.filename, last.line)]
+    filename, line = frames[-1]
+    return os.path.dirname(os.path.abspath(filename)) == HERE and line.lstrip().startswith("raise")
+
+
 def cli(argv=None):
     """python train.py: bad input ends in one line "error: ..." (exit status 1; 2 for bad options), Ctrl-C in one
-    line saying how to continue (exit status 130); no traceback."""
+    line saying how to continue (exit status 130); no traceback. Any other exception is a bug: its traceback shows."""
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)  # a redirected log (nohup, a batch job) gets each line when printed
     try:
         cfg, meta = parse_command_line(argv)
         if meta.get("evaluate"):
@@ -790,7 +839,11 @@ def cli(argv=None):
         if meta.get("study"):
             return run_study(cfg, meta["given"])
         return main(cfg, overwrite=meta.get("overwrite", False))
-    except (ValueError, OSError, RuntimeError) as e:
+    except OSError as e:  # a file missing, unreadable or in use; a full disk
+        sys.exit(f"error: {error_line(e)}")
+    except (ValueError, RuntimeError) as e:
+        if not raised_on_purpose(e):
+            raise
         sys.exit(f"error: {error_line(e)}")
     except KeyboardInterrupt as e:
         print(f"\n{e or 'interrupted'}", file=sys.stderr)

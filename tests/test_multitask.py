@@ -6,6 +6,8 @@ features, with LoRA, VL-Adapter and VL-PET, on a tiny synthetic world and tiny r
 import dataclasses
 import os
 import shutil
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -19,6 +21,7 @@ import shapes
 import tasks
 import train
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLIP = models.Config("clip_resnet", 128, 4, 2, 0, 1e-5, image_size=64, stages=(1, 1, 1, 1), output_dim=32,
                      image_mean=models.CLIP_MEAN, image_std=models.CLIP_STD, image_resample="bicubic")
 METHODS = [("lora", "mul"), ("adapter", "add"), ("vlpet-large", "matmul"), ("vlpet-middlex", "none"),
@@ -212,3 +215,93 @@ def test_multitask_study(world, tmp_path, monkeypatch):
     expected = (record["vqa_accuracy"] + record["gqa_accuracy"] + record["nlvr2_accuracy"] + 100 * record["CIDEr"]) / 4
     assert row["mean"] == (pytest.approx(expected), 0.0)
     assert os.path.isfile(tmp_path / "study" / "study.png")
+
+
+def test_vqa_targets_are_drawn_per_example(world, tmp_path):
+    """GenerativeVQA's target answer for an example is a function of (seed, step, its index) alone: the same in a
+    batch of eight as in either half (two processes' shares), another at other steps and seeds; over many steps
+    each answer is drawn in proportion to its soft score."""
+    cfg = config(world, tmp_path / "run")
+    vqa = train.build(cfg)[0][0]
+    ds = vqa.dataset("train")
+
+    def drawn(indices, step):
+        """[(target tokens, weight)] per example."""
+        _, labels, weight = vqa.targets(next(iter(vqa.loader(ds, [indices]))), step)
+        return [(tuple(row[row != -100].tolist()), w) for row, w in zip(labels, weight.tolist())]
+
+    whole = drawn(list(range(8)), 3)
+    assert drawn([0, 2, 4, 6], 3) == whole[0::2] and drawn([1, 3, 5, 7], 3) == whole[1::2]
+    scores = [sorted(s for s in vqa.collate([ds[m]])["targets"][0].tolist() if s > 0) for m in range(len(ds))]
+    m = next(m for m, s in enumerate(scores) if len(s) >= 2 and len(set(s)) == len(s))  # told apart by the score
+    weights = [drawn([m], step)[0][1] for step in range(2000)]
+    for score in scores[m]:
+        assert weights.count(pytest.approx(score)) / 2000 == pytest.approx(score / sum(scores[m]), abs=0.04)
+    vqa.cfg = dataclasses.replace(cfg, seed=1)
+    assert drawn([m], 3) != drawn([m], 4) or drawn([m], 5) != drawn([m], 6)
+    other = [drawn([m], step)[0][1] for step in range(40)]
+    assert other != weights[:40]
+
+
+# ---- several processes (torchrun, gloo on CPU) ------------------------------------------------------------
+
+
+def torchrun(args, procs, out):
+    """python -m torch.distributed.run --nproc_per_node procs train.py args --out out, one thread a process."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+                           "train.py", *args, "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def ddp_args(world, bart, batch_size):
+    return ["--task", "multitask", "--vision", world.clip, "--text", bart, "--data", world.data, "--cache", world.cache,
+            "--batch-size", str(batch_size), "--grad-accum", "2", "--train-limit", "20", "--epochs", "2",
+            "--max-steps", "6", "--rank", "4", "--beams", "1", "--max-new-tokens", "4", "--workers", "0", "--device", "cpu"]
+
+
+def test_ddp_matches_one_process(world, tmp_path):
+    """The four tasks over 2 processes against one process, dropout off: batch 6 is the smallest that gives each
+    process an NLVR2 example (its share 1/3: 2 a batch); gradient accumulation 2; the first epoch's 6 steps visit
+    every task (at most 20 examples each: one step of VQA and of GQA, two of NLVR2 and of captions). VQA's target
+    answers are drawn per example, so both runs draw the same ones: the trainable weights agree to 1e-6, the
+    logged train losses (about 18) to a relative 1e-6."""
+    model = models.load_checkpoint(world.bart)
+    model.config = dataclasses.replace(model.config, dropout=0.0)
+    bart = str(tmp_path / "bart.pt")
+    models.save_checkpoint(model, bart, world.tokenizer.to_data())
+    args = ddp_args(world, bart, 6)
+    cfg = train.parse_command_line(args + ["--out", str(tmp_path / "one")])[0]
+    assert train.smallest_batch(cfg, 2) == 6 and [t.batch_of(6) for t in tasks.TASKS["multitask"]] == [6, 10, 2, 5]
+    train.main(cfg)
+    proc = torchrun(args, 2, tmp_path / "ddp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = train.load_run(cfg.out), train.load_run(str(tmp_path / "ddp"))
+    assert a["step"] == b["step"] == 6 and a["trainable"].keys() == b["trainable"].keys()
+    for name in a["trainable"]:
+        torch.testing.assert_close(a["trainable"][name], b["trainable"][name], rtol=0, atol=1e-6)
+    losses = a["records"][0]["task_train_loss"]
+    assert set(losses) == {"vqa", "gqa", "nlvr2", "caption"}
+    for name, loss in losses.items():
+        assert b["records"][0]["task_train_loss"][name] == pytest.approx(loss, rel=1e-6), name  # float32 sums near 17
+    assert a["records"][0]["train_loss"] == pytest.approx(b["records"][0]["train_loss"], rel=1e-6)
+
+
+def test_smallest_batch_for_the_processes():
+    """NLVR2's share of a batch is 1/3: each process needs one, so 3 examples a process; one process takes any."""
+    cfg = train.Config(**train.TASK_DEFAULTS["multitask"], task="multitask")
+    assert [train.smallest_batch(cfg, world) for world in (1, 2, 3, 4)] == [1, 6, 9, 12]
+    for world in (2, 3, 4):
+        train.check_world(dataclasses.replace(cfg, batch_size=train.smallest_batch(cfg, world)), world)
+        with pytest.raises(ValueError, match=f"smallest --batch-size for {world} processes is"):
+            train.check_world(dataclasses.replace(cfg, batch_size=train.smallest_batch(cfg, world) - 1), world)
+
+
+def test_ddp_refuses_a_batch_too_small_before_any_work(world, tmp_path):
+    """--batch-size 5 gives NLVR2 batches of 1 example, none for the second process: both processes stop before
+    building anything, with one line naming the smallest batch that works."""
+    proc = torchrun(ddp_args(world, world.bart, 5), 2, tmp_path / "run")
+    assert proc.returncode != 0
+    lines = {ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")}  # one per process not killed first
+    assert lines == {"error: --batch-size 5 gives nlvr2 batches of 1 example, fewer than the 2 processes (each needs "
+                     "an example of every batch); the smallest --batch-size for 2 processes is 6"}, proc.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "run")

@@ -118,6 +118,10 @@ def test_single_vector_routes_refuse_several_visual_tokens(route):
 def test_unknown_route_is_an_error():
     with pytest.raises(ValueError, match="unknown route 'matmull'"):
         lora_toy("matmull")
+    for make in (lambda: rp.LoRA(nn.Linear(D, D), 4, 4, "mull"),
+                 lambda: rp.Adapter(nn.Linear(D, D), 4, nn.GELU(), "mull")):
+        with pytest.raises(ValueError, match="unknown route 'mull'"):  # the layers check too, not only add_*
+            make()
 
 
 # ---- invariants ------------------------------------------------------------------------------------------
@@ -864,3 +868,201 @@ def test_vlpet_parameter_counts_reproduce_the_paper_on_bart_base_shapes():
         assert trainable[gate] == modules[gate] + 19_968 + 1_582_848
         assert round(100 * got[0] / got[1], 2) == paper[gate]
     assert frozen_and_visual + modules["large"] == 145_606_464
+
+
+# ---- LoRA with cross-attention (the parameterised baseline) ----------------------------------------------
+
+def set_weights(layer, **weights):
+    """Copy hand-set lists into the named nn.Linear children of `layer` (weights as (out, in) lists)."""
+    with torch.no_grad():
+        for name, w in weights.items():
+            getattr(layer, name).weight.copy_(torch.tensor(w, dtype=torch.float32))
+
+
+def xattn_toy(**kw):
+    return rp.add_cross_attention_lora(Toy(), ["attn.q", "attn.v"], r=8, alpha=16, heads=2, **kw)
+
+
+def randomize_B(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, rp.CrossAttentionLoRA):
+                m.B.weight.normal_(0, 0.5)
+    return model
+
+
+# Worked by hand: d_in = d_out = 2, r = 8 (attention width w = 2), 2 heads, alpha = 16 (scale 2):
+#   base W0 = [[1, 2], [0, 1]], b = [0, -1];  x = [[1, -1], [2, 0]]  ->  base(x) = [[-1, -2], [2, -1]]
+#   A_v = [[0, 1], [1, 0]], W_v = [[1, 1], [0, 1]], W_o = [[1, 0], [1, 1]]
+#   W_up (8 x 2) rows [1, 0], [0, 1], [1, 1], then zeros; B (2 x 8) rows [1, 0, 1, 0...], [0, -1, 0...]
+#       -> B W_up = [[2, 1], [0, -1]]
+#   pooled x_R = [2, 1]: x_v = A_v x_R = [1, 2];  V = W_v x_v = [3, 2]. One key: softmax = 1, so every text
+#   position gets a = V, whatever its query:  W_o a = [3, 5];  B W_up W_o a = [11, -5];  x 2 = [22, -10]
+#   y = base(x) + [22, -10] = [[21, -12], [24, -11]]
+POOLED_WEIGHTS = dict(A_t=[[1, 0], [1, 1]], A_v=[[0, 1], [1, 0]], W_q=[[1, 0], [0, -1]], W_k=[[2, 0], [0, 1]],
+                      W_v=[[1, 1], [0, 1]], W_o=[[1, 0], [1, 1]], W_up=[[1, 0], [0, 1], [1, 1]] + [[0, 0]] * 5,
+                      B=[[1, 0, 1, 0, 0, 0, 0, 0], [0, -1, 0, 0, 0, 0, 0, 0]])
+POOLED_HAND = [[21., -12.], [24., -11.]]
+
+
+def base_2x2():
+    base = nn.Linear(2, 2)
+    set_linear(base, [[1, 2], [0, 1]], [0, -1])
+    return base
+
+
+def xattn_by_hand(x, x_R, weights, heads, scale):
+    """The formula in plain Python (lists, math.exp) for one example: x N text vectors, x_R L visual vectors,
+    around base_2x2. Heads take consecutive channels; each scores by q . k / sqrt(head width), softmax over L."""
+    import math
+
+    def mv(matrix, u):
+        return [sum(m * ui for m, ui in zip(row, u)) for row in matrix]
+    W = weights
+    x_v = [mv(W["A_v"], u) for u in x_R]
+    keys, values = [mv(W["W_k"], u) for u in x_v], [mv(W["W_v"], u) for u in x_v]
+    out = []
+    for xn in x:
+        q = mv(W["W_q"], mv(W["A_t"], xn))
+        dh = len(q) // heads
+        a = []
+        for h in range(heads):
+            ch = range(h * dh, (h + 1) * dh)
+            e = [math.exp(sum(q[c] * k[c] for c in ch) / math.sqrt(dh)) for k in keys]
+            a += [sum(el * v[c] for el, v in zip(e, values)) / sum(e) for c in ch]
+        delta = mv(W["B"], mv(W["W_up"], mv(W["W_o"], a)))
+        base = [xn[0] + 2 * xn[1], xn[1] - 1]
+        out.append([b + scale * dl for b, dl in zip(base, delta)])
+    return out
+
+
+def test_cross_attention_pooled_against_hand_computed_example():
+    layer = rp.CrossAttentionLoRA(base_2x2(), r=8, alpha=16, heads=2)
+    set_weights(layer, **POOLED_WEIGHTS)
+    with rp.visual_context(layer, torch.tensor([[2., 1.]])):  # (B, d): one visual token
+        out = layer(torch.tensor([[[1., -1.], [2., 0.]]]))
+    torch.testing.assert_close(out, torch.tensor([POOLED_HAND]), rtol=0, atol=1e-6)
+    # the plain-Python formula, used for patches below, agrees with the hand-worked numbers
+    assert xattn_by_hand([[1, -1], [2, 0]], [[2, 1]], POOLED_WEIGHTS, 2, 2.0) == POOLED_HAND
+
+
+# Patches: d_in = d_out = 2, r = 16 (w = 4), 2 heads of width 2 (so the 1/sqrt(2) scale and the head split
+# both matter), alpha = 32 (scale 2), L = 3 visual tokens, two examples.
+PATCH_WEIGHTS = dict(
+    A_t=[[1, 0], [0, 1], [1, 1], [1, -1]], A_v=[[0, 1], [1, 0], [1, -1], [0, 1]],
+    W_q=[[1, 0, 0, 0], [0, -1, 0, 0], [0, 0, 1, 1], [1, 0, 0, 1]],
+    W_k=[[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 1, 0, -1]],
+    W_v=[[1, 0, 1, 0], [0, 2, 0, 0], [0, 0, 1, 0], [-1, 0, 0, 1]],
+    W_o=[[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]],
+    W_up=[[(i + 2 * j) % 3 - 1 for j in range(4)] for i in range(16)],
+    B=[[(i + j) % 3 - 1 for j in range(16)] for i in range(2)])
+
+
+def test_cross_attention_patches_against_plain_python():
+    x = [[[0.5, -1.0], [1.0, 0.5]], [[-1.0, 0.0], [0.5, 0.5]]]  # (2, N = 2, 2)
+    x_R = [[[1.0, 0.0], [0.0, 1.0], [-1.0, 0.5]], [[0.0, -1.0], [1.0, 1.0], [0.5, 0.0]]]  # (2, L = 3, 2)
+    layer = rp.CrossAttentionLoRA(base_2x2(), r=16, alpha=32, heads=2)
+    set_weights(layer, **PATCH_WEIGHTS)
+    with rp.visual_context(layer, torch.tensor(x_R)):
+        out = layer(torch.tensor(x))
+    want = [xattn_by_hand(x[b], x_R[b], PATCH_WEIGHTS, 2, 2.0) for b in range(2)]
+    torch.testing.assert_close(out, torch.tensor(want), rtol=0, atol=1e-5)
+    delta = out - layer.base(torch.tensor(x))
+    assert (delta[:, 0] - delta[:, 1]).abs().min() > 0.1  # with several tokens each text position differs
+
+
+def test_cross_attention_identity_at_init_and_counts():
+    x, x_R = toy_inputs(L=3)
+    base = Toy()
+    want = base(x)
+    model = rp.mark_trainable(rp.add_cross_attention_lora(copy.deepcopy(base), ["attn.q", "attn.v"], 8, 16, 2))
+    for L in (1, 3):  # pooled and patches
+        assert torch.equal(run(model, x, x_R[:, :L]), want)
+    r, w = 8, 2
+    per_layer = 2 * D * w + 4 * w * w + w * r + r * D  # A_t, A_v; W_q, W_k, W_v, W_o; W_up; B
+    assert per_layer == D * r // 2 + r * r // 2 + r * D
+    assert rp.count_parameters(model) == (4 * per_layer, rp.count_parameters(Toy())[1] + 4 * per_layer)
+    assert sorted(rp.peft_state_dict(model)) == sorted(
+        f"blocks.{i}.attn.{p}.{m}.weight" for i in range(2) for p in "qv"
+        for m in ("A_t", "A_v", "W_q", "W_k", "W_v", "W_o", "W_up", "B"))
+    paper = rp.CrossAttentionLoRA(nn.Linear(1024, 1024), r=128, alpha=128)  # RoBERTa-large width, the paper's r
+    assert sum(p.numel() for n, p in paper.named_parameters() if not n.startswith("base.")) == 204_800
+    assert 2 * 1024 * 128 == 262_144  # a LoRA layer of the same r
+
+
+def test_cross_attention_gradients_pooled_and_patches():
+    # At init (B = 0) only B has a gradient, as for LoRA. After one step B != 0 and, with patches, every weight
+    # gets a gradient. With one visual token the softmax is constantly 1: the scores' path (the text's A_t, W_q
+    # and the keys' W_k) never gets any (the release's module, kept as it is: the attention output replaces x_t).
+    x, grad_out = torch.randn(3, 5, D), torch.randn(3, 5, 6)
+    for L in (3, 1):
+        layer = rp.mark_trainable(rp.CrossAttentionLoRA(nn.Linear(D, 6), r=8, alpha=8, heads=2))
+        trained = [(n, p) for n, p in layer.named_parameters() if p.requires_grad]
+        assert [n for n, _ in trained] == [f"{m}.weight" for m in rp.CrossAttentionLoRA.trained]
+        opt = torch.optim.Adam([p for _, p in trained], lr=1e-2)
+        with rp.visual_context(layer, torch.randn(3, L, D)):
+            layer(x).backward(grad_out)
+            assert {n for n, p in trained if torch.count_nonzero(p.grad)} == {"B.weight"}
+            opt.step()
+            opt.zero_grad()
+            layer(x).backward(grad_out)
+        dead = {n for n, p in trained if torch.count_nonzero(p.grad) == 0}
+        assert dead == (set() if L == 3 else {"A_t.weight", "W_q.weight", "W_k.weight"}), L
+        assert layer.base.weight.grad is None
+
+
+def test_cross_attention_dropout_sites():
+    # the release's five: x, x_R, x_v before W_k, x_v before W_v (separate draws), the attention output
+    layer = rp.CrossAttentionLoRA(nn.Linear(D, 6), r=8, alpha=8, heads=2, dropout=0.5)
+    seen = []
+    layer.drop.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    with rp.visual_context(layer, torch.randn(3, 4, D)):
+        layer(torch.randn(3, 5, D))
+    assert seen == [(3, 5, D), (3, 4, D), (3, 4, 2), (3, 4, 2), (3, 5, 2)]
+    assert xattn_toy(dropout=0.5).blocks[1].attn.v.drop.p == 0.5  # add_cross_attention_lora passes it on
+    randomize_B(layer)
+    x, x_R = torch.randn(3, 5, D), torch.randn(3, 4, D)
+    with rp.visual_context(layer, x_R):
+        assert not torch.equal(layer(x), layer(x))
+        layer.eval()
+        assert torch.equal(layer(x), layer(x))
+
+
+def test_cross_attention_on_hf_roberta():
+    import transformers
+    cfg = transformers.RobertaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+    base = transformers.RobertaModel(cfg, add_pooling_layer=False).eval()
+    ids, x_R = torch.randint(3, 100, (2, 7)), torch.randn(2, 3, 32)  # 3 patch tokens
+    want = base(ids).last_hidden_state
+    model = rp.add_cross_attention_lora(copy.deepcopy(base), ["query", "value"], r=8, alpha=8, heads=2)
+    assert sum(isinstance(m, rp.CrossAttentionLoRA) for m in model.modules()) == 4
+    rp.mark_trainable(model)
+    assert rp.count_parameters(model)[0] == 4 * (32 * 8 // 2 + 8 * 8 // 2 + 8 * 32)
+    assert torch.equal(run(model, ids, x_R).last_hidden_state, want)
+    out = run(randomize_B(model), ids, x_R).last_hidden_state
+    assert not torch.allclose(out, want)
+    out.square().mean().backward()
+    assert all(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in model.parameters() if p.requires_grad)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+    with pytest.raises(RuntimeError, match="route 'cross_attention' needs the visual feature"):
+        model(ids)
+
+
+def test_cross_attention_context_merge_and_option_errors():
+    x, x_R = toy_inputs()
+    model = xattn_toy()
+    with pytest.raises(RuntimeError, match="route 'cross_attention' needs the visual feature.*visual_context"):
+        model(x)
+    with pytest.raises(ValueError, match=r"width 7 but layer 'blocks.0.attn.q' \(CrossAttentionLoRA\) needs width 16"):
+        with rp.visual_context(model, torch.randn(3, 7)):
+            pass
+    randomize_up(rp.add_lora(model, ["attn.k"], 4, 4, "none"))  # a mergeable LoRA beside them is not merged
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cannot merge .*blocks.0.attn.q \(route 'cross_attention'\)"):
+        rp.merge_lora(model)
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert isinstance(model.blocks[0].attn.k, rp.LoRA)
+    for r, heads in ((6, 1), (8, 4)):  # r/4 = 1.5; r/4 = 2 not split into 4 heads
+        with pytest.raises(ValueError, match="r must be a multiple of 4 \\* heads"):
+            rp.add_cross_attention_lora(Toy(), ["attn.q"], r, r, heads)

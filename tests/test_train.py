@@ -175,14 +175,14 @@ def test_patches_with_matmul(world, tmp_path, task):
     assert visual.shape == x_R.shape == (3, 4, D)
     seen = []
     model.text.register_forward_hook(lambda m, args, out: seen.append(out.shape[1]))
-    tasks[0].loss(model, batch)
+    tasks[0].loss(model, batch, 0)
     assert seen == [4 + batch["input_ids"].shape[1]]  # 4 prefix positions + the text
     with pytest.raises(ValueError, match="patches"):
         train.check_config(dataclasses.replace(cfg, route="mul"))
     layer = model.text.blocks[0].attn.q
     layer.route = "mul"  # a routed layer given 4 visual tokens refuses them
     with pytest.raises(ValueError, match="one visual vector per example"):
-        tasks[0].loss(model, batch)
+        tasks[0].loss(model, batch, 0)
 
 
 def test_no_feature_cache_trains_like_the_cache(world, tmp_path):
@@ -338,6 +338,25 @@ class Exploit:
         return os.system, ("touch pwned",)
 
 
+def test_bugs_keep_their_traceback(monkeypatch):
+    """Only the project's own messages about the input are one line: a ValueError of a builtin (max() of
+    nothing, the multi-process crash of issue 18) or a RuntimeError inside torch (a shape mismatch) propagates
+    with its traceback; a DataLoader worker's error is judged by its original last frame."""
+    bugs = {"max": lambda cfg, **kw: data.seq2seq_targets([], 0, 1),  # max() of nothing, in data.py
+            "torch": lambda cfg, **kw: torch.zeros(2, 3) @ torch.zeros(2, 3)}
+    for name, bug in bugs.items():
+        monkeypatch.setattr(train, "main", bug)
+        with pytest.raises((ValueError, RuntimeError)):
+            train.cli(["--max-steps", "1"])
+    monkeypatch.setattr(train, "main", lambda cfg, **kw: models.beam_search(None, 1, 1, 1, 0, rules="x"))
+    with pytest.raises(SystemExit, match="^error: beam_search: rules must be one of"):
+        train.cli(["--max-steps", "1"])
+    worker = 'Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n'
+    ours = f'  File "{train.HERE}/data.py", line 9, in load_image\n    raise ValueError(f"bad image")\nValueError: bad'
+    theirs = f'  File "/usr/lib/torch/x.py", line 9, in f\n    raise ValueError("oops")\nValueError: oops'
+    assert train.raised_on_purpose(ValueError(worker + ours)) and not train.raised_on_purpose(ValueError(worker + theirs))
+
+
 def test_command_line_errors(world, tmp_path, capsys):
     """Every case in-process through train.cli: SystemExit with one line "error: ..."."""
     for name, (args, phrase) in error_cases(world, tmp_path).items():
@@ -405,6 +424,11 @@ def test_evaluate_a_run(world, tmp_path, capsys):
         train.cli(["--evaluate", world.vit])
     err = e.value.code
     assert err.startswith("error: ") and "not a train.py checkpoint" in err and len(err.splitlines()) == 1
+    with open(os.path.join(cfg.out, ".lock"), "a") as lock:  # a --resume of the run holds its folder
+        data.lock_file(lock)
+        with pytest.raises(SystemExit) as e:
+            train.cli(["--evaluate", cfg.out])
+    assert e.value.code == f"error: {cfg.out} is in use by another train.py process"
 
 
 # ---- beam search ------------------------------------------------------------------------------------
@@ -454,7 +478,7 @@ def test_generate_matches_transformers_beam_search(scale):
     x_R = torch.randn(8, 1, D) * 3
     lengths = set()
     for k in (1, 2, 3, 5):
-        ours = model.generate(x_R, x_R, k, 10, 7)
+        ours = model.generate(x_R, x_R, k, max_new_tokens=10, eos_id=7)
         out = ref.generate(inputs_embeds=x_R, attention_mask=torch.ones(8, 1, dtype=torch.long), num_beams=k,
                            max_new_tokens=10, length_penalty=1.0, early_stopping=False, do_sample=False,
                            eos_token_id=7, pad_token_id=7)
@@ -468,9 +492,9 @@ def test_generate_matches_transformers_beam_search(scale):
 def test_generate_greedy_and_beam_scores():
     model, _ = caption_model(5.0, seed=1)
     x_R = torch.randn(6, 1, D) * 3
-    greedy_out = model.generate(x_R, x_R, 1, 8, 7)
+    greedy_out = model.generate(x_R, x_R, 1, max_new_tokens=8, eos_id=7)
     assert greedy_out == [greedy(model, x_R[i], 7, 8) for i in range(6)]
-    beam_out = model.generate(x_R, x_R, 4, 8, 7)
+    beam_out = model.generate(x_R, x_R, 4, max_new_tokens=8, eos_id=7)
     for i in range(6):
         g, b = (sequence_score(model, x_R[i], t, 7, 8) for t in (greedy_out[i], beam_out[i]))
         assert b >= g - 1e-6
@@ -660,6 +684,18 @@ def test_ddp_matches_one_process(world, tmp_path, task, procs, accum):
 
 
 # ---- losing no work: run folders, early checks, truncated files, kills, Ctrl-C ------------------------------
+
+
+def test_batches_too_small_for_the_processes(world, tmp_path):
+    """Each process must hold an example of every batch: a batch or a --train-limit smaller than the number of
+    processes is refused, naming the smallest batch that works."""
+    cfg = config(world, tmp_path / "run", batch_size=2)
+    train.check_world(cfg, 2)
+    with pytest.raises(ValueError, match=r"^--batch-size 2 gives vqa batches of 2 examples, fewer than the 3 processes "
+                                         r"\(each needs an example of every batch\); the smallest --batch-size for 3 processes is 3$"):
+        train.check_world(cfg, 3)
+    with pytest.raises(ValueError, match="^--train-limit 1 gives fewer training examples than the 2 processes$"):
+        train.check_world(dataclasses.replace(cfg, train_limit=1), 2)
 
 
 def test_run_folders_are_not_shared(world, tmp_path, monkeypatch, capsys):
