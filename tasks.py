@@ -131,6 +131,7 @@ class Task:
     prompt = ""         # put before every question (the CLIP-BART tasks' prompts)
     batch_share = 1.0   # the task's batch size, as a share of cfg.batch_size
     vocab = None        # what the trained head depends on (the VQA answers): a checkpoint must match it
+    split_names = {}    # the benchmark's name of the data a split holds, where it is not the split's (GQA: testdev)
 
     @classmethod
     def data_folder(cls, cfg, data_dir):
@@ -179,6 +180,10 @@ class Task:
     def dataset(self, split):
         return self.dataset_class(self.splits[split], self.features.pixels)
 
+    def split_name(self, split):
+        """The benchmark's name of the data scored as `split`: GQA's val and test are its testdev."""
+        return self.split_names.get(split, split)
+
     def loader(self, dataset, batches, collate=None):
         """Batches of `dataset`; images decoded in cfg.workers processes when the features are not cached."""
         workers = self.cfg.workers if self.features.pixels is not None else 0
@@ -213,8 +218,8 @@ class Task:
         are the same (two or more): a tokenizer or checkpoint that does not fit, or a collapsed run. Else []."""
         seen = {str(list(r.values())[-1]).strip() for r in results}
         what = "empty" if seen == {""} else f"the same, {min(seen)!r}" if len(seen) == 1 < len(results) else ""
-        return [f"warning: {self.name}: all {len(results):,} {split} predictions are {what} (a tokenizer or checkpoint "
-                f"that does not fit, or a collapsed run?)"] if what else []
+        return [f"warning: {self.name}: all {len(results):,} {self.split_name(split)} predictions are {what} (a tokenizer or "
+                f"checkpoint that does not fit, or a collapsed run?)"] if what else []
 
     def write_results(self, results, folder, split):
         path = os.path.join(folder, f"results_{self.name}_{split}.json")
@@ -727,6 +732,7 @@ class GQA(Generative):
     """GQA (balanced; train = train + val, evaluation on testdev, as VL-PET): exact-match accuracy."""
 
     name, headline, dataset_class, prompt = "gqa", ("gqa_accuracy",), data.PromptDataset, "gpa: "  # VL-PET's typo
+    split_names = {"val": "testdev", "test": "testdev"}  # no GQA val: it is trained on; every epoch scores testdev
     batch_share = 100 / 60  # VL-PET's per-task batch sizes (src/multitask.py): VQA 500, GQA 833, NLVR2 166, captions 416
 
     @classmethod
@@ -780,6 +786,7 @@ class NLVR2(Generative):
     consistency as lil-lab/nlvr's metrics.py."""
 
     name, headline, dataset_class, prompt, n_images = "nlvr2", ("nlvr2_accuracy",), data.PromptDataset, "nlvr: ", 2
+    split_names = {"val": "dev", "test": "test1"}
     batch_share = 20 / 60
 
     @classmethod
@@ -826,14 +833,14 @@ class NLVR2(Generative):
         return path
 
     def text_only_baseline(self, split):
-        """The most frequent training label of the same sentence, else of all sentences."""
+        """The most frequent training label of the same sentence, else of all sentences (ties: false)."""
         train = self.splits["train"]
         prior = defaultdict(Counter)
         for sentence, y in zip(train["sentence"], train["label"].tolist()):
             prior[sentence][y] += 1
-        overall = Counter(train["label"].tolist()).most_common(1)[0][0]
+        overall = most_frequent(Counter(train["label"].tolist()))
         s = self.splits[split]
-        return self.scores(s, [prior[x].most_common(1)[0][0] if x in prior else overall for x in s["sentence"]])
+        return self.scores(s, [most_frequent(prior[x]) if x in prior else overall for x in s["sentence"]])
 
     def examples(self, results, split, n=8):
         s = self.splits[split]
@@ -890,16 +897,22 @@ X100 = {"CIDEr": 100, "Bleu_4": 100}  # shown x100, as papers report them
 
 
 def headline(record, tasks):
-    """The headline metrics of a record, as in papers: VQA / GQA / NLVR2 accuracy in %, CIDEr and BLEU x100."""
-    return ", ".join(f"{n} {record[n] * X100.get(n, 1):.2f}" for t in tasks for n in t.headline)
+    """The headline metrics of a record, as in papers: VQA / GQA / NLVR2 accuracy in %, CIDEr and BLEU x100; each
+    followed by the benchmark's split where it is not the record's: "gqa_accuracy 46.82 (testdev)"."""
+    def split(t):
+        name = record["task_split"][t.name]
+        return f" ({name})" if name != record["split"] else ""
+    return ", ".join(f"{n} {record[n] * X100.get(n, 1):.2f}{split(t)}" for t in tasks for n in t.headline)
 
 
 def add_metrics(record, scored):
-    """Each task's metrics into a record: nested under the task's name, its headline values flat; "examples":
-    {task: the examples its scores are over (captions: images)}; "warnings": broken outputs (Task.output_warning)."""
+    """Each task's metrics into a record: nested under the task's name, its headline values flat; "task_split": the
+    benchmark's split it was scored on ({"gqa": "testdev", ...}); "examples": how many examples its scores are over
+    (captions: images); "warnings": broken outputs (Task.output_warning)."""
     for task, (m, results) in scored.items():
         record.update(task.summary(m))
         record[task.name] = m
+        record.setdefault("task_split", {})[task.name] = task.split_name(record["split"])
         record.setdefault("examples", {})[task.name] = len(results)
         record.setdefault("warnings", []).extend(task.output_warning(results, record["split"]))
 

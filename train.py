@@ -549,7 +549,8 @@ def final_report(cfg, tasks, model, opt, step, records):
     save_run(cfg, model, opt, step, tasks, records, {})
     names = [n for t in tasks for n in t.headline]
     demo = " (the demo's tiny backbones, pretrained on the synthetic world)" if "tiny" in (cfg.vision, cfg.text) else ""
-    print(f"\n{split} split{demo}; accuracy in %, CIDEr and BLEU x100:")
+    others = ", ".join(f"{t}: {s}" for t, s in record["task_split"].items() if s != split)
+    print(f"\n{split} split{f' ({others})' if others else ''}{demo}; accuracy in %, CIDEr and BLEU x100:")
     print("| model | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
     for label, values in (("text-only baseline", base), (f"{cfg.peft} r={cfg.rank}, route {cfg.route}", record)):
         print(f"| {label} | " + " | ".join(f"{values[n] * X100.get(n, 1):.2f}" for n in names) + " |")

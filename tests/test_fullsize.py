@@ -185,7 +185,7 @@ def test_eval_options_on_resume(world, tmp_path, monkeypatch):
 def test_output_warning_lines():
     t = tasks.GQA.__new__(tasks.GQA)
     assert t.output_warning([{"questionId": "1", "prediction": " "}, {"questionId": "2", "prediction": ""}], "val") == \
-        ["warning: gqa: all 2 val predictions are empty (a tokenizer or checkpoint that does not fit, or a collapsed run?)"]
+        ["warning: gqa: all 2 testdev predictions are empty (a tokenizer or checkpoint that does not fit, or a collapsed run?)"]
     assert "are the same, 'yes'" in t.output_warning([{"questionId": str(i), "prediction": "yes"} for i in range(3)], "test")[0]
     assert t.output_warning([{"questionId": "1", "prediction": "yes"}, {"questionId": "2", "prediction": "no"}], "val") == []
     assert t.output_warning([{"questionId": "1", "prediction": "yes"}], "val") == []  # one example says nothing
