@@ -155,11 +155,11 @@ def test_caption_loss_is_a_token_mean_over_the_batch():
 # ---- where every method's modules sit ----------------------------------------------------------------------
 
 
-def vl_model(peft, route="mul", rank=4, all_tokens=False):
+def vl_model(peft, route="mul", rank=4, all_tokens=False, train_ln=True):
     """Our tiny BART with cfg.peft placed as its release places it, inside VLBart; (model, trainable extras)."""
     lora = peft in ("lora", "xattn")
     cfg = train.Config(task="multitask", peft=peft, route=route, rank=16 if peft == "xattn" else rank,
-                       alpha=32 if lora else 16, dropout=0.0, visual="patches" if all_tokens else "mean")
+                       alpha=32 if lora else 16, dropout=0.0, visual="patches" if all_tokens else "mean", train_ln=train_ln)
     torch.manual_seed(0)
     bart = models.build_model(BART)
     extra = tasks.add_peft_vl(cfg, bart)
@@ -225,6 +225,20 @@ def test_every_method_trains_what_its_release_trains():
     assert trained_kinds(full) == every and "bart.wte.weight" in every
     assert trained_kinds(vl_model("adapter")) == visual | enc_ln | dec_ln
     assert trained_kinds(vl_model("vlpet-large")) == visual | enc_ln
+    for peft in ("lora", "adapter", "vlpet-large"):  # --no-train-ln: no LayerNorm weight of BART's
+        assert not {n for n in trained_kinds(vl_model(peft, train_ln=False)) if ".ln" in n and n.endswith("weight")}, peft
+
+
+def test_bitfit_refuses_a_backbone_without_biases():
+    """T5 has no bias anywhere; LST's BitFit adds them first, which we do not: --peft bitfit says so, in every setting."""
+    cfg = train.Config(task="multitask", peft="bitfit", route="none")
+    bart = models.build_model(BART)
+    for m in bart.modules():
+        if getattr(m, "bias", None) is not None:
+            m.bias = None
+    for add in (tasks.add_peft, tasks.add_peft_vl):
+        with pytest.raises(ValueError, match="--peft bitfit trains the backbone's biases; bart has none"):
+            add(cfg, bart)
 
 
 # ---- routing in setting 3: x_R, and the decoder -----------------------------------------------------------
