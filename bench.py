@@ -5,10 +5,14 @@
                                 # CLIP RN101 forward: images/s and GFLOP/s vs plain conv/matmul rates
     python bench.py routing     # routed LoRA vs plain LoRA vs peft; a VL-PET-large layer per route (fwd + bwd);
                                 # LoRA with cross-attention vs LoRA none / mul, pooled and 196-patch x_R
+    python bench.py beams       # beam search (beam 5, batch 8) over our GPT2-medium and BART-base vs
+                                # transformers' generate: the same outputs, time ratio
     python bench.py eval        # CIDEr-D vs pycocoevalcap; VQA accuracy over 200k questions
     python bench.py train       # VQA training step: ours (cached / recomputed ViT) vs transformers + peft
+    python bench.py tokenizers  # T5's SentencePiece tokenizer (data.py) vs the sentencepiece package, 10k captions
 
-Needs the dev requirements (transformers, peft, pycocoevalcap). Runs on 2 threads unless told otherwise.
+Needs the dev requirements (transformers, peft, pycocoevalcap, sentencepiece). Runs on 2 threads unless told
+otherwise.
 """
 import argparse
 import statistics
@@ -461,6 +465,150 @@ def bench_eval():
     ])
 
 
+# ---- tokenizers (issue 20) --------------------------------------------------
+def _caption_texts(n, seed, words):
+    """n raw COCO-like captions: a capitalised sentence of 7-14 words (Zipf-like choice) and a period."""
+    import random
+    rng = random.Random(seed)
+    weights = [1.0 / (i + 1) ** 0.8 for i in range(len(words))]
+    return [" ".join(rng.choices(words, weights, k=rng.randint(7, 14))).capitalize() + "." for _ in range(n)]
+
+
+def _t5_like_model(vocab_size=2500):
+    """A unigram spiece.model trained by sentencepiece as T5's was (nmt_nfkc, <pad> 0, </s> 1, <unk> 2, no
+    <s>) on 20,000 generated captions over ~2,000 word forms (real caption words and made-up ones)."""
+    import io
+    import random
+
+    import sentencepiece as spm
+    rng = random.Random(0)
+    real = ("a an the man woman person people child dog dogs cat cats horse bus train car street road city "
+            "table plate food pizza sandwich bowl cup kitchen room bed couch tv laptop phone field grass tree "
+            "water beach wave surfboard snow ski skateboard frisbee ball tennis racket baseball bat player game "
+            "sitting standing riding holding playing eating walking looking flying parked next to on in of with "
+            "at near top front side large small red white black blue green yellow two three several group some "
+            "is are there what how many color which where who this that it its his her").split()
+    syllables = ["ka", "lo", "mi", "ta", "ren", "sho", "pa", "ve", "zu", "qui", "ne", "dor", "bel", "fi", "gra",
+                 "tio", "ing", "ed", "er", "st", "ch", "an", "or", "us"]
+    words = real + sorted({"".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(3000)})
+    f = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(_caption_texts(20000, 1, words)), model_writer=f,
+                                   model_type="unigram", vocab_size=vocab_size, pad_id=0, eos_id=1, unk_id=2,
+                                   bos_id=-1, minloglevel=2, num_threads=2)
+    return f.getvalue(), words
+
+
+def bench_tokenizers(rounds=5):
+    """Encoding 10,000 captions: data.SentencePieceTokenizer (cold: a fresh tokenizer, empty word caches;
+    warm: caches filled, the prepare-once case after the first pass) vs sentencepiece's C++ encode called
+    per string and once on the whole list (num_threads=1). Same ids checked first; rounds alternate the
+    order; medians."""
+    import sentencepiece as spm
+
+    import data
+    blob, words = _t5_like_model()
+    texts = _caption_texts(10000, 2, words)
+    ref = spm.SentencePieceProcessor(model_proto=blob)
+    warm = data.SentencePieceTokenizer(blob)
+    n_ids = sum(len(i) for i in ref.encode(texts))
+    assert [warm.encode(t) for t in texts] == ref.encode(texts)
+    print(_load(), flush=True)
+    def cold():
+        tok = data.SentencePieceTokenizer(blob)  # loading included (~0.1 s)
+        return [tok.encode(t) for t in texts]
+    fns = {"ours, cold caches": cold,
+           "ours, warm caches": lambda: [warm.encode(t) for t in texts],
+           "sentencepiece, per string": lambda: [ref.encode(t) for t in texts],
+           "sentencepiece, one list call": lambda: ref.encode(texts, num_threads=1)}
+    times = {k: statistics.median(v) for k, v in _paired_rounds(fns, rounds).items()}
+    base = times["sentencepiece, per string"]
+    print_table(["10,000 captions, %d ids, vocab %d" % (n_ids, ref.get_piece_size()), "s", "ids/s",
+                 "time / sentencepiece per string"],
+                [[k, t, f"{n_ids / t:,.0f}", t / base] for k, t in times.items()])
+
+
+# ---- beam search (issue 19) ---------------------------------------------------
+def _cut(rows, eos, skip=0):
+    """generate()'s rows as beam_search returns them: the first `skip` tokens dropped, nothing from EOS on."""
+    rows = [row[skip:] for row in rows.tolist()]
+    return [row[:row.index(eos)] if eos in row else row for row in rows]
+
+
+def _beam_pairs(B=8, beams=5):
+    """(name, ours, theirs) for GPT2-medium and BART-base, the same random weights in our models and in
+    transformers'; ours(n) / theirs(n) decode a batch of B with `beams` beams and at most n new tokens and
+    return token lists. GPT-2 decodes from a one-embedding prefix (generate(inputs_embeds=...), as the
+    routing release's caption model), BART from 20 encoder tokens with the CLIP-BART releases' caption
+    settings (bart-base's no_repeat_ngram_size 3 and early_stopping, EOS forced at the last step)."""
+    import transformers as hf
+
+    import models
+    torch.manual_seed(0)
+    ours, ref, _, _ = _models_pair("gpt2-medium")
+    prefix, eos = torch.randn(B, 1, 1024), 50256
+
+    def ours_gpt2(n):
+        rows, cache = prefix.repeat_interleave(beams, 0), ours.new_cache()  # (B * k, 1, d)
+
+        def step(tokens, index):
+            if tokens is None:
+                return ours(prefix=rows, cache=cache)[:, -1]
+            cache.reorder(index)
+            return ours(tokens[:, None], cache=cache)[:, -1]
+        return models.beam_search(step, B, beams, n, eos)
+
+    def theirs_gpt2(n):
+        return _cut(ref.generate(inputs_embeds=prefix, attention_mask=torch.ones(B, 1, dtype=torch.long),
+                                 num_beams=beams, max_new_tokens=n, do_sample=False, length_penalty=1.0,
+                                 early_stopping=False, pad_token_id=eos), eos)
+    yield "gpt2-medium", ours_gpt2, theirs_gpt2
+    del ours, ref
+    cfg = hf.BartConfig(vocab_size=50265, d_model=768, encoder_layers=6, decoder_layers=6, encoder_attention_heads=12,
+                        decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072,
+                        max_position_embeddings=1024)  # bart-base's sizes (CLIPBART_NOTES 5.1)
+    ref = hf.BartForConditionalGeneration(cfg).eval()
+    config = models.bart_config(cfg.to_dict())
+    sd, _ = models.convert_state_dict("bart", _hub_state_dict(ref), config)
+    ours = models.build_model(config).eval()
+    ours.load_state_dict(sd, strict=True)
+    ids = torch.randint(3, 50265, (B, 20))
+    mask = (torch.arange(20) < torch.randint(10, 21, (B, 1))).long()  # (B, 20) right-padded
+    ids = ids.masked_fill(mask == 0, 1)
+    release = dict(no_repeat_ngram=3, early_stopping=True, force_eos=True)
+
+    def ours_bart(n):
+        memory, memory_mask = ours.encode(ids, mask)
+        per_beam = [t.repeat_interleave(beams, 0) for t in (memory, memory_mask)]  # (B, ...) -> (B * k, ...)
+        return models.beam_search(ours.beam_step(*per_beam), B, beams, n, 2, **release)
+
+    def theirs_bart(n):
+        return _cut(ref.generate(input_ids=ids, attention_mask=mask, num_beams=beams, max_new_tokens=n,
+                                 do_sample=False, length_penalty=1.0, early_stopping=True, no_repeat_ngram_size=3,
+                                 min_length=0, decoder_start_token_id=2, eos_token_id=2, pad_token_id=1,
+                                 forced_bos_token_id=None, forced_eos_token_id=2), 2, skip=1)
+    yield "bart-base", ours_bart, theirs_bart
+
+
+def bench_beams(rounds=3):
+    """Beam search, beam 5, batch 8, 20 and 40 new tokens: models.beam_search over our GPT2-medium and
+    BART-base against transformers' generate on the same random weights (_beam_pairs). The outputs must be
+    equal; ours and theirs alternate within each round; the ratio is of the medians."""
+    rows = []
+    print(_load(), flush=True)
+    for name, ours, theirs in _beam_pairs():
+        for n in (20, 40):
+            with torch.inference_mode():
+                got, want = ours(n), theirs(n)  # also the warm-up
+                assert got == want, f"{name}, {n} new tokens: our beam search and transformers' generate differ"
+                times = _paired_rounds({"ours": lambda: ours(n), "theirs": lambda: theirs(n)}, rounds)
+            t_ours, t_theirs = statistics.median(times["ours"]), statistics.median(times["theirs"])
+            rows.append([name, n, statistics.mean(map(len, got)), t_ours, t_theirs, t_ours / t_theirs])
+            print(rows[-1], {k: [round(t, 2) for t in v] for k, v in times.items()}, flush=True)
+    print(f"beam 5, batch 8, fp32, {torch.get_num_threads()} threads; outputs equal; goal: ours/theirs <= 1.0")
+    print_table(["model", "max new tokens", "mean tokens out", "ours s", "transformers s", "ours/theirs"], rows)
+    print(_load())
+
+
 # ---- train (issue 5) --------------------------------------------------------
 def _random_weights(build):
     """build() on the meta device, then N(0, 0.02) weights and unit LayerNorms: random weights in a second
@@ -631,9 +779,11 @@ def bench_train(rounds=3):
 
 
 BENCHES = {}
+BENCHES["beams"] = bench_beams
 BENCHES["eval"] = bench_eval
 BENCHES["models"] = bench_models
 BENCHES["routing"] = bench_routing
+BENCHES["tokenizers"] = bench_tokenizers
 BENCHES["train"] = bench_train
 
 

@@ -1,8 +1,9 @@
-"""Data: byte-level BPE; VQAv2, Karpathy COCO captions, GQA and NLVR2 from the official files; image
-preprocessing with Pillow; collate functions; the prepared-data and image-feature caches. The real
-formats only: the demo's synthetic world, written in these formats, is in shapes.py.
+"""Data: byte-level BPE and T5's SentencePiece unigram tokenizers; VQAv2, Karpathy COCO captions, GQA and
+NLVR2 from the official files; image preprocessing with Pillow; collate functions; the prepared-data and
+image-feature caches. The real formats only: the demo's synthetic world, written in these formats, is in
+shapes.py.
 
-    python -m pytest -q tests/test_bpe.py tests/test_data.py tests/test_features.py     # the tests
+    python -m pytest -q tests/test_bpe.py tests/test_spm.py tests/test_data.py tests/test_features.py   # the tests
 
 Layout read by the loaders (the real datasets and the synthetic world alike):
 
@@ -16,7 +17,7 @@ Layout read by the loaders (the real datasets and the synthetic world alike):
 
 Typical use (a trainer):
 
-    tok = BPETokenizer.from_checkpoint("ckpt/roberta-large.pt")
+    tok = load_tokenizer("ckpt/roberta-large.pt")                # BPE, or SentencePiece for T5
     vqa = prepare_vqa("DATA", tok)                                # parsed + tokenised once, cached
     train = VQADataset(vqa["splits"]["train"])                    # items carry image keys
     collate = functools.partial(collate_vqa, pad_id=tok.pad_id, num_answers=len(vqa["answers"]))
@@ -25,6 +26,7 @@ Typical use (a trainer):
 
 Runtime imports: torch, numpy, PIL, tqdm, the standard library and eval.py.
 """
+import array
 import contextlib
 import functools
 import glob
@@ -32,6 +34,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 import sys
 import time
 import unicodedata
@@ -168,14 +171,8 @@ class BPETokenizer:
 
     @classmethod
     def from_checkpoint(cls, path):
-        """The tokenizer stored in a converted checkpoint (ckpt["tokenizer"])."""
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint not found: {path}")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        if not isinstance(ckpt, dict) or "tokenizer" not in ckpt:
-            raise ValueError(f"{path}: no tokenizer in this checkpoint (convert a model directory that has "
-                             "vocab.json and merges.txt)")
-        return cls(ckpt["tokenizer"]["vocab"], ckpt["tokenizer"]["merges"])
+        """The tokenizer stored in a converted checkpoint (ckpt["tokenizer"]; see load_tokenizer)."""
+        return _checkpoint_tokenizer(cls, path)
 
     def _first_id(self, *names):
         for name in names:
@@ -304,6 +301,515 @@ def learn_bpe(texts, vocab_size):
     for t in tokens:  # a merge may rebuild a string that exists already: keep its first id
         vocab.setdefault(t, len(vocab))
     return {"vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]}
+
+
+# =============================================================================================
+# SentencePiece unigram (T5)
+# =============================================================================================
+# The reference is google/sentencepiece (src/normalizer.cc, src/unigram_model.cc EncodeOptimized,
+# src/sentencepiece_processor.cc); the field numbers are those of its sentencepiece_model.proto.
+
+SPACE = "\u2581"  # "▁", sentencepiece's escaped space
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # SentencePiece.Type
+UNIGRAM = 1  # TrainerSpec.ModelType
+T5_EXTRA_IDS = 100  # <extra_id_0> .. <extra_id_99>, after the pieces, in reverse order
+FLT_MAX = 3.4028234663852886e38  # sentencepiece's min_score without NORMAL pieces
+SCORE_RESET = 1e5  # EncodeOptimized re-bases path scores beyond this magnitude (kScoreResetThreshold)
+
+
+def _varint(buf, i):
+    """(value, next position) of the protobuf varint at buf[i]."""
+    value = shift = 0
+    while True:
+        if i >= len(buf):
+            raise ValueError("spiece.model: truncated varint")
+        b = buf[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if b < 0x80:
+            return value, i
+        shift += 7
+
+
+def _proto_fields(buf):
+    """Yield (field number, wire type, value) of a serialized protobuf message, in file order: an int
+    for a varint (wire type 0), the raw bytes otherwise (1: 8 bytes, 2: length-delimited, 5: 4 bytes)."""
+    i, n = 0, len(buf)
+    while i < n:
+        key, i = _varint(buf, i)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, i = _varint(buf, i)
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, i = buf[i:i + size], i + size
+        elif wire == 2:
+            size, i = _varint(buf, i)
+            value, i = buf[i:i + size], i + size
+        else:
+            raise ValueError(f"spiece.model: unsupported protobuf wire type {wire} (field {number})")
+        if i > n:
+            raise ValueError(f"spiece.model: field {number} runs past the end of its message")
+        yield number, wire, value
+
+
+# Schemas: field number -> (name, kind); kinds map to a wire type and a decoder (proto2 semantics: a
+# scalar field given twice keeps its last value). Every "int" here is a non-negative enum.
+_WIRE = {"int": 0, "bool": 0, "float": 5, "str": 2, "bytes": 2}
+_PIECE = {1: ("piece", "str"), 2: ("score", "float"), 3: ("type", "int")}
+_TRAINER = {3: ("model_type", "int"), 24: ("treat_whitespace_as_suffix", "bool"), 35: ("byte_fallback", "bool"),
+            45: ("unk_piece", "str"), 46: ("bos_piece", "str"), 47: ("eos_piece", "str"), 48: ("pad_piece", "str")}
+_NORMALIZER = {1: ("name", "str"), 2: ("precompiled_charsmap", "bytes"), 3: ("add_dummy_prefix", "bool"),
+               4: ("remove_extra_whitespaces", "bool"), 5: ("escape_whitespaces", "bool")}
+# proto2 defaults of the fields above (sentencepiece_model.proto)
+_PIECE_DEFAULTS = {"piece": "", "score": 0.0, "type": NORMAL}
+_TRAINER_DEFAULTS = {"model_type": UNIGRAM, "treat_whitespace_as_suffix": False, "byte_fallback": False,
+                     "unk_piece": "<unk>", "bos_piece": "<s>", "eos_piece": "</s>", "pad_piece": "<pad>"}
+_NORMALIZER_DEFAULTS = {"name": "", "precompiled_charsmap": b"", "add_dummy_prefix": True,
+                        "remove_extra_whitespaces": True, "escape_whitespaces": True}
+
+
+def _proto_message(buf, schema, defaults, what):
+    """The fields of `schema` in one message, as a dict over `defaults`; other fields are skipped."""
+    out = dict(defaults)
+    for number, wire, value in _proto_fields(buf):
+        if number not in schema:
+            continue
+        name, kind = schema[number]
+        if wire != _WIRE[kind]:
+            raise ValueError(f"spiece.model: {what}.{name} has wire type {wire}, expected {_WIRE[kind]}")
+        if kind == "bool":
+            value = value != 0
+        elif kind == "float":
+            value = struct.unpack("<f", value)[0]
+        elif kind == "str":
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"spiece.model: {what}.{name} is not valid UTF-8") from None
+        out[name] = value
+    return out
+
+
+def read_spiece_model(blob):
+    """The parts of a serialized sentencepiece ModelProto that encoding needs: {"pieces": [(piece,
+    score, type)], "trainer": {...}, "normalizer": {...}, "denormalizer": {...}} (fields of _TRAINER and
+    _NORMALIZER with their proto2 defaults). A message field given twice is merged, as protobuf does."""
+    pieces, parts = [], {2: [], 3: [], 5: []}
+    for number, wire, value in _proto_fields(blob):
+        if number in (1, 2, 3, 5) and wire != 2:
+            raise ValueError(f"spiece.model: field {number} of ModelProto is not a message (wire type {wire})")
+        if number == 1:
+            p = _proto_message(value, _PIECE, _PIECE_DEFAULTS, "SentencePiece")
+            pieces.append((p["piece"], p["score"], p["type"]))
+        elif number in parts:
+            parts[number].append(value)
+    return {"pieces": pieces,
+            "trainer": _proto_message(b"".join(parts[2]), _TRAINER, _TRAINER_DEFAULTS, "TrainerSpec"),
+            "normalizer": _proto_message(b"".join(parts[3]), _NORMALIZER, _NORMALIZER_DEFAULTS, "NormalizerSpec"),
+            "denormalizer": _proto_message(b"".join(parts[5]), _NORMALIZER, _NORMALIZER_DEFAULTS, "NormalizerSpec")}
+
+
+class CharsMap:
+    """A precompiled charsmap (NormalizerSpec.precompiled_charsmap): the normalization rules of a
+    sentencepiece model, byte strings -> replacements (normalizer.cc DecodePrecompiledCharsMap).
+
+    Layout: a uint32 little-endian trie size, a Darts-clone double array of that many bytes (uint32
+    units), then a pool of NUL-terminated replacement strings; a key's value is the byte offset of
+    its replacement in the pool. A unit (darts.h DoubleArrayUnit) packs has_leaf = bit 8, value = the
+    low 31 bits, label = unit & (0x80000000 | 0xFF), offset = (unit >> 10) << ((unit & 0x200) >> 6)."""
+
+    def __init__(self, blob):
+        if len(blob) <= 4:
+            raise ValueError("precompiled charsmap: shorter than its 4-byte header")
+        size = int.from_bytes(blob[:4], "little")
+        if size >= len(blob) or size % 4 or size == 0:
+            raise ValueError(f"precompiled charsmap: trie size {size} does not fit a blob of {len(blob)} bytes")
+        self.units = np.frombuffer(blob, dtype="<u4", count=size // 4, offset=4).tolist()
+        self.pool = bytes(blob[4 + size:])
+        self.labels = {u & 0x800000FF for u in self.units}  # every byte any key can contain (and more)
+
+    def longest_prefix(self, data, i):
+        """(bytes matched, replacement) of the longest key that data[i:] starts with, (0, None) if none:
+        darts.h commonPrefixSearch from the root, keeping its last (longest) result."""
+        units, n = self.units, len(self.units)
+        pos = self._offset(units[0])
+        size, value = 0, None
+        for k in range(i, len(data)):
+            c = data[k]
+            pos ^= c
+            if pos >= n or units[pos] & 0x800000FF != c:
+                break
+            unit = units[pos]
+            pos ^= self._offset(unit)
+            if unit & 0x100:  # has_leaf: a key ends here; its value sits in the unit at pos
+                size, value = k + 1 - i, units[pos] & 0x7FFFFFFF
+        if value is None:
+            return 0, None
+        end = self.pool.find(b"\0", value)
+        if end < 0:
+            raise ValueError(f"precompiled charsmap: the replacement at {value} has no NUL terminator")
+        return size, self.pool[value:end]
+
+    @staticmethod
+    def _offset(unit):
+        return (unit >> 10) << ((unit & 0x200) >> 6)
+
+
+def _drop_extra_spaces(spans):
+    """The remove_extra_whitespaces rule of Normalizer::Normalize over the replacements of its steps:
+    a replacement loses its leading spaces when the text so far is empty or ends in a space (trailing
+    spaces go later). Without a double space in the joined text this is just joined.lstrip(" ")."""
+    out, after_space = [], True
+    for span in spans:
+        if after_space:
+            span = span.lstrip(" ")
+        if span:
+            out.append(span)
+            after_space = span.endswith(" ")
+    return "".join(out)
+
+
+def _f32(x):
+    """x rounded to the nearest float32 (as a C++ float stores it)."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+class SentencePieceTokenizer:
+    """T5's tokenizer: a sentencepiece unigram model, read from the bytes of its spiece.model, with the
+    ids of sentencepiece.SentencePieceProcessor.encode (version 0.2.3; tested against it on models trained
+    and written inside the tests) and transformers' T5 vocabulary layout around it.
+
+    SentencePieceTokenizer(model): model is the bytes of a spiece.model or a path to one. Steps, as
+    sentencepiece: normalize (the file's own precompiled charsmap, longest match per position, user-
+    defined symbols kept verbatim; then drop leading, trailing and repeated spaces, prepend the dummy
+    space, escape " " as "▁"), then Viterbi over the pieces' scores (consecutive unknowns give one
+    <unk>). Ids: the file's pieces (T5: <pad> 0, </s> 1, <unk> 2, read from the trainer spec), then
+    T5's 100 sentinels, <extra_id_N> = len(pieces) + 99 - N; len(tokenizer) counts both.
+
+    Same interface as BPETokenizer: encode(text) (no special tokens), wrap(ids) (T5's: ids + [</s>],
+    never a BOS, as transformers' T5 tokenizers), decode(ids, skip_special), bos_id (None for T5),
+    eos_id, pad_id, unk_id, mask_id (None), fingerprint, to_data(). Deviations: "<extra_id_0>" or
+    "</s>" inside the text are encoded as plain text (transformers maps them to their ids; callers add
+    specials by id); decode writes special tokens by name where sentencepiece writes "" for control
+    pieces and " ⁇ " for <unk>. Refused: non-unigram models, byte_fallback, treat_whitespace_as_suffix,
+    a denormalizer with rules (none of which T5 uses).
+
+    The releases (VL-T5, VL-Adapter, VL-PET) tokenized with transformers' fast T5 pipeline instead (the
+    same charsmap, then a whitespace split and one Unigram run per word): the same ids on ordinary text;
+    it differs on a few characters (U+0085 splits words there; tokenizers' normalizer drops combining
+    marks after some characters, e.g. "ｌ\u0301" -> "l" where sentencepiece gives "ĺ")."""
+
+    def __init__(self, model):
+        if isinstance(model, (str, os.PathLike)):
+            if not os.path.isfile(model):
+                raise FileNotFoundError(f"spiece.model not found: {model}")
+            with open(model, "rb") as f:
+                model = f.read()
+        self.model_bytes = bytes(model)
+        spec = read_spiece_model(self.model_bytes)
+        self._check_supported(spec["trainer"], spec["denormalizer"])
+        self._read_vocabulary(spec["pieces"], spec["trainer"])
+        self._read_normalizer(spec["normalizer"])
+        self._build_lattice_tables(spec["pieces"])
+
+    def _read_vocabulary(self, pieces, trainer):
+        """pieces, types, piece_to_id and the special ids, checked as sentencepiece checks them."""
+        self.pieces = [p for p, _, _ in pieces]
+        self.types = [t for _, _, t in pieces]
+        if BYTE in self.types:
+            raise ValueError("spiece.model: byte pieces without byte_fallback (sentencepiece refuses them too)")
+        self.piece_to_id = {}
+        for i, p in enumerate(self.pieces):
+            if not p or p in self.piece_to_id:
+                raise ValueError(f"spiece.model: piece {i} ({p!r}) is empty or defined twice")
+            self.piece_to_id[p] = i
+        unknown = [i for i, t in enumerate(self.types) if t == UNKNOWN]
+        if len(unknown) != 1:
+            raise ValueError(f"spiece.model: {len(unknown)} pieces of type UNKNOWN (sentencepiece needs one)")
+        self.unk_id = unknown[0]  # the encoder's <unk> (model_interface.cc InitializePieces)
+        # as SentencePieceProcessor::{bos,eos,pad}_id: the trainer spec's piece names, if CONTROL pieces
+        self.bos_id, self.eos_id, self.pad_id = (self._control(trainer[f"{k}_piece"]) for k in ("bos", "eos", "pad"))
+        if self.eos_id is None:
+            raise ValueError(f"spiece.model: no CONTROL piece {trainer['eos_piece']!r} (T5 appends </s>)")
+        self.mask_id = None
+        self.special_ids = {i for i, t in enumerate(self.types) if t in (CONTROL, UNKNOWN)}
+
+    def _read_normalizer(self, norm):
+        """The normalizer spec's flags, its charsmap and the user-defined symbols (kept as they are)."""
+        self.add_dummy_prefix = norm["add_dummy_prefix"]
+        self.remove_extra_whitespaces = norm["remove_extra_whitespaces"]
+        self.escape_whitespaces = norm["escape_whitespaces"]
+        self.charsmap = CharsMap(norm["precompiled_charsmap"]) if norm["precompiled_charsmap"] else None
+        user = sorted((p.encode("utf-8") for p, t in zip(self.pieces, self.types) if t == USER_DEFINED), key=len)
+        self._user_symbols = {}  # first byte -> user-defined symbols (utf-8), longest first
+        for sym in reversed(user):
+            self._user_symbols.setdefault(sym[0], []).append(sym)
+        # No rule or symbol holds a space: normalizing word by word (cached) is normalizing the text
+        spaced_rules = self.charsmap is not None and ord(" ") in self.charsmap.labels
+        self._by_word = not spaced_rules and not any(b" " in s for s in user)
+        self._word_cache = {}
+
+    @staticmethod
+    def _check_supported(trainer, denormalizer):
+        """Refuse the model kinds and options this tokenizer does not implement, by name."""
+        if trainer["model_type"] != UNIGRAM:
+            kind = {2: "BPE", 3: "WORD", 4: "CHAR"}.get(trainer["model_type"], trainer["model_type"])
+            raise ValueError(f"spiece.model: model type {kind} is not supported (only UNIGRAM, as T5)")
+        for flag in ("byte_fallback", "treat_whitespace_as_suffix"):
+            if trainer[flag]:
+                raise ValueError(f"spiece.model: {flag}=true is not supported (T5 does not use it)")
+        if denormalizer["precompiled_charsmap"]:
+            raise ValueError("spiece.model: denormalization rules are not supported (T5 has none)")
+
+    def _control(self, piece):
+        """The id of a CONTROL piece by name, None if the model has none of that name."""
+        i = self.piece_to_id.get(piece)
+        return i if i is not None and self.types[i] == CONTROL else None
+
+    def _build_lattice_tables(self, pieces):
+        """The character trie of the matchable pieces and the scores of sentencepiece's lattice.
+
+        Trie: nested dicts {char: child}; a piece ending at a node is stored under the key "" as
+        (id, score). NORMAL and USER_DEFINED pieces only: UNUSED ones are skipped when matched and
+        CONTROL / UNKNOWN / BYTE never are (model_interface.cc InitializePieces). Scores as
+        EncodeOptimized has them (sentencepiece 0.2.3, unigram_model.cc): a USER_DEFINED piece
+        0.1 * (its utf-8 bytes - 1) in float32, whatever the file says; the unknown edge min_score - 10,
+        min_score over the NORMAL pieces."""
+        if any(math.isnan(s) or math.isinf(s) for _, s, _ in pieces):
+            raise ValueError("spiece.model: a piece score is NaN or infinite")
+        normal = [s for _, s, t in pieces if t == NORMAL]
+        self.unk_score = _f32((min(normal) if normal else FLT_MAX) - 10.0)
+        self.trie = {}
+        self._segment_cache = {}
+        self._max_abs_score = abs(self.unk_score)
+        self._by_segment = all(SPACE not in p[1:] for p, _, t in pieces if t in (NORMAL, USER_DEFINED))
+        for i, (piece, score, kind) in enumerate(pieces):
+            if kind not in (NORMAL, USER_DEFINED):
+                continue
+            if kind == USER_DEFINED:
+                score = _f32(0.1 * (len(piece.encode("utf-8")) - 1))
+            node = self.trie
+            for c in piece:
+                node = node.setdefault(c, {})
+            node[""] = (i, score)
+            self._max_abs_score = max(self._max_abs_score, abs(score))
+
+    @classmethod
+    def from_checkpoint(cls, path):
+        """The tokenizer stored in a converted T5 checkpoint (see load_tokenizer)."""
+        return _checkpoint_tokenizer(cls, path)
+
+    def to_data(self):
+        """{"spiece_model": torch.uint8 tensor of the spiece.model bytes}: what checkpoints store."""
+        return {"spiece_model": torch.frombuffer(bytearray(self.model_bytes), dtype=torch.uint8)}
+
+    @functools.cached_property
+    def fingerprint(self):
+        """sha256 of the spiece.model bytes: identifies the tokenizer in cache keys."""
+        return hashlib.sha256(self.model_bytes).hexdigest()
+
+    def __len__(self):
+        return len(self.pieces) + T5_EXTRA_IDS
+
+    def normalize(self, text):
+        """The normalized text as sentencepiece's Normalizer::Normalize gives it ("▁"-escaped): the
+        replacements, extra spaces removed (remove_extra_whitespaces), the dummy prefix, " " -> "▁"."""
+        if not text:
+            return ""
+        spans = self._normalized_spans(text)
+        body = "".join(spans)
+        if self.remove_extra_whitespaces:
+            body = body.lstrip(" ") if "  " not in body else _drop_extra_spaces(spans)
+            if not body:
+                return ""
+        space = SPACE if self.escape_whitespaces else " "
+        text = (" " + body if self.add_dummy_prefix else body).replace(" ", space)
+        return text.rstrip(space) if self.remove_extra_whitespaces else text  # trailing spaces, "▁" too
+
+    def _normalized_spans(self, text):
+        """The replacement of each step of NormalizePrefix over text, word by word where that is exact
+        (the words of text.split(" ") are then cached, and a word whose replacements hold no space is one
+        span: the whitespace rules see no difference)."""
+        if not self._by_word:
+            return self._prefix_spans(text)
+        spans = []
+        for word in text.split(" "):
+            out = self._word_cache.get(word)
+            if out is None:
+                out = self._prefix_spans(word)
+                if not any(" " in s for s in out):
+                    out = ["".join(out)]
+                self._word_cache[word] = out
+            spans += out
+            spans.append(" ")
+        spans.pop()
+        return spans
+
+    def _prefix_spans(self, text):
+        """Normalizer::NormalizePrefix at each position of text's utf-8 bytes: the longest user-defined
+        symbol (kept as is), else the longest charsmap key (its replacement), else one character."""
+        data, spans, i = text.encode("utf-8"), [], 0
+        while i < len(data):
+            size = next((len(s) for s in self._user_symbols.get(data[i], ()) if data.startswith(s, i)), 0)
+            span = data[i:i + size]
+            if not size and self.charsmap is not None:
+                size, span = self.charsmap.longest_prefix(data, i)
+            if not size:
+                size = 1 if data[i] < 0x80 else 2 if data[i] < 0xE0 else 3 if data[i] < 0xF0 else 4
+                span = data[i:i + size]
+            try:
+                spans.append(span.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise ValueError(f"precompiled charsmap: a rule splits a character ({span!r})") from None
+            i += size
+        return spans
+
+    def viterbi(self, s):
+        """Token ids of a normalized string: sentencepiece's best segmentation (unigram EncodeOptimized),
+        consecutive unknowns merged into one <unk> (SentencePieceProcessor::Encode).
+
+        When no piece holds a "▁" after its first character, every path breaks before each "▁", so the
+        string is segmented one word ("▁" + characters) at a time, each word's best path found once and
+        cached. Exact: sentencepiece sums path scores in float32, so a word's rounding depends on the
+        score before it, and a cached path is reused only where no comparison in it can turn (see
+        _best_path); otherwise the word is searched again after the actual score."""
+        if not self._by_segment:
+            ids = self._best_path(s, 0.0)[0]
+        else:
+            ids, total, f32 = [], 0.0, array.array("f", [0.0])  # total: the path score so far
+            parts = s.split(SPACE)
+            for word in ([parts[0]] if parts[0] else []) + [SPACE + p for p in parts[1:]]:
+                hit = self._segment_cache.get(word)
+                if hit is None:
+                    hit = self._segment_cache[word] = self._best_path(word, 0.0)
+                if abs(total) < hit[3]:
+                    for score in hit[1]:  # the float32 sums of the cached path after `total`
+                        f32[0] = total + score
+                        total = f32[0]
+                else:
+                    hit = self._best_path(word, total)
+                    total = hit[2]
+                merge = ids and ids[-1] == self.unk_id == hit[0][0]  # an unknown run across the "▁"
+                ids += hit[0][1:] if merge else hit[0]
+        return ids
+
+    def _best_path(self, s, offset):
+        """(ids, scores, final score, offset limit) of sentencepiece's best path over s after a path
+        scoring `offset`: its ids (consecutive unknowns merged), the scores of its pieces (unknowns one by
+        one), best[len(s)]. The same path is the best after any offset of absolute value below the limit,
+        and its score is then the float32 sum of its scores after it.
+
+        As EncodeOptimized (sentencepiece 0.2.3): best[j], the best score over s[:j], is float32, and so
+        is each candidate best[i] + score, compared strictly (a tie keeps the first: the piece starting
+        earliest). Edges from position i: each piece the trie matches at s[i:] and, when none covers the
+        single character s[i], an unknown one over it. Where |best[i]| > 1e5, the scores from i on are
+        re-based to best[i] = 0.
+
+        The limit: each candidate is off its exact value by at most (n + 1) half-ulps of a float32 of
+        magnitude <= |offset| + (n + 1) max|score| (ulp(x) <= |x| 2^-23), at offset 0 and at `offset`
+        alike; a path whose every comparison was won or lost by more than twice that is the best at
+        both. Offsets that could re-base inside the word are excluded."""
+        n = len(s)
+        best = [-math.inf] * (n + 1)  # float32 values; -inf: no path yet
+        best[0] = offset
+        start, ids, scores = [0] * (n + 1), [0] * (n + 1), [0.0] * (n + 1)
+        margin, f32 = math.inf, array.array("f", [0.0])  # f32[0] = x rounds x to float32
+        for i in range(n):
+            if abs(best[i]) > SCORE_RESET:
+                base = best[i]
+                for k in range(i, n + 1):
+                    f32[0] = best[k] - base
+                    best[k] = f32[0]
+            edges, node = [], self.trie  # (end, (id, score)) of the pieces starting at i, shortest first
+            for j in range(i, n):
+                node = node.get(s[j])
+                if node is None:
+                    break
+                if "" in node:
+                    edges.append((j + 1, node[""]))
+            if not edges or edges[0][0] != i + 1:  # no piece covers s[i] alone
+                edges.append((i + 1, (self.unk_id, self.unk_score)))
+            for end, (piece, score) in edges:
+                f32[0] = best[i] + score
+                margin = min(margin, abs(f32[0] - best[end]))
+                if f32[0] > best[end]:
+                    best[end], start[end], ids[end], scores[end] = f32[0], i, piece, score
+        path, j = [], n
+        while j > 0:
+            path.append(j)
+            j = start[j]
+        safe = 2 * (n + 1) * 2.0 ** -23  # margin > safe * (|offset| + 2 (n + 1) max|score|)
+        limit = min(margin / safe - 2 * (n + 1) * self._max_abs_score, SCORE_RESET - (n + 1) * self._max_abs_score)
+        path.reverse()
+        merged = [ids[j] for k, j in enumerate(path) if not (k and ids[j] == self.unk_id == ids[path[k - 1]])]
+        return merged, [scores[j] for j in path], best[n], limit
+
+    def encode(self, text):
+        """Token ids of text, no special tokens (sentencepiece's encode; HF add_special_tokens=False)."""
+        return self.viterbi(self.normalize(text))
+
+    def wrap(self, ids):
+        """T5's special tokens around encoded ids: ids + [</s>] (no BOS)."""
+        return list(ids) + [self.eos_id]
+
+    def decode(self, ids, skip_special=False):
+        """Text of token ids, as sentencepiece's decode: pieces joined, "▁" -> " ", the first piece's
+        leading "▁" dropped (with remove_extra_whitespaces: one from each piece until some text is
+        written). skip_special drops pad/eos/unk (control and unknown pieces) and the <extra_id_N>;
+        otherwise they are written by name."""
+        out, at_start = [], True
+        strip = self.add_dummy_prefix or self.remove_extra_whitespaces
+        for i in ids:
+            i = int(i)
+            if not 0 <= i < len(self):
+                raise ValueError(f"SentencePieceTokenizer: id {i} is out of range (size {len(self)})")
+            if i >= len(self.pieces) or i in self.special_ids:
+                if not skip_special:
+                    out.append(self.id_to_piece(i))
+                    at_start = False
+                continue
+            piece = self.pieces[i]
+            consumed = at_start and strip and piece.startswith(SPACE)
+            text = (piece[1:] if consumed else piece).replace(SPACE, " ")
+            out.append(text)
+            if text or (consumed and not self.remove_extra_whitespaces):
+                at_start = False
+        return "".join(out)
+
+    def id_to_piece(self, i):
+        """The piece of an id, the sentinels included ("<extra_id_N>")."""
+        return self.pieces[i] if i < len(self.pieces) else f"<extra_id_{len(self.pieces) + T5_EXTRA_IDS - 1 - i}>"
+
+
+def load_tokenizer(path):
+    """The tokenizer a converted checkpoint carries in ckpt["tokenizer"]: {"vocab", "merges"} gives a
+    BPETokenizer (GPT-2, RoBERTa, BART), {"spiece_model": uint8 tensor of the spiece.model bytes} a
+    SentencePieceTokenizer (T5)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(ckpt, dict) or "tokenizer" not in ckpt:
+        raise ValueError(f"{path}: no tokenizer in this checkpoint (convert a model directory that has "
+                         "vocab.json and merges.txt, or spiece.model)")
+    tok = ckpt["tokenizer"]
+    kind = sorted(tok) if isinstance(tok, dict) else type(tok).__name__
+    if kind == ["merges", "vocab"]:
+        return BPETokenizer(tok["vocab"], tok["merges"])
+    if kind == ["spiece_model"]:
+        blob = tok["spiece_model"]
+        if not (isinstance(blob, torch.Tensor) and blob.dtype == torch.uint8 and blob.dim() == 1):
+            raise ValueError(f"{path}: tokenizer spiece_model must be a 1-D torch.uint8 tensor")
+        return SentencePieceTokenizer(blob.numpy().tobytes())
+    raise ValueError(f"{path}: unknown tokenizer kind {kind} (expected keys vocab + merges, or spiece_model)")
+
+
+def _checkpoint_tokenizer(cls, path):
+    """load_tokenizer(path), which must be a `cls`."""
+    tok = load_tokenizer(path)
+    if not isinstance(tok, cls):
+        raise ValueError(f"{path}: its tokenizer is a {type(tok).__name__}, not a {cls.__name__}")
+    return tok
 
 
 # =============================================================================================

@@ -64,6 +64,11 @@ class Config:
                                        # CLIP bicubic (VL-Adapter's feature extraction)
     stages: tuple = ()                 # CLIP ModifiedResNet: Bottleneck blocks per stage (RN101: 3, 4, 23, 3)
     output_dim: int = 0                # CLIP ModifiedResNet: width of the attention pool's output
+    # Generation defaults that config.json carries (read as transformers 4.2.1 read them; the tasks decide
+    # which to apply: generation_args turns them into beam_search's keywords):
+    num_beams: int = 1                 # the checkpoint's default beam count (bart-base: 4)
+    no_repeat_ngram: int = 0           # no_repeat_ngram_size (bart-base: 3; 0 = off)
+    early_stopping: bool = False       # stop a row once it holds num_beams ended hypotheses (bart-base: true)
 
     @property
     def gelu(self):
@@ -252,72 +257,130 @@ class DecoderBlock(Block):
 
 # ---- decoding: one beam search for every decoder ------------------------------------------------
 
+RULES = ("5", "4.29.2", "4.2.1")  # the transformers versions whose beam search lengths and stop test we follow
+
+
+def block_repeated_ngrams(logp, seqs, n):
+    """Set to -inf, in place, the log p of every token that would complete an n-gram its row already
+    holds (transformers' no_repeat_ngram_size). logp (R, V) next-token scores, seqs (R, t) tokens so far."""
+    R, t = seqs.shape
+    if t < n:  # no n-gram yet
+        return logp
+    grams = seqs.unfold(1, n, 1)  # (R, t - n + 1, n): every n-gram of each row
+    suffix = seqs[:, t - n + 1:]  # (R, n - 1): the tokens the next one would extend
+    hit = (grams[:, :, :-1] == suffix[:, None, :]).all(dim=2)  # (R, t - n + 1): n-grams that begin as the suffix
+    rows = torch.arange(R, device=seqs.device)[:, None].expand_as(hit)
+    logp[rows[hit], grams[:, :, -1][hit]] = -math.inf  # ban their last tokens
+    return logp
+
 
 @torch.no_grad()
-def beam_search(step, batch_size, beams, max_new_tokens, eos_id):
-    """Beam search over a decoder given as a step function; beams = 1 is greedy argmax decoding.
+def beam_search(step, batch_size, beams, max_new_tokens, eos_id, no_repeat_ngram=0, early_stopping=False,
+                force_eos=False, rules="5"):
+    """Beam search over a decoder given as a step function, token for token as transformers' generate(
+    num_beams=beams, do_sample=False, length_penalty=1.0) runs it; beams = 1 is greedy decoding.
 
     step(tokens, index) -> logits (B * k, V) of the next token, B = batch_size, k = beams. The first
     call is step(None, None): the logits after the prompt (a visual prefix, a decoder start token).
     Every later call first reorders the decoder state (its KVCache) by index (B * k,): row j
     continues beam index[j]; then it feeds tokens (B * k,), one new token per row.
 
-    The search of transformers' generate(num_beams=k, length_penalty=1.0, early_stopping=False,
-    do_sample=False): each step keeps the 2k best (beam, token) candidates by summed log p; of these,
-    EOS candidates ranked in the top k become finished hypotheses scored sum(log p) / (length incl.
-    EOS), and the first k others are the live beams. A row keeps its k best finished hypotheses and
-    stops when it has k of them and the best live beam, normalised by the current length, cannot
-    beat the worst. At max_new_tokens the live beams count as finished (score / max_new_tokens).
-    The best hypothesis is returned. Corners where transformers differs: it finalises the top-k
-    candidates at the limit rather than the live beams (the best hypothesis is the same: rank 0 is
-    in both), starts the other beams at -1e9 rather than -inf (differs only if the vocabulary has
-    fewer than 2k tokens), and ties in scores may break differently. The tests check equal outputs
-    against transformers on tiny random decoders. Returns B lists of token ids, without EOS."""
+    Step t (t = 1 .. max_new_tokens) scores each (beam, token) by its summed log p and keeps the 2k
+    best candidates. Of these, an EOS candidate ranked in the top k ends a hypothesis (one ranked k or
+    lower never does); the first k others are the live beams. A row keeps its k best ended hypotheses
+    and stops when it holds k of them and early_stopping is set (beams = 1: at its first EOS), or,
+    without early_stopping, when the stop test of `rules` says no live beam can beat the worst of
+    them. At max_new_tokens the live beams end too. The hypothesis with the best summed log p / length
+    is returned, without its EOS: B lists of token ids.
+
+    no_repeat_ngram = n > 0: a token that would complete an n-gram the beam already holds gets log p
+        -inf (after log_softmax, before the beam's score is added), over the generated tokens. The
+        sequence transformers holds also has the start token in front; that changes nothing while the
+        start token is the EOS (BART's </s>, GPT-2's unfed BOS), which a live beam never holds, except
+        for n = 1, where transformers bans it from the first step on.
+    force_eos: at step max_new_tokens every beam takes EOS with log p 0 (transformers 4.2.1's BART
+        beam search did; later versions do so for forced_eos_token_id, greedy included).
+    rules: lengths and the stop test without early_stopping, as transformers
+        "5"      (the default): a hypothesis' length is its generated tokens, EOS included (t if it
+                 ended at step t, max_new_tokens at the limit); a row stops once its best live beam's
+                 score / t <= its worst ended score.
+        "4.29.2" (the routing release): lengths count the start token transformers holds and not the
+                 EOS: the same t for a hypothesis ended by EOS, max_new_tokens + 1 for one cut at the
+                 limit; a row stops once its best candidate, EOS or not, / (t + 1) <= the worst.
+        "4.2.1"  (VL-PET, VL-Adapter): as 4.29.2, but its stop test divides by t.
+    Corners where transformers may differ: ties between equal scores, and the other beams start at
+    -1e9 there, -inf here (a difference only if fewer than 2k tokens are possible at the first step)."""
+    if rules not in RULES:
+        raise ValueError(f"beam_search: rules must be one of {RULES}, got {rules!r}")
     B, k = batch_size, beams
     logits = step(None, None)  # (B * k, V)
     device = logits.device
-    finished = [[] for _ in range(B)]  # (score, tokens)
-    done = [False] * B
-    tokens = [[[] for _ in range(k)] for _ in range(B)]
+    seqs = torch.zeros(B * k, 0, dtype=torch.long, device=device)  # (B * k, t): the tokens of each live beam
     score = torch.full((B, k), -math.inf, device=device)
     score[:, 0] = 0.0  # all beams start identical: expand only the first
+    finished = [[] for _ in range(B)]  # per row: (score / length, tokens) of the ended hypotheses
+    done = [False] * B
     for t in range(1, max_new_tokens + 1):
-        logp = F.log_softmax(logits.float(), dim=-1)
-        V = logp.shape[-1]
-        cand = (score[:, :, None] + logp.view(B, k, V)).view(B, k * V)  # (B, k, V) -> (B, k * V)
-        top_s, top_i = cand.topk(2 * k, dim=1)  # enough to refill k live beams after EOS picks
-        next_beam = torch.zeros(B, k, dtype=torch.long)
-        next_tok = torch.full((B, k), eos_id, dtype=torch.long)
-        new_score = torch.full((B, k), -math.inf, device=device)
-        new_tokens = [[[] for _ in range(k)] for _ in range(B)]
+        logp = F.log_softmax(logits.float(), dim=-1)  # (B * k, V)
+        if no_repeat_ngram:
+            block_repeated_ngrams(logp, seqs, no_repeat_ngram)
+        if force_eos and t == max_new_tokens:
+            logp = torch.full_like(logp, -math.inf)
+            logp[:, eos_id] = 0.0
+        # The row's 2k best (beam, token) candidates by summed log p, enough to refill k beams after EOS picks;
+        # they lie among each beam's 2k best tokens, so the beam's score is added to those only.
+        n = min(2 * k, logp.shape[-1])
+        beam_s, beam_tok = logp.topk(n, dim=1)  # (B * k, n)
+        cand = (score.view(B * k, 1) + beam_s).view(B, k * n)  # (B * k, n) -> (B, k * n)
+        top_s, top_j = cand.topk(2 * k, dim=1)  # (B, 2k), in rank order
+        top_tok = beam_tok.view(B, k * n).gather(1, top_j)  # (B, 2k)
+        top_s, top_j, top_tok = top_s.tolist(), top_j.tolist(), top_tok.tolist()
+        next_beam, next_tok, new_score = ([[x] * k for _ in range(B)] for x in (0, eos_id, -math.inf))  # (B, k)
         for b in range(B):
+            if done[b]:
+                continue
             live = 0
-            for rank, (s, i) in enumerate(zip(top_s[b].tolist(), top_i[b].tolist())):
-                beam, tok = divmod(i, V)
-                if done[b] or live == k or s == -math.inf:
+            for rank, (s, j, tok) in enumerate(zip(top_s[b], top_j[b], top_tok[b])):
+                if live == k or s == -math.inf:
                     break
-                if tok == eos_id:
-                    if rank < k:  # only the top k candidates may finish, as in HF
-                        finished[b].append((s / t, tokens[b][beam]))
-                    continue
-                next_beam[b, live], next_tok[b, live], new_score[b, live] = beam, tok, s
-                new_tokens[b][live] = tokens[b][beam] + [tok]
-                live += 1
-            if not done[b] and len(finished[b]) >= k:
+                beam = j // n
+                if tok != eos_id:
+                    next_beam[b][live], next_tok[b][live], new_score[b][live] = beam, tok, s
+                    live += 1
+                elif rank < k:  # only the top k candidates may end a hypothesis
+                    finished[b].append((s / t, seqs[b * k + beam]))
+            if len(finished[b]) >= k and (t < max_new_tokens or rules != "5"):  # 5: the live beams end with them
                 finished[b] = sorted(finished[b], key=lambda h: -h[0])[:k]
-                done[b] = new_score[b, 0].item() / t <= finished[b][-1][0]
-        if all(done):
+                if early_stopping or k == 1:
+                    done[b] = True
+                elif rules == "5":
+                    done[b] = new_score[b][0] / t <= finished[b][-1][0]
+                else:  # transformers 4.x: the best candidate (rank 0), at the length its sequence will have
+                    done[b] = top_s[b][0] / (t + (rules == "4.29.2")) <= finished[b][-1][0]
+        index = (torch.arange(B)[:, None] * k + torch.tensor(next_beam)).flatten().to(device)  # (B * k,) rows to continue
+        next_tok = torch.tensor(next_tok, device=device).flatten()  # (B, k) -> (B * k,)
+        seqs = torch.cat([seqs[index], next_tok[:, None]], dim=1)  # (B * k, t)
+        score = torch.tensor(new_score, device=device)
+        if all(done) or t == max_new_tokens:
             break
-        score, tokens = new_score, new_tokens
-        if t == max_new_tokens:
-            break
-        index = (torch.arange(B)[:, None] * k + next_beam).flatten()  # (B, k) -> (B * k,) rows to continue
-        logits = step(next_tok.flatten().to(device), index.to(device))
+        logits = step(next_tok, index)
+    limit = max_new_tokens + (rules != "5")  # transformers 4.x also counts the start token here
     for b in range(B):
-        if not done[b]:  # the limit: live beams count as finished
-            finished[b] += [(score[b, j].item() / max_new_tokens, tokens[b][j]) for j in range(k)
-                            if score[b, j] > -math.inf]
-    return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]
+        if not done[b]:  # the limit: the live beams end too
+            finished[b] += [(s / limit, seqs[b * k + j]) for j, s in enumerate(score[b].tolist()) if s > -math.inf]
+    return [max(f, key=lambda h: h[0])[1].tolist() if f else [] for f in finished]
+
+
+def generation_args(config, beams=None):
+    """beam_search's keywords from a checkpoint's generation defaults, as transformers 4.2.1's
+    generate(num_beams=beams) applied them (VL-PET's and VL-Adapter's version): beams (None: the
+    checkpoint's num_beams), no_repeat_ngram, early_stopping, and force_eos for BART's beam search
+    (4.2.1's BartForConditionalGeneration forced EOS at the last step whenever beams > 1, whatever the
+    config said; its greedy search never did). The length limit and `rules` are the caller's: the
+    releases' max_length L counts the start token, so max_new_tokens = L - 1."""
+    beams = config.num_beams if beams is None else beams
+    return dict(beams=beams, no_repeat_ngram=config.no_repeat_ngram, early_stopping=config.early_stopping,
+                force_eos=config.arch == "bart" and beams > 1)
 
 
 # ---- the three backbones --------------------------------------------------------------------------
@@ -852,6 +915,18 @@ def roberta_config(hf):
                   type_vocab_size=hf["type_vocab_size"], dropout=hf.get("hidden_dropout_prob", 0.1))
 
 
+def generation_fields(hf):
+    """The generation defaults a config.json carries, as Config fields. transformers 4.2.1 (the CLIP-BART
+    releases' version) read them from config.json only; generation_config.json came later (read_hf_dir
+    notes it when it says otherwise)."""
+    n, early = hf.get("no_repeat_ngram_size", 0), hf.get("early_stopping", False)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"unsupported generation default: config.json has no_repeat_ngram_size={n!r}, expected an integer >= 0")
+    if not isinstance(early, bool):
+        raise ValueError(f"unsupported generation default: config.json has early_stopping={early!r}, expected true or false")
+    return dict(num_beams=hf.get("num_beams", 1), no_repeat_ngram=n, early_stopping=early)
+
+
 def gpt2_config(hf):
     _require(hf, "activation_function", ["gelu_new", "gelu_pytorch_tanh"], "GPT-2 activation")
     _require(hf, "scale_attn_weights", [True], "GPT-2 attention scaling")
@@ -859,7 +934,7 @@ def gpt2_config(hf):
     d = hf["n_embd"]
     return Config("gpt2", d, hf["n_layer"], hf["n_head"], hf.get("n_inner") or 4 * d,
                   hf["layer_norm_epsilon"], vocab_size=hf["vocab_size"], max_positions=hf["n_positions"],
-                  dropout=hf.get("resid_pdrop", 0.1))
+                  dropout=hf.get("resid_pdrop", 0.1), **generation_fields(hf))
 
 
 def _encoder_layer_keys(c, names):
@@ -941,7 +1016,7 @@ def bart_config(hf):
                   1e-5, vocab_size=hf["vocab_size"], max_positions=hf["max_position_embeddings"] + BART_POS_OFFSET,
                   pad_id=hf.get("pad_token_id", 1), dropout=hf.get("dropout", 0.1),
                   scale_embedding=bool(hf.get("scale_embedding", False)),
-                  decoder_start_id=hf.get("decoder_start_token_id", 2))  # LayerNorm eps: HF's default 1e-5
+                  decoder_start_id=hf.get("decoder_start_token_id", 2), **generation_fields(hf))  # LayerNorm eps: 1e-5
 
 
 def bart_dropout_note(hf):
@@ -1142,6 +1217,25 @@ def save_checkpoint(model, path, tokenizer=None):
     atomic_save(ckpt, path)
 
 
+def generation_note(src_dir, config):
+    """The generation defaults the converted file keeps, and any that generation_config.json (not read:
+    the releases' transformers 4.2.1 read config.json only) sets otherwise."""
+    note = (f"generation defaults from config.json: num_beams {config.num_beams}, no_repeat_ngram_size "
+            f"{config.no_repeat_ngram}, early_stopping {config.early_stopping}")
+    path = os.path.join(src_dir, "generation_config.json")
+    if not os.path.isfile(path):
+        return note
+    with open(path) as f:
+        try:
+            gen = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    ours = {"num_beams": config.num_beams, "no_repeat_ngram_size": config.no_repeat_ngram,
+            "early_stopping": config.early_stopping}
+    other = [f"{k}={gen[k]!r}" for k in ours if k in gen and gen[k] != ours[k]]
+    return note + (f"; generation_config.json, not read, sets {', '.join(other)}" if other else "")
+
+
 def read_hf_dir(src_dir):
     """(arch, config, state dict, weights path, notes) of a Hugging Face model directory."""
     cfg_path = os.path.join(src_dir, "config.json")
@@ -1159,6 +1253,7 @@ def read_hf_dir(src_dir):
     config = CONFIGS[arch][0](hf)
     notes = [read_image_preprocessing(src_dir, config)] if arch == "vit" else []
     notes += [bart_dropout_note(hf)] if arch == "bart" else []
+    notes += [generation_note(src_dir, config)] if arch in ("gpt2", "bart") else []
     sd, weights_path = read_weights(src_dir)
     return arch, config, sd, weights_path, notes
 

@@ -248,7 +248,7 @@ def build(cfg):
     if text.config.arch not in setting[0].archs:
         raise ValueError(f"{text_path} is a {text.config.arch} checkpoint, expected {' or '.join(setting[0].archs)} "
                          f"for --task {cfg.task}")
-    tokenizer = data.BPETokenizer.from_checkpoint(text_path)
+    tokenizer = data.load_tokenizer(text_path)
     features, tasks = {}, []  # one feature store per images folder, shared by the tasks that read it
     for c in setting:
         folder = c.images_folder(cfg, data_dir)

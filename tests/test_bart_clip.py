@@ -114,6 +114,31 @@ def test_bart_converted_file(bart):
     assert torch.equal(ckpt["model"]["final_logits_bias"], ref.final_logits_bias)
 
 
+def test_bart_generation_defaults(tmp_path):
+    """config.json's generation defaults (bart-base: num_beams 4, no_repeat_ngram_size 3, early_stopping
+    true) reach the converted file; generation_config.json is not read, but the report names what it
+    sets otherwise; generation_args turns them into beam_search's keywords as transformers 4.2.1 did."""
+    ref = tiny_bart(False, seed=5)
+    st = tmp_path / "st"
+    ref.save_pretrained(st)
+    cfg = json.loads((st / "config.json").read_text())
+    (st / "config.json").write_text(json.dumps({**cfg, "num_beams": 4, "no_repeat_ngram_size": 3,
+                                                "early_stopping": True}))
+    (st / "generation_config.json").write_text(json.dumps({"num_beams": 4, "no_repeat_ngram_size": 2}))
+    report = models.convert(str(st), str(tmp_path / "o.pt"))
+    c = models.load_checkpoint(str(tmp_path / "o.pt"), arch="bart").config
+    assert (c.num_beams, c.no_repeat_ngram, c.early_stopping) == (4, 3, True)
+    assert any(n.startswith("generation defaults from config.json: num_beams 4, no_repeat_ngram_size 3, early_"
+                            "stopping True; generation_config.json, not read, sets no_repeat_ngram_size=2")
+               for n in report["notes"])
+    assert models.generation_args(c) == dict(beams=4, no_repeat_ngram=3, early_stopping=True, force_eos=True)
+    assert models.generation_args(c, 1)["force_eos"] is False  # 4.2.1's greedy search never forced EOS
+    for key, value in [("early_stopping", "never"), ("no_repeat_ngram_size", -1)]:
+        (st / "config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(ValueError, match=f"unsupported generation default: config.json has {key}="):
+            models.convert(str(st), str(tmp_path / "o.pt"))
+
+
 def test_bart_extra_embeds_after_text(bart):
     """Visual tokens appended after the text: no position, no layernorm_embedding, their own mask. The
     reference runs transformers' own modules in that order (VL-Adapter's JointEncoder)."""
@@ -168,37 +193,83 @@ def test_bart_cache_equals_full_forward(bart):
     assert max_diff(step, want) <= TOL
 
 
-def bart_generate(model, ids, mask, beams, max_new_tokens):
+def bart_generate(model, ids, mask, beams, max_new_tokens, **kw):
     """Our decoding as a trainer runs it: encode once, repeat per beam, models.beam_search over
     BART.beam_step (the decoder start token first, then one token per step with the cache)."""
     with torch.no_grad():
         memory, memory_mask = model.encode(ids, mask)
         memory, memory_mask = memory.repeat_interleave(beams, 0), memory_mask.repeat_interleave(beams, 0)
-        return models.beam_search(model.beam_step(memory, memory_mask), len(ids), beams, max_new_tokens, EOS)
+        return models.beam_search(model.beam_step(memory, memory_mask), len(ids), beams, max_new_tokens, EOS, **kw)
 
 
-def test_bart_beam_search_matches_transformers():
+def hf_generate(ref, ids, mask, beams, max_new_tokens, no_repeat_ngram=0, early_stopping=False, force_eos=False):
+    """transformers' generate with the same settings, its rows cut as ours: no start token, nothing from EOS on."""
+    out = ref.generate(input_ids=ids, attention_mask=mask, num_beams=beams, max_new_tokens=max_new_tokens,
+                       length_penalty=1.0, early_stopping=early_stopping, do_sample=False,
+                       no_repeat_ngram_size=no_repeat_ngram, min_length=0, decoder_start_token_id=EOS,
+                       eos_token_id=EOS, pad_token_id=1, forced_bos_token_id=None,
+                       forced_eos_token_id=EOS if force_eos else None)
+    rows = [row[1:] for row in out.tolist()]  # drop the decoder start token
+    return [row[:row.index(EOS)] if EOS in row else row for row in rows]
+
+
+def repeats_ngram(tokens, n):
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(set(grams)) < len(grams)
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    """A tiny random BART (transformers) and ours with the same weights; EOS's bias raised so that some
+    rows end by EOS (one at once, one after a few tokens) and others run on to the limit."""
     ref = tiny_bart(False, seed=7, jitter=0.3)
     with torch.no_grad():
-        ref.final_logits_bias[0, EOS] += 3.5  # some rows end by EOS (one at once, one after 4 tokens), others run on
+        ref.final_logits_bias[0, EOS] += 3.5
     c = models.bart_config(ref.config.to_dict())
     sd, _ = models.convert_state_dict("bart", ref.state_dict(), c)
     ours = models.build_model(c).eval()
     ours.load_state_dict(sd, strict=True)
     torch.manual_seed(0)
-    ids, mask = padded_batch([9, 4, 7, 9, 3, 6, 8, 5], 9)
+    return ref, ours, padded_batch([9, 4, 7, 9, 3, 6, 8, 5], 9)
+
+
+@pytest.mark.parametrize("settings", [
+    {},  # transformers' defaults
+    dict(no_repeat_ngram=3, early_stopping=True, force_eos=True),  # bart-base's config as the releases ran it
+    dict(no_repeat_ngram=2, early_stopping=False, force_eos=True),
+    dict(no_repeat_ngram=3, early_stopping=True),
+], ids=["plain", "release", "bigrams", "no-forced-eos"])
+def test_bart_beam_search_matches_transformers(decoder, settings):
+    ref, ours, (ids, mask) = decoder
     lengths = set()
-    for k in (1, 2, 3, 5):
-        got = bart_generate(ours, ids, mask, k, 10)
-        out = ref.generate(input_ids=ids, attention_mask=mask, num_beams=k, max_new_tokens=10, length_penalty=1.0,
-                           early_stopping=False, do_sample=False, no_repeat_ngram_size=0, min_length=0,
-                           decoder_start_token_id=EOS, eos_token_id=EOS, pad_token_id=1, forced_bos_token_id=None,
-                           forced_eos_token_id=None)
-        rows = [row[1:] for row in out.tolist()]  # drop the decoder start token
-        want = [row[:row.index(EOS)] if EOS in row else row for row in rows]
-        assert got == want, k
-        lengths |= {len(t) for t in got}
-    assert len(lengths) > 1 and min(lengths) < 10  # some hypotheses end by EOS, others at the limit
+    for k in (1, 2, 5):
+        for n_new in (3, 10):
+            got = bart_generate(ours, ids, mask, k, n_new, **settings)
+            assert got == hf_generate(ref, ids, mask, k, n_new, **settings), (k, n_new)
+            lengths |= {len(t) for t in got}
+            assert not settings.get("force_eos") or max(map(len, got)) < n_new  # the last token is EOS
+    assert min(lengths) < 3 and len(lengths) >= 4  # EOS ends hypotheses at many lengths
+
+
+def test_bart_ngram_blocking_is_triggered(decoder):
+    """Unblocked, the decoder repeats 3-grams in some rows (greedy and beams); blocked, no row does,
+    token for token as transformers."""
+    ref, ours, (ids, mask) = decoder
+    with torch.no_grad():
+        ref.final_logits_bias[0, EOS] -= 3.5  # long outputs: EOS as likely as any token
+        ours.final_logits_bias[0, EOS] -= 3.5
+    try:
+        for k in (1, 5):
+            free = bart_generate(ours, ids, mask, k, 16)
+            blocked = bart_generate(ours, ids, mask, k, 16, no_repeat_ngram=3)
+            assert sum(repeats_ngram(t, 3) for t in free) >= 2, free
+            assert not any(repeats_ngram(t, 3) for t in blocked)
+            assert blocked == hf_generate(ref, ids, mask, k, 16, no_repeat_ngram=3)
+            assert free == hf_generate(ref, ids, mask, k, 16)
+    finally:
+        with torch.no_grad():
+            ref.final_logits_bias[0, EOS] += 3.5
+            ours.final_logits_bias[0, EOS] += 3.5
 
 
 def test_bart_tokenizer_specials(tmp_path):

@@ -334,3 +334,205 @@ def test_wrong_arch_and_not_a_checkpoint(gpt2, tmp_path):
     (tmp_path / "text.pt").write_text("hello")
     with pytest.raises(ValueError, match="is not a converted checkpoint"):
         models.load_checkpoint(str(tmp_path / "text.pt"))
+
+
+# ---- decoding: models.beam_search on constructed decoders (no model) ------------------------------
+
+
+class Toy:
+    """A decoder given as a table: dist[history] = {token: p} for the next token (the rest of the mass
+    spread evenly over the other non-EOS tokens; EOS gets 1e-9 unless listed); histories not in the
+    table are near uniform. As a beam_search step function it follows the beams' reorders and counts
+    its calls."""
+
+    def __init__(self, dist, rows, V=40, eos=0):
+        self.dist, self.rows, self.V, self.eos, self.calls = dist, rows, V, eos, 0
+
+    def probs(self, history):
+        listed = self.dist.get(tuple(history), {})
+        others = [v for v in range(self.V) if v not in listed and v != self.eos]
+        p = torch.full((self.V,), (1.0 - sum(listed.values())) / len(others))
+        p[self.eos] = 1e-9
+        for v, q in listed.items():
+            p[v] = q
+        return p / p.sum()
+
+    def __call__(self, tokens, index):
+        self.calls += 1
+        if tokens is None:
+            self.hist = [[] for _ in range(self.rows)]
+        else:
+            self.hist = [self.hist[i] + [t] for i, t in zip(index.tolist(), tokens.tolist())]
+        return torch.stack([self.probs(h) for h in self.hist]).log()  # logits = log p: log_softmax keeps them
+
+
+def toy_search(dist, beams=2, max_new_tokens=5, **kw):
+    toy = Toy(dist, beams)
+    out = models.beam_search(toy, 1, beams, max_new_tokens, 0, **kw)
+    return out[0], toy.calls
+
+
+def test_eos_ranked_below_k_never_ends_a_hypothesis():
+    # The search reads candidates in rank order until k beams live, so an EOS ranked k or lower is read only
+    # after an EOS above it. Step 1: 1 and 2 live (.5 each). Step 2: [1, EOS] -1.386 ranks 0 and ends H1 = [1]
+    # (-0.693); [2, 4] -1.492 ranks 1 and lives; [2, EOS] -1.609 ranks 2 = k: it may not end; [1, 5] -2.996
+    # lives. Step 3: [2, 4, EOS] (-1.502 / 3 = -0.501) ends and wins. Had [2] ended at step 2, the row would
+    # have held k = 2 hypotheses and stopped early, [1] winning.
+    dist = {(): {1: .5, 2: .5}, (1,): {0: .5, 5: .1}, (2,): {4: .45, 0: .4}, (2, 4): {0: .99}}
+    assert toy_search(dist, early_stopping=True)[0] == [2, 4]
+    assert toy_search(dist, beams=3, early_stopping=True)[0] == [1]  # k = 3: rank 2 ends [2]; 3 ended by step 2
+
+
+def test_two_k_candidates_refill_the_beams():
+    # k = 3. Step 2: [1, EOS] and [2, EOS] rank 0 and 1 and end; the live beams come from ranks 2, 3 and 4:
+    # [3, 6], [1, 4] and [2, 5]. Only [2, 5] goes on well: [2, 5, 7, 8, EOS] (-3.41 / 5 = -0.68) beats [1]
+    # (-0.80). With fewer than 2k candidates a step would lose [2, 5].
+    dist = {(): {1: .34, 2: .33, 3: .32}, (1,): {0: .6, 4: .1}, (2,): {0: .6, 5: .1}, (3,): {6: .2},
+            (2, 5): {7: .999}, (2, 5, 7): {8: .999}, (2, 5, 7, 8): {0: .999}}
+    assert toy_search(dist, beams=3, max_new_tokens=6)[0] == [2, 5, 7, 8]
+
+
+# Step 1 from []: EOS .40 ends H1 = [] (log .40 = -0.916); 1 (.35) and 2 (.20) live. Step 2 from [1]: EOS x,
+# token 3 y; from [2]: token 4 (.5). After step 2 a row holds 2 ended hypotheses; the stop test decides.
+def stop_case(x, y):
+    return {(): {0: .40, 1: .35, 2: .20}, (1,): {0: x, 3: y}, (2,): {4: .5}}
+
+
+@pytest.mark.parametrize("x, y, calls", [
+    # [1, EOS] ranks 0 and ends H2 = (log .35 + log .40) / 2 = -0.983, the worst; best live [1, 3]: -2.254 / 2.
+    # 5: -1.127 <= -0.983 stops; 4.2.1: the rank-0 candidate -1.966 / 2 = -0.983 <= -0.983 stops (equal);
+    # 4.29.2: -1.966 / 3 = -0.655 > -0.983 goes on to step 3.
+    (.40, .30, {"5": 2, "4.2.1": 2, "4.29.2": 3}),
+    # H2 = (log .35 + log .6) / 2 = -0.78 beats H1: worst -0.916. Best live [2, 4]: -2.30 / 2 = -1.15 <= -0.916:
+    # 5 stops; 4.x test the rank-0 candidate [1, EOS]: -1.561 / 2 (or / 3) > -0.916: both go on.
+    (.60, .25, {"5": 2, "4.2.1": 3, "4.29.2": 3}),
+    # [1, 3] (-1.743) ranks 0 and lives, [1, EOS] ranks 1 and ends H2 = -0.924, the worst: -1.743 / 2 = -0.871
+    # > -0.924, so every rule goes on (and stops at step 3, where every candidate is far worse).
+    (.45, .50, {"5": 3, "4.2.1": 3, "4.29.2": 3}),
+])
+def test_stop_test_of_each_rule(x, y, calls):
+    dist = stop_case(x, y)
+    for rules, n in calls.items():
+        assert toy_search(dist, rules=rules)[1] == n, rules
+        # early_stopping: stop as soon as the row holds k = 2 ended hypotheses (step 2), whatever the scores
+        assert toy_search(dist, rules=rules, early_stopping=True)[1] == 2, rules
+    assert toy_search(dist, early_stopping=True)[0] == ([1] if x == .60 else [])  # the better of H1, H2
+
+
+def test_limit_lengths_of_each_rule():
+    # At the limit (step 2): [1, EOS] = log .5 + log .736 = -1.0 ends by EOS; [2, 3] = log .45 + log .606 = -1.3
+    # is cut. 5 scores them -1.0 / 2 vs -1.3 / 2: [1] wins. 4.x count the start token in the cut one: -1.3 / 3.
+    dist = {(): {1: .5, 2: .45}, (1,): {0: .736}, (2,): {3: .606}}
+    assert toy_search(dist, max_new_tokens=2)[0] == [1]
+    assert toy_search(dist, max_new_tokens=2, rules="4.2.1")[0] == [2, 3]
+    assert toy_search(dist, max_new_tokens=2, rules="4.29.2")[0] == [2, 3]
+
+
+def test_early_stopping_at_the_limit():
+    # Step 1: 1 (.5) lives, EOS (.3) ends H1 = -1.204, 2 lives. Step 2 = the limit: [1, 3] (-0.981) lives,
+    # [1, EOS] ends H2 = -1.15: 2 ended, early stopping. transformers 4.x stop the row before the live beams end
+    # ([1] wins); transformers 5 ends them at the same step, and [1, 3] (-0.49) wins.
+    dist = {(): {1: .5, 0: .3, 2: .15}, (1,): {0: .2, 3: .75}}
+    assert toy_search(dist, max_new_tokens=2, early_stopping=True)[0] == [1, 3]
+    assert toy_search(dist, max_new_tokens=2, early_stopping=True, rules="4.2.1")[0] == [1]
+
+
+def test_forced_eos_and_greedy():
+    # Step 1: [] ends by EOS (log .45 = -0.80); [1] lives. Step 2: [1, 2] (-1.8). At step 3 EOS forced with
+    # log p 0 scores [1, 2] -1.8 / 3 = -0.6: it wins. Unforced, step 3 is near uniform and [] wins.
+    dist = {(): {1: .5, 0: .45}, (1,): {2: .33}}
+    assert toy_search(dist, max_new_tokens=3, force_eos=True)[0] == [1, 2]
+    assert toy_search(dist, max_new_tokens=3)[0] == []
+    for rules in models.RULES:  # greedy: the first EOS ends the row, whatever the rules
+        assert toy_search({(): {0: .6, 1: .4}}, beams=1, rules=rules) == ([], 1)
+    with pytest.raises(ValueError, match="rules must be one of"):
+        toy_search(dist, rules="4.3")
+    assert toy_search(dist, beams=1, max_new_tokens=3, force_eos=True)[0] == [1, 2]
+
+
+def test_block_repeated_ngrams_bans_exactly_the_repeats():
+    """Against the definition: token v is banned iff the row followed by v ends with an n-gram it already holds."""
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 4):
+        for t in range(0, 9):
+            seqs = torch.randint(0, 4, (6, t), generator=g)
+            got = models.block_repeated_ngrams(torch.zeros(6, 5), seqs, n) == -float("inf")
+            for r, row in enumerate(seqs.tolist()):
+                held = {tuple(row[i:i + n]) for i in range(len(row) - n + 1)}
+                want = [len(row) >= n and tuple(row[len(row) - n + 1:] + [v]) in held for v in range(5)]
+                assert got[r].tolist() == want, (n, row)
+
+
+def test_ngram_blocking_in_the_search():
+    dist = {(): {1: .9}, (1,): {2: .9}, (1, 2): {1: .9}, (1, 2, 1): {2: .9, 3: .05}}  # 1 2 1 2 ...: 3 only if blocked
+    assert toy_search(dist, beams=1, max_new_tokens=4)[0] == [1, 2, 1, 2]
+    assert toy_search(dist, beams=1, max_new_tokens=4, no_repeat_ngram=2)[0] == [1, 2, 1, 3]  # (1, 2) repeats
+    assert toy_search(dist, beams=1, max_new_tokens=4, no_repeat_ngram=3)[0] == [1, 2, 1, 2]  # no 3-gram repeats yet
+
+
+# ---- decoding against transformers' generate (transformers 5's rules, the default) ---------------
+
+
+def gpt2_decoder(seed=0, V=40, d=24, eos=7, eos_bias=2.0):
+    """A tiny random GPT-2 (transformers) and ours with the same weights; EOS's logit raised by eos_bias
+    (through ln_f's bias: the head is the tied table) so that some hypotheses end early."""
+    torch.manual_seed(seed)
+    ref = hf.GPT2LMHeadModel(hf.GPT2Config(vocab_size=V, n_embd=d, n_layer=2, n_head=2, n_positions=64,
+                                           bos_token_id=eos, eos_token_id=eos, resid_pdrop=0, embd_pdrop=0,
+                                           attn_pdrop=0)).eval()
+    jitter(ref, 0.5)
+    with torch.no_grad():
+        e = ref.transformer.wte.weight[eos]
+        ref.transformer.ln_f.bias.add_(torch.randn(d) + eos_bias * e / e.dot(e))
+    c = models.Config("gpt2", d, 2, 2, 4 * d, 1e-5, vocab_size=V, max_positions=64)
+    sd, _ = models.convert_state_dict("gpt2", ref.state_dict(), c)
+    ours = models.build_model(c).eval()
+    ours.load_state_dict(sd, strict=True)
+    return ref, ours
+
+
+def gpt2_beam_search(model, prefix, beams, max_new_tokens, eos, **kw):
+    """models.beam_search over our GPT-2 from a prefix of embeddings (the caption model's way)."""
+    rows, cache = prefix.repeat_interleave(beams, 0), model.new_cache()
+
+    def step(tokens, index):
+        if tokens is None:
+            return model(prefix=rows, cache=cache)[:, -1]
+        cache.reorder(index)
+        return model(tokens[:, None], cache=cache)[:, -1]
+    return models.beam_search(step, len(prefix), beams, max_new_tokens, eos, **kw)
+
+
+@pytest.mark.parametrize("no_repeat, early", [(0, False), (3, True), (2, False)])
+def test_gpt2_beam_search_matches_transformers(no_repeat, early):
+    ref, ours = gpt2_decoder()
+    prefix = torch.randn(6, 2, 24) * 2
+    lengths = set()
+    with torch.no_grad():
+        for k in (1, 2, 5):
+            for n_new in (5, 12):
+                out = ref.generate(inputs_embeds=prefix, attention_mask=torch.ones(6, 2, dtype=torch.long),
+                                   num_beams=k, max_new_tokens=n_new, do_sample=False, length_penalty=1.0,
+                                   early_stopping=early, no_repeat_ngram_size=no_repeat, pad_token_id=7)
+                want = [row[:row.index(7)] if 7 in row else row for row in out.tolist()]
+                got = gpt2_beam_search(ours, prefix, k, n_new, 7, no_repeat_ngram=no_repeat, early_stopping=early)
+                assert got == want, (k, n_new)
+                lengths |= {len(t) for t in got}
+    assert min(lengths) < 5 and len(lengths) >= 4  # EOS ends hypotheses at many lengths
+
+
+def test_older_converted_file_loads_with_generation_defaults(gpt2, tmp_path):
+    """A file converted before Config had its generation fields still loads; they take their defaults.
+    GPT-2's config.json has no generation settings: a converted GPT-2 keeps the defaults."""
+    _, st, _ = gpt2
+    out = converted(st, tmp_path)
+    ckpt = torch.load(out, weights_only=True)
+    assert {k: ckpt["config"][k] for k in ("num_beams", "no_repeat_ngram", "early_stopping")} == \
+        {"num_beams": 1, "no_repeat_ngram": 0, "early_stopping": False}
+    for k in ("num_beams", "no_repeat_ngram", "early_stopping"):
+        del ckpt["config"][k]
+    torch.save(ckpt, tmp_path / "old.pt")
+    model = models.load_checkpoint(str(tmp_path / "old.pt"), arch="gpt2")
+    assert (model.config.num_beams, model.config.no_repeat_ngram, model.config.early_stopping) == (1, 0, False)
+    assert models.generation_args(model.config, 5) == dict(beams=5, no_repeat_ngram=0, early_stopping=False,
+                                                           force_eos=False)
