@@ -207,9 +207,9 @@ def test_two_steps_change_exactly_what_each_baseline_trains(world, tmp_path, tas
     matrices on every q and v, the blocks' LayerNorms, the head; bitfit every bias and the head; full everything.
     With one visual token (pooler) xattn's softmax is 1: A_t, W_q and W_k get exactly zero gradient and stay; with
     the 4 patch tokens they move."""
-    cfg = config(world, tmp_path / "run", task=task, peft=peft, visual=visual)
+    cfg = config(world, tmp_path / "run", task=task, peft=peft, visual=visual, feature_cache=peft != "full")
     (t,), model, _ = train.build(cfg)
-    names = [n for n, _ in model.named_parameters()]
+    vit, names = t.features.encoder, [n for n, _ in model.named_parameters()]  # full: the ViT runs every batch
     head = {n for n in names if n.startswith("head.")}
     trained = {"full": set(names), "bitfit": head | {n for n in names if n.endswith(".bias")},
                "xattn": head | {n for n in names if xattn_layer(n) or re.search(r"\.ln[12]\.", n)}}[peft]
@@ -224,9 +224,32 @@ def test_two_steps_change_exactly_what_each_baseline_trains(world, tmp_path, tas
         opt.step()
         opt.zero_grad(set_to_none=True)
     changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert vit is None or all(p.grad is None for p in vit.parameters())  # the image encoder stays frozen
     still = {n for n in trained if re.search(r"\.(A_t|W_q|W_k)\.", n)} if visual == "pooler" else set()
     k_bias = {n for n in trained if n.endswith("attn.k.bias")}  # true gradient 0 (a softmax ignores a shift): noise
     assert changed - k_bias == trained - still - k_bias and len([n for n in trained if xattn_layer(n)]) == (2 * 2 * 8) * (peft == "xattn")
+
+
+def test_baseline_parameter_counts_at_paper_size():
+    """Settings 1 and 2 at the papers' sizes (meta device): RoBERTa-large with the 3,129-answer head, GPT2-medium
+    (tied LM head), d = 1024 = ViT-L/16's width (no visual projection), 24 blocks. Counted by hand: xattn at r = 128 is
+    d r/2 + r^2/2 + r d a module on q and v, plus the blocks' LayerNorms; bitfit the biases (a block's q, k, v, o,
+    fc1, fc2 and two LayerNorms: 11,264; the embedding LN or GPT-2's final LN: 1,024); full everything."""
+    d, blocks, answers = 1024, 24, 3129
+    head = d * 2 * d + 2 * d + 2 * 2 * d + 2 * d * answers + answers  # Linear(d, 2d), LayerNorm(2d), Linear(2d, K)
+    roberta = 50265 * d + 514 * d + d + 2 * d + blocks * (4 * (d * d + d) + 2 * 4 * d * d + 4 * d + d + 4 * d)
+    gpt2, biases, norms = 354_823_168, blocks * (4 * d + 4 * d + d + 2 * d) + d, blocks * 4 * d
+    xattn = 2 * blocks * (d * 128 // 2 + 128 ** 2 // 2 + 128 * d)
+    expected = {("vqa", "xattn"): xattn + norms + head, ("vqa", "bitfit"): biases + head, ("vqa", "full"): roberta + head,
+                ("caption", "xattn"): xattn + norms, ("caption", "bitfit"): biases, ("caption", "full"): gpt2}
+    for (task, peft), trainable in expected.items():
+        cfg = train.Config(task=task, peft=peft, route="none", **({"rank": 128, "alpha": 128} if peft == "xattn" else {}))
+        with torch.device("meta"):
+            text = models.build_model(models.PRESETS["roberta-large" if task == "vqa" else "gpt2-medium"])
+            extra = tasks.add_peft(cfg, text)
+            model = tasks.VQAModel(text, d, answers, True) if task == "vqa" else tasks.CaptionModel(text, d, True, 0)
+        total = (roberta + head if task == "vqa" else gpt2) + (xattn if peft == "xattn" else 0)
+        assert rp.count_parameters(rp.mark_trainable(model, ["head"] * (task == "vqa") + extra)) == (trainable, total), peft
 
 
 @pytest.mark.parametrize("peft", ["xattn", "bitfit", "full"])
@@ -241,7 +264,7 @@ def test_the_baselines_options(peft):
     if peft == "xattn":  # it reads x_R, several tokens too, with LoRA's options
         train.check_config(dataclasses.replace(cfg, visual="patches", alpha=32, dropout=0.1, rank=32, train_ln=False))
         return
-    for bad in (dict(rank=8), dict(alpha=8), dict(train_ln=False)):
+    for bad in (dict(rank=8), dict(alpha=8), dict(dropout=0.1), dict(train_ln=False)):
         with pytest.raises(ValueError, match=f"applies to --peft .* only; --peft {peft} would ignore it"):
             train.check_config(dataclasses.replace(cfg, **bad))
 
@@ -619,7 +642,6 @@ def test_study(world, tmp_path, monkeypatch, capsys):
         assert im.format == "PNG" and im.width > 300
     with open(out / "study.md", encoding="utf-8") as f:
         assert f.read() == table
-    (tmp_path.parent / "study_table.md").write_text(table)
     lines = table.splitlines()
     assert len([ln for ln in lines if ln.startswith(("| lora |", "| adapter |", "| xattn |", "| full |", "| bitfit |"))]) == 12
     headers = [ln for ln in lines if ln.startswith("| peft |")]
