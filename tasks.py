@@ -112,6 +112,11 @@ def derange_images(splits, seed):
 # ---- tasks: data, loss, evaluation, text-only baseline ----------------------------------------------------
 
 
+# The decoding rules of the transformers each setting's release ran (models.beam_search): the routing release
+# 4.29.2 (GPT-2), VL-PET and VL-Adapter 4.2.1 (BART).
+RELEASE_RULES = {"gpt2": "4.29.2", "bart": "4.2.1"}
+
+
 class Task:
     """One task of a run: its prepared splits, batches, loss, evaluation and a text-only baseline.
     A subclass sets name, archs (the text backbones it runs on), tiny (the demo's text backbone), headline
@@ -149,6 +154,12 @@ class Task:
         """The training examples an epoch visits (captions: every reference is one), at most cfg.train_limit."""
         n = len(self.dataset("train"))
         return min(n, self.cfg.train_limit) if self.cfg.train_limit else n
+
+    def search(self, beams, max_new_tokens):
+        """models.beam_search's keywords as the setting's release decoded: the checkpoint's generation defaults as
+        its transformers applied them (models.generation_args), its length and stop rules, the limit, EOS."""
+        return dict(models.generation_args(self.text_config, beams), max_new_tokens=max_new_tokens,
+                    eos_id=self.tokenizer.eos_id, rules=RELEASE_RULES[self.text_config.arch])
 
     def __init__(self, cfg, data_dir, tokenizer, features, text_config):
         self.cfg, self.tokenizer, self.features, self.text_config = cfg, tokenizer, features, text_config
@@ -329,7 +340,7 @@ class Captioning(Task):
         return metrics.caption_scores(self.refs(split), captions), [{"image_id": k, "caption": c} for k, c in captions.items()]
 
     def generate(self, model, batch):
-        out = model.generate(*self.features(batch), self.cfg.beams, self.cfg.max_new_tokens, self.tokenizer.eos_id)
+        out = model.generate(*self.features(batch), **self.search(self.cfg.beams, self.cfg.max_new_tokens))
         return [self.tokenizer.decode(t, skip_special=True).strip() for t in out]
 
     def refs(self, split):
@@ -457,7 +468,7 @@ class CaptionModel(nn.Module):
         return logits[:, prefix.shape[1] - 1:-1]
 
     @torch.no_grad()
-    def generate(self, visual, x_R, beams, max_new_tokens, eos_id):
+    def generate(self, visual, x_R, beams, **search):
         """Token ids of a caption per example: models.beam_search over GPT-2 with its KV cache."""
         B, k = visual.shape[0], beams
         # every beam is a row: (B, L, d) -> (B * k, L, d); routed layers need x_R per row too
@@ -471,7 +482,7 @@ class CaptionModel(nn.Module):
             return self.text(tokens[:, None], cache=cache)[:, -1]
 
         with rp.visual_context(self.text, x_R):
-            return models.beam_search(step, B, k, max_new_tokens, eos_id)
+            return models.beam_search(step, B, k, **search)
 
 
 # ---- the CLIP-BART setting: VQAv2, GQA, NLVR2 and COCO captions, generative, on one BART ----------------
@@ -570,14 +581,13 @@ class VLBart(nn.Module):
             return self.bart.decode(decoder_input_ids, memory, mask)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, visual, beams, max_new_tokens, eos_id, n_images=1):
-        """Token ids per example: models.beam_search over BART's decoder (beams 1: greedy)."""
+    def generate(self, input_ids, attention_mask, visual, n_images=1, *, beams, **search):
+        """Token ids per example: models.beam_search(**search) over BART's decoder (beams 1: greedy)."""
         memory, mask, x_R = self.encode(input_ids, attention_mask, visual, n_images)
         def per_beam(t):
             return None if t is None else t.repeat_interleave(beams, dim=0)  # (B, ...) -> (B * k, ...)
         with rp.visual_context(self.bart, per_beam(x_R)):
-            return models.beam_search(self.bart.beam_step(per_beam(memory), per_beam(mask)), len(memory), beams,
-                                      max_new_tokens, eos_id)
+            return models.beam_search(self.bart.beam_step(per_beam(memory), per_beam(mask)), len(memory), beams, **search)
 
 
 def add_peft_vl(cfg, bart):
@@ -612,7 +622,8 @@ class Generative(Task):
     the answer, from the decoder start </s>; the loss is each example's token-mean cross-entropy (times the
     target's weight), averaged over the batch (VL-PET src/{vqa,gqa,nlvr}_model.py)."""
 
-    archs, tiny, vision, prompt, n_images, answer_tokens = ("bart",), "bart", "clip_resnet", "", 1, 10
+    archs, tiny, vision, prompt, n_images = ("bart",), "bart", "clip_resnet", "", 1
+    answer_tokens = 19  # the releases' greedy max_length 20 counts the decoder start
 
     @property
     def start_id(self):
@@ -644,11 +655,12 @@ class Generative(Task):
         return per_example.sum(), len(per_example)
 
     def answers(self, model, split):
-        """The decoded answer of every example of the split, in order: greedy, at most answer_tokens."""
+        """The decoded answer of every example of the split, in order: greedy (with the checkpoint's n-gram
+        blocking, which the releases' greedy search applied too), at most answer_tokens."""
         out = []
         for batch in self.ordered_batches(split):
             with self.features.autocast():
-                ids = model.generate(*self.inputs(batch), 1, self.answer_tokens, self.tokenizer.eos_id, self.n_images)
+                ids = model.generate(*self.inputs(batch), self.n_images, **self.search(1, self.answer_tokens))
             out += [self.decode(t) for t in ids]
         return out
 
@@ -862,7 +874,7 @@ class GenerativeCaptioning(Generative, Captioning):
     def generate(self, model, batch):
         B, device = len(batch["image"]), self.features.device
         ids, mask = self.prompt_ids.expand(B, -1).to(device), torch.ones(B, len(self.prompt_ids), dtype=torch.long, device=device)
-        out = model.generate(ids, mask, self.features(batch)[0], self.cfg.beams, self.cfg.max_new_tokens, self.tokenizer.eos_id)
+        out = model.generate(ids, mask, self.features(batch)[0], **self.search(self.cfg.beams, self.cfg.max_new_tokens))
         return [self.decode(t) for t in out]
 
 

@@ -26,8 +26,10 @@ import itertools
 import json
 import os
 import random
+import re
 import sys
 import time
+import traceback
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -72,7 +74,7 @@ class Config:
     max_len: int = 20             # text tokens: <s> question </s> (vqa, and multitask's VQA and GQA) or caption + EOS (caption)
     answers: int = 3129           # K, size of the answer vocabulary (vqa)
     beams: int = 5                # beam width for captioning (1 = greedy)
-    max_new_tokens: int = 20      # caption length limit in tokens (multitask: also the training captions')
+    max_new_tokens: int = 20      # caption length limit in new tokens (multitask: training captions hold one fewer)
     max_steps: int = 0            # stop after this many optimizer steps (0 = all epochs); schedule unchanged
     train_limit: int = 0          # train on the first N examples of each task only (0 = all; VL-T5's --train_topk)
     seed: int = 0                 # seeds the new weights, the data order and dropout
@@ -97,7 +99,7 @@ PRESETS = {"vqa-lora": dict(VQA_PAPER, peft="lora", rank=128, alpha=128), "vqa-a
 # at lr 1e-4 (full_finetuning.sh, which also drops the task prompts: we keep them). Route none: the release's method.
 CLIP_BART = dict(task="multitask", vision="ckpt/clip-rn101.pt", text="ckpt/bart-base.pt", data="data/vqa", images="data/coco",
                  gqa="data/gqa", nlvr2="data/nlvr2", visual="mean", batch_size=500, epochs=20, lr=1e-3, adam_eps=1e-6,
-                 weight_decay=0.01, warmup=0.1, clip=5.0, beams=5, max_new_tokens=40, route="none")
+                 weight_decay=0.01, warmup=0.1, clip=5.0, beams=5, max_new_tokens=39, route="none")
 VLPET = ("vlpet-large", "vlpet-middlex", "vlpet-middley", "vlpet-small")
 PRESETS.update({"multitask-lora": dict(CLIP_BART, peft="lora", rank=128, alpha=32, dropout=0.1),
                 "multitask-bitfit": dict(CLIP_BART, peft="bitfit"), "multitask-full": dict(CLIP_BART, peft="full", lr=1e-4),
@@ -107,9 +109,10 @@ CHOICES = {"task": ("vqa", "caption", "multitask"), "vqa_split": ("auto", "karpa
            "route": tuple(rp.ROUTES), "visual": ("pooler", "cls", "mean", "patches"),
            "device": ("auto", "cpu", "cuda", "mps"), "precision": ("fp32", "bf16")}
 # The demo's defaults of a setting other than the first (the Config defaults are the VQA demo's), below a preset and
-# explicit options. CLIP-BART: VL-PET-large, route mul, x_R the mean embedded token, VL-PET's optimiser settings.
+# explicit options. CLIP-BART: VL-PET-large, route mul, x_R the mean embedded token, VL-PET's optimiser settings,
+# at most 39 new caption tokens (the release's max_length 40 counts the decoder start).
 TASK_DEFAULTS = {"multitask": dict(visual="mean", peft="vlpet-large", adam_eps=1e-6, weight_decay=0.01, warmup=0.1,
-                                   clip=5.0, max_new_tokens=40, epochs=2, batch_size=64, lr=1e-2)}
+                                   clip=5.0, max_new_tokens=39, epochs=2, batch_size=64, lr=1e-2)}
 PEFT_ONLY = {"alpha": ("lora", "xattn"), "dropout": ("lora", "xattn"), "rank": MODULES, "train_ln": MODULES}  # who reads
 UNROUTED = ("xattn", "bitfit", "full")  # no routing function: route none
 RESUME_OVERRIDES = ("max_steps", "device", "workers")  # what --resume may change: not the math
@@ -797,9 +800,24 @@ def error_line(e):
     return lines[-1].strip() if lines else type(e).__name__
 
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def raised_on_purpose(e):
+    """Whether e is one of this project's messages about the user's input: raised by a `raise` statement in
+    its own files, not a slip inside a library or a wrong line of ours (a shape mismatch, max() of nothing),
+    which keeps its traceback. A DataLoader worker's error arrives with its traceback as text: read from it."""
+    frames = re.findall(r'File "([^"]+)", line \d+, in \S+\n +(.*)', str(e))  # torch's ExceptionWrapper
+    if not frames:
+        last = traceback.extract_tb(e.__traceback__)[-1]
+        frames = [(last.filename, last.line)]
+    filename, line = frames[-1]
+    return os.path.dirname(os.path.abspath(filename)) == HERE and line.lstrip().startswith("raise")
+
+
 def cli(argv=None):
     """python train.py: bad input ends in one line "error: ..." (exit status 1; 2 for bad options), Ctrl-C in one
-    line saying how to continue (exit status 130); no traceback."""
+    line saying how to continue (exit status 130); no traceback. Any other exception is a bug: its traceback shows."""
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)  # a redirected log (nohup, a batch job) gets each line when printed
     try:
@@ -813,7 +831,11 @@ def cli(argv=None):
         if meta.get("study"):
             return run_study(cfg, meta["given"])
         return main(cfg, overwrite=meta.get("overwrite", False))
-    except (ValueError, OSError, RuntimeError) as e:
+    except OSError as e:  # a file missing, unreadable or in use; a full disk
+        sys.exit(f"error: {error_line(e)}")
+    except (ValueError, RuntimeError) as e:
+        if not raised_on_purpose(e):
+            raise
         sys.exit(f"error: {error_line(e)}")
     except KeyboardInterrupt as e:
         print(f"\n{e or 'interrupted'}", file=sys.stderr)

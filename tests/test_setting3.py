@@ -138,6 +138,25 @@ def test_vqa_loss_weights_each_example_by_its_target_score():
     assert count == 2 and total.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_vqa_targets_are_drawn_in_proportion_to_the_scores_per_example():
+    """The training answer of a question: drawn with probability score / total from (seed, step, its index), never
+    an answer of score 0; the same draw whichever batch (process, micro-batch) holds the question."""
+    task = bare_task(tasks.GenerativeVQA, vocab=["yes", "no", "red"])
+    n = 4000
+    scores = torch.tensor([[0.3, 0.0, 0.9]]).expand(n, 3)
+    index = torch.arange(n)
+    decoder_input_ids, _, weight = task.targets({"targets": scores, "index": index}, 7)
+    picked = decoder_input_ids[:, 2].tolist()  # </s> <s> answer ...: the answer's one token
+    yes, no, red = (TOK.encode(w)[0] for w in ("yes", "no", "red"))
+    assert no not in picked and set(picked) == {yes, red}
+    share = picked.count(yes) / n
+    assert abs(share - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n), share
+    assert torch.equal(weight, torch.tensor([0.3 if p == yes else 0.9 for p in picked]))
+    half = task.targets({"targets": scores[1::2], "index": index[1::2]}, 7)[0]
+    assert torch.equal(half, decoder_input_ids[1::2])  # the odd questions alone draw the same answers
+    assert task.targets({"targets": scores, "index": index}, 8)[0][:, 2].tolist() != picked  # a new step, new draws
+
+
 def test_caption_loss_is_a_token_mean_over_the_batch():
     """VL-PET src/caption_model.py (reduce_loss): every target token of the batch counts once, padding never."""
     V = len(TOK.vocab)
@@ -372,3 +391,34 @@ def test_multitask_presets_run_the_releases_methods():
         cfg = train.parse_command_line(["--preset", name, "--route", "mul"])[0]
         with pytest.raises(ValueError, match=f"--peft {name[10:]} has no routing function"):
             train.check_config(cfg)
+
+
+# ---- decoding as the releases decode ---------------------------------------------------------------------
+
+
+def test_answers_and_captions_decode_as_vlpets_release(monkeypatch):
+    """VL-PET's release (transformers 4.2.1 on bart-base, whose config sets no_repeat_ngram_size 3 and
+    early_stopping): answers greedy with max_length 20 (19 new tokens; the n-gram blocking applies to greedy
+    search too); captions beam 5 with max_length 40 (the preset's 39 new tokens), early stopping, EOS forced
+    at the last step (4.2.1's BART beam search), the 4.2.1 length rules. A stub beam_search records the calls."""
+    calls = []
+
+    def fake_search(step, B, beams, **kw):
+        calls.append(dict(kw, beams=beams))
+        return [[TOK.encode("yes")[0]]] * B
+    monkeypatch.setattr(models, "beam_search", fake_search)
+    config = dataclasses.replace(BART, no_repeat_ngram=3, early_stopping=True)
+    model = vl_model("vlpet-large")
+    ids, mask, visual = inputs()
+    batch = {"input_ids": ids, "attention_mask": mask, "visual": visual, "image": ["a", "b"]}
+    vqa = bare_task(tasks.GenerativeVQA, text_config=config, ordered_batches=lambda split: [batch])
+    assert vqa.answers(model, "val") == ["yes", "yes"]
+    cfg = train.parse_command_line(["--preset", "multitask-vlpet-large"])[0]
+    captions = bare_task(tasks.GenerativeCaptioning, text_config=config, cfg=cfg)
+    captions.__dict__["prompt_ids"] = ids[0]
+    captions.generate(model, batch)
+    common = dict(eos_id=TOK.eos_id, no_repeat_ngram=3, rules="4.2.1")
+    assert calls == [dict(common, beams=1, max_new_tokens=19, early_stopping=True, force_eos=False),
+                     dict(common, beams=5, max_new_tokens=39, early_stopping=True, force_eos=True)]
+    gpt2 = bare_task(tasks.Captioning, text_config=dataclasses.replace(BART, arch="gpt2"))
+    assert gpt2.search(5, 19)["rules"] == "4.29.2"  # the routing release's transformers (settings 1 and 2)

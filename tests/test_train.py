@@ -434,6 +434,25 @@ class Exploit:
         return os.system, ("touch pwned",)
 
 
+def test_bugs_keep_their_traceback(monkeypatch):
+    """Only the project's own messages about the input are one line: a ValueError of a builtin (max() of
+    nothing, the multi-process crash of issue 18) or a RuntimeError inside torch (a shape mismatch) propagates
+    with its traceback; a DataLoader worker's error is judged by its original last frame."""
+    bugs = {"max": lambda cfg, **kw: data.seq2seq_targets([], 0, 1),  # max() of nothing, in data.py
+            "torch": lambda cfg, **kw: torch.zeros(2, 3) @ torch.zeros(2, 3)}
+    for name, bug in bugs.items():
+        monkeypatch.setattr(train, "main", bug)
+        with pytest.raises((ValueError, RuntimeError)):
+            train.cli(["--max-steps", "1"])
+    monkeypatch.setattr(train, "main", lambda cfg, **kw: models.beam_search(None, 1, 1, 1, 0, rules="x"))
+    with pytest.raises(SystemExit, match="^error: beam_search: rules must be one of"):
+        train.cli(["--max-steps", "1"])
+    worker = 'Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n'
+    ours = f'  File "{train.HERE}/data.py", line 9, in load_image\n    raise ValueError(f"bad image")\nValueError: bad'
+    theirs = f'  File "/usr/lib/torch/x.py", line 9, in f\n    raise ValueError("oops")\nValueError: oops'
+    assert train.raised_on_purpose(ValueError(worker + ours)) and not train.raised_on_purpose(ValueError(worker + theirs))
+
+
 def test_command_line_errors(world, tmp_path, capsys):
     """Every case in-process through train.cli: SystemExit with one line "error: ..."."""
     for name, (args, phrase) in error_cases(world, tmp_path).items():
@@ -555,7 +574,7 @@ def test_generate_matches_transformers_beam_search(scale):
     x_R = torch.randn(8, 1, D) * 3
     lengths = set()
     for k in (1, 2, 3, 5):
-        ours = model.generate(x_R, x_R, k, 10, 7)
+        ours = model.generate(x_R, x_R, k, max_new_tokens=10, eos_id=7)
         out = ref.generate(inputs_embeds=x_R, attention_mask=torch.ones(8, 1, dtype=torch.long), num_beams=k,
                            max_new_tokens=10, length_penalty=1.0, early_stopping=False, do_sample=False,
                            eos_token_id=7, pad_token_id=7)
@@ -569,9 +588,9 @@ def test_generate_matches_transformers_beam_search(scale):
 def test_generate_greedy_and_beam_scores():
     model, _ = caption_model(5.0, seed=1)
     x_R = torch.randn(6, 1, D) * 3
-    greedy_out = model.generate(x_R, x_R, 1, 8, 7)
+    greedy_out = model.generate(x_R, x_R, 1, max_new_tokens=8, eos_id=7)
     assert greedy_out == [greedy(model, x_R[i], 7, 8) for i in range(6)]
-    beam_out = model.generate(x_R, x_R, 4, 8, 7)
+    beam_out = model.generate(x_R, x_R, 4, max_new_tokens=8, eos_id=7)
     for i in range(6):
         g, b = (sequence_score(model, x_R[i], t, 7, 8) for t in (greedy_out[i], beam_out[i]))
         assert b >= g - 1e-6
