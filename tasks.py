@@ -389,25 +389,19 @@ class Captioning(Task):
 #   train_vit_roberta.py, and not --use_routing, so as released they train plain LoRA / Adapters.)
 
 
-def add_low_rank(cfg, model, targets):
-    """LoRA routed by cfg.route on the linear layers `targets`, or (--peft xattn) LoRA with cross-attention, 4 heads."""
-    if cfg.peft == "xattn":
-        return rp.add_cross_attention_lora(model, targets, cfg.rank, cfg.alpha, dropout=cfg.dropout)
-    return rp.add_lora(model, targets, cfg.rank, cfg.alpha, cfg.route, cfg.dropout)
-
-
-def add_peft(cfg, text, name="text"):
-    """The PEFT layers of cfg.peft into the frozen text model (settings 1 and 2; xattn where LoRA is); returns what else
-    of it the method trains (mark_trainable patterns): full, all of it (`name` in the task model); bitfit, every bias
-    (refused for a backbone without any: LST's BitFit on T5 adds them first); the others the blocks' LayerNorms."""
+def add_peft(cfg, text, name="text", low_rank=("attn.q", "attn.v")):
+    """cfg.peft's layers in the frozen text model: LoRA (routed by cfg.route) or xattn on `low_rank`, else Houlsby's
+    adapters. Returns what else it trains: the blocks' LayerNorms; bitfit every bias; full all of `name` (patterns)."""
     if cfg.peft == "bitfit" and not any(n.endswith(".bias") for n, _ in text.named_parameters()):
         raise ValueError(f"--peft bitfit trains the backbone's biases; {text.config.arch} has none (LST's BitFit adds them)")
     if cfg.peft in ("full", "bitfit"):
         return [name] if cfg.peft == "full" else ["bias"]
-    if cfg.peft == "adapter":  # Houlsby places, with the backbone's own activation
+    if cfg.peft == "xattn":
+        rp.add_cross_attention_lora(text, low_rank, cfg.rank, cfg.alpha, dropout=cfg.dropout)
+    elif cfg.peft == "lora":
+        rp.add_lora(text, low_rank, cfg.rank, cfg.alpha, cfg.route, cfg.dropout)
+    else:  # with the backbone's own activation
         rp.add_adapters(text, ["attn.o", "mlp.fc2"], cfg.rank, cfg.route, nn.GELU(approximate=text.config.gelu))
-    else:
-        add_low_rank(cfg, text, ["attn.q", "attn.v"])
     return ["ln1", "ln2"] if cfg.train_ln else []
 
 
@@ -592,20 +586,16 @@ class VLBart(nn.Module):
 
 def add_peft_vl(cfg, bart):
     """The PEFT layers of cfg.peft into BART where their releases put them; returns what else their releases train
-    (VL-PET src/trainer_base.py unfreeze_parameters; LayerNorm weights if cfg.train_ln). LoRA (q, v of every attention;
-    xattn, ours, as LoRA): every bias, the decoder's final_layer_norm (ln2); VL-Adapter (after every attention and FFN,
-    gelu_new): every LayerNorm; VL-PET (gated modules after the encoder's sub-layers, a parallel adapter on the cross-
-    attention values, gate rank = rank): the encoder's LayerNorms; bitfit (--unfreeze_bias), full (--unfreeze_language_model)."""
-    if cfg.peft in ("full", "bitfit"):
-        return add_peft(cfg, bart, "bart")  # the same sets in every setting
+    (VL-PET src/trainer_base.py unfreeze_parameters; LayerNorm weights if cfg.train_ln): LoRA on q, v of every attention
+    (and xattn, ours) every bias and the decoder's final_layer_norm (ln2); VL-Adapter (gelu_new) every LayerNorm; VL-PET
+    (gate rank = rank) the encoder's LayerNorms; bitfit (--unfreeze_bias) and full (--unfreeze_language_model) as add_peft."""
     norms = [n for n, m in bart.named_modules() if isinstance(m, nn.LayerNorm) and cfg.train_ln]  # e.g. decoder.blocks.0.ln2
-    if cfg.peft in ("lora", "xattn"):
-        add_low_rank(cfg, bart, ["attn.q", "attn.v", "cross.q", "cross.v"])
-        return ["bias"] + [n for n in norms if n.startswith("decoder.blocks.") and n.endswith(".ln2")]
-    if cfg.peft == "adapter":
+    if cfg.peft in ("lora", "xattn", "bitfit", "full"):  # bitfit, full: the same sets in every setting
+        extra = add_peft(cfg, bart, "bart", ["attn.q", "attn.v", "cross.q", "cross.v"])
+        return extra if cfg.peft in ("bitfit", "full") else ["bias"] + [n for n in norms if n.startswith("decoder.") and n.endswith(".ln2")]
+    if cfg.peft == "adapter":  # the release's init: no zero W_up
         rp.add_adapters(bart, ["attn.o", "cross.o", "mlp.fc2"], cfg.rank, cfg.route, nn.GELU(approximate="tanh"))
-        init_as_bart_release(*(m.down for m in bart.modules() if isinstance(m, rp.Adapter)),
-                             *(m.up for m in bart.modules() if isinstance(m, rp.Adapter)))  # no zero W_up there
+        init_as_bart_release(*(getattr(m, w) for w in ("down", "up") for m in bart.modules() if isinstance(m, rp.Adapter)))
         return norms
     gate = {"vlpet-large": "large", "vlpet-middlex": "middleX", "vlpet-middley": "middleY", "vlpet-small": "small"}[cfg.peft]
     rp.add_vlpet(bart.encoder, ["attn", "mlp"], gate, cfg.rank, cfg.route, gate_r=cfg.rank if gate == "large" else None)
