@@ -249,9 +249,9 @@ class VQA(Task):
 
     def make_model(self, text, d_visual):
         """The frozen text model with PEFT layers and the answer head; (model, its other trainable modules)."""
-        add_peft(self.cfg, text)
+        extra = add_peft(self.cfg, text)
         model = VQAModel(text, d_visual, len(self.vocab), self.cfg.prefix)
-        return model, ["head"] + vit_trainable(self.cfg, model)
+        return model, ["head"] + extra + ["visual"] * (model.visual.proj is not None)
 
     def loss(self, model, batch, step):
         """(sum over the batch of the BCE summed over answers, number of examples)."""
@@ -329,9 +329,9 @@ class Captioning(Task):
         return data.collate_caption(items, self.tokenizer.eos_id)
 
     def make_model(self, text, d_visual):
-        add_peft(self.cfg, text)
+        extra = add_peft(self.cfg, text)
         model = CaptionModel(text, d_visual, self.cfg.prefix, self.tokenizer.bos_id)
-        return model, vit_trainable(self.cfg, model)
+        return model, extra + ["visual"] * (model.visual.proj is not None)
 
     def loss(self, model, batch, step):
         """(summed cross-entropy over the supervised tokens, their number)."""
@@ -405,17 +405,20 @@ class Captioning(Task):
 #   train_vit_roberta.py, and not --use_routing, so as released they train plain LoRA / Adapters.)
 
 
-def vit_trainable(cfg, model):
-    """Besides the PEFT weights (and a head): the visual projection if any, the blocks' LayerNorms if cfg.train_ln."""
-    return (["visual"] if model.visual.proj is not None else []) + (["ln1", "ln2"] if cfg.train_ln else [])
-
-
-def add_peft(cfg, text):
-    """The PEFT layers of cfg.peft, with cfg.route, into the frozen text model."""
-    if cfg.peft == "lora":
-        rp.add_lora(text, ["attn.q", "attn.v"], cfg.rank, cfg.alpha, cfg.route, cfg.dropout)
-    else:  # Houlsby places, with the backbone's own activation
+def add_peft(cfg, text, name="text", low_rank=("attn.q", "attn.v")):
+    """cfg.peft's layers in the frozen text model: LoRA (routed by cfg.route) or xattn on `low_rank`, else Houlsby's
+    adapters. Returns what else it trains: the blocks' LayerNorms; bitfit every bias; full all of `name` (patterns)."""
+    if cfg.peft == "bitfit" and not any(n.endswith(".bias") for n, _ in text.named_parameters()):
+        raise ValueError(f"--peft bitfit trains the backbone's biases; {text.config.arch} has none (LST's BitFit adds them)")
+    if cfg.peft in ("full", "bitfit"):
+        return [name] if cfg.peft == "full" else ["bias"]
+    if cfg.peft == "xattn":
+        rp.add_cross_attention_lora(text, low_rank, cfg.rank, cfg.alpha, dropout=cfg.dropout)
+    elif cfg.peft == "lora":
+        rp.add_lora(text, low_rank, cfg.rank, cfg.alpha, cfg.route, cfg.dropout)
+    else:  # with the backbone's own activation
         rp.add_adapters(text, ["attn.o", "mlp.fc2"], cfg.rank, cfg.route, nn.GELU(approximate=text.config.gelu))
+    return ["ln1", "ln2"] if cfg.train_ln else []
 
 
 class VisualProjection(nn.Module):
@@ -598,25 +601,22 @@ class VLBart(nn.Module):
 
 
 def add_peft_vl(cfg, bart):
-    """The PEFT layers of cfg.peft into BART, placed as their releases place them; returns the names of the
-    other parameters their releases train (VL-PET src/trainer_base.py unfreeze_parameters): LoRA (q, v of every
-    attention, encoder and decoder, self and cross) trains every bias; VL-Adapter (after every attention and
-    FFN, gelu_new) every LayerNorm; VL-PET (a gated module after every encoder attention and FFN, a parallel
-    adapter on the decoder's cross-attention values) the encoder's LayerNorms. Gate rank = rank (both 96)."""
-    n_enc, n_dec = len(bart.encoder.blocks), len(bart.decoder.blocks)
-    enc_ln = ["encoder.ln_emb"] + [f"encoder.blocks.{i}.{n}" for i in range(n_enc) for n in ("ln1", "ln2")]
-    if cfg.peft == "lora":
-        rp.add_lora(bart, ["attn.q", "attn.v", "cross.q", "cross.v"], cfg.rank, cfg.alpha, cfg.route, cfg.dropout)
-        return ["bias"]
-    if cfg.peft == "adapter":
+    """The PEFT layers of cfg.peft into BART where their releases put them; returns what else their releases train
+    (VL-PET src/trainer_base.py unfreeze_parameters; LayerNorm weights if cfg.train_ln): LoRA on q, v of every attention
+    (and xattn, ours) every bias and the decoder's final_layer_norm (ln2); VL-Adapter (gelu_new) every LayerNorm; VL-PET
+    (gate rank = rank) the encoder's LayerNorms; bitfit (--unfreeze_bias) and full (--unfreeze_language_model) as add_peft."""
+    norms = [n for n, m in bart.named_modules() if isinstance(m, nn.LayerNorm) and cfg.train_ln]  # e.g. decoder.blocks.0.ln2
+    if cfg.peft in ("lora", "xattn", "bitfit", "full"):  # bitfit, full: the same sets in every setting
+        extra = add_peft(cfg, bart, "bart", ["attn.q", "attn.v", "cross.q", "cross.v"])
+        return extra if cfg.peft in ("bitfit", "full") else ["bias"] + [n for n in norms if n.startswith("decoder.") and n.endswith(".ln2")]
+    if cfg.peft == "adapter":  # the release's init: no zero W_up
         rp.add_adapters(bart, ["attn.o", "cross.o", "mlp.fc2"], cfg.rank, cfg.route, nn.GELU(approximate="tanh"))
-        init_as_bart_release(*(m.down for m in bart.modules() if isinstance(m, rp.Adapter)),
-                             *(m.up for m in bart.modules() if isinstance(m, rp.Adapter)))  # no zero W_up there
-        return enc_ln + ["decoder.ln_emb"] + [f"decoder.blocks.{i}.{n}" for i in range(n_dec) for n in ("ln1", "ln_cross", "ln2")]
+        init_as_bart_release(*(getattr(m, w) for w in ("down", "up") for m in bart.modules() if isinstance(m, rp.Adapter)))
+        return norms
     gate = {"vlpet-large": "large", "vlpet-middlex": "middleX", "vlpet-middley": "middleY", "vlpet-small": "small"}[cfg.peft]
     rp.add_vlpet(bart.encoder, ["attn", "mlp"], gate, cfg.rank, cfg.route, gate_r=cfg.rank if gate == "large" else None)
     rp.add_parallel_adapters(bart.decoder, ["cross.v"], cfg.rank, cfg.route)
-    return enc_ln
+    return [n for n in norms if n.startswith("encoder.")]
 
 
 CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
@@ -637,7 +637,6 @@ class Generative(Task):
 
     def make_model(self, bart, d_visual):
         extra = add_peft_vl(self.cfg, bart)
-        extra = [p for p in extra if p == "bias" or self.cfg.train_ln]
         return VLBart(bart, d_visual, self.cfg.prefix, self.cfg.visual == "patches"), ["visual"] + extra
 
     def collate(self, items):

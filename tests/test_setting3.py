@@ -174,15 +174,15 @@ def test_caption_loss_is_a_token_mean_over_the_batch():
 # ---- where every method's modules sit ----------------------------------------------------------------------
 
 
-def vl_model(peft, route="mul", rank=4):
+def vl_model(peft, route="mul", rank=4, all_tokens=False, train_ln=True):
     """Our tiny BART with cfg.peft placed as its release places it, inside VLBart; (model, trainable extras)."""
-    lora = peft == "lora"
-    cfg = train.Config(task="multitask", peft=peft, route=route, rank=rank, alpha=32 if lora else 16,
-                       dropout=0.0, visual="mean")
+    lora = peft in ("lora", "xattn")
+    cfg = train.Config(task="multitask", peft=peft, route=route, rank=16 if peft == "xattn" else rank,
+                       alpha=32 if lora else 16, dropout=0.0, visual="patches" if all_tokens else "mean", train_ln=train_ln)
     torch.manual_seed(0)
     bart = models.build_model(BART)
     extra = tasks.add_peft_vl(cfg, bart)
-    model = tasks.VLBart(bart, 8, True, False)
+    model = tasks.VLBart(bart, 8, True, all_tokens)
     return rp.mark_trainable(model, ["visual"] + extra).eval()
 
 
@@ -199,6 +199,9 @@ def test_every_method_sits_where_its_release_puts_it():
     expected = {
         "lora": {**blocks("encoder", ("attn.q", "attn.v"), "LoRA"),
                  **blocks("decoder", ("attn.q", "attn.v", "cross.q", "cross.v"), "LoRA")},
+        "xattn": {**blocks("encoder", ("attn.q", "attn.v"), "CrossAttentionLoRA"),
+                  **blocks("decoder", ("attn.q", "attn.v", "cross.q", "cross.v"), "CrossAttentionLoRA")},
+        "bitfit": {}, "full": {},
         "adapter": {**blocks("encoder", ("attn.o", "mlp.fc2"), "Adapter"),
                     **blocks("decoder", ("attn.o", "cross.o", "mlp.fc2"), "Adapter")},
         "vlpet-large": vlpet, "vlpet-small": vlpet, "vlpet-middlex": vlpet, "vlpet-middley": vlpet}
@@ -219,19 +222,42 @@ def trained_kinds(model):
 
 
 def test_every_method_trains_what_its_release_trains():
-    """VL-PET src/trainer_base.py unfreeze_parameters: LoRA every bias; VL-Adapter every LayerNorm; VL-PET the
-    encoder's LayerNorms; the visual embedding always."""
+    """VL-PET src/trainer_base.py unfreeze_parameters: LoRA every bias and the decoder's final_layer_norm ("decoder."
+    and "final_layer_norm" in the name); VL-Adapter every LayerNorm; VL-PET the encoder's LayerNorms; BitFit
+    (--unfreeze_bias) every bias; full fine-tuning (--unfreeze_language_model) everything; the visual embedding
+    always. xattn (ours) trains as LoRA."""
     visual = {"visual.feat.0.weight", "visual.feat.0.bias", "visual.feat.1.weight", "visual.feat.1.bias",
               "visual.box.0.weight", "visual.box.0.bias", "visual.box.1.weight", "visual.box.1.bias",
               "visual.image_order.weight"}
     enc_ln = {f"bart.encoder.{n}.{w}" for n in ("ln_emb", "blocks.ln1", "blocks.ln2") for w in ("weight", "bias")}
     dec_ln = {f"bart.decoder.{n}.{w}" for n in ("ln_emb", "blocks.ln1", "blocks.ln_cross", "blocks.ln2")
               for w in ("weight", "bias")}
-    biases = {n for n in trained_kinds(vl_model("lora")) if n.endswith("bias")}
-    assert trained_kinds(vl_model("lora")) == visual | biases
+    full = vl_model("full")
+    every = {re.sub(r"\.blocks\.\d+\.", ".blocks.", n) for n, _ in full.named_parameters()}
+    biases = {n for n in every if n.startswith("bart.") and n.endswith("bias")}
+    lora, wrapped = vl_model("lora"), {n for n in biases if re.search(r"\.(attn|cross)\.[qv]\.bias$", n)}
+    assert trained_kinds(lora) == visual | (biases - wrapped) | {"bart.decoder.blocks.ln2.weight"}
+    assert all(p.requires_grad for n, p in lora.named_parameters() if n.endswith(".base.bias"))  # the wrapped q, v
+    assert trained_kinds(vl_model("xattn")) == trained_kinds(lora)
     assert {f"bart.{s}.blocks.{m}.bias" for s in ("encoder", "decoder") for m in ("attn.k", "attn.o", "mlp.fc1")} <= biases
+    assert trained_kinds(vl_model("bitfit")) == visual | biases
+    assert trained_kinds(full) == every and "bart.wte.weight" in every
     assert trained_kinds(vl_model("adapter")) == visual | enc_ln | dec_ln
     assert trained_kinds(vl_model("vlpet-large")) == visual | enc_ln
+    for peft in ("lora", "adapter", "vlpet-large"):  # --no-train-ln: no LayerNorm weight of BART's
+        assert not {n for n in trained_kinds(vl_model(peft, train_ln=False)) if ".ln" in n and n.endswith("weight")}, peft
+
+
+def test_bitfit_refuses_a_backbone_without_biases():
+    """T5 has no bias anywhere; LST's BitFit adds them first, which we do not: --peft bitfit says so, in every setting."""
+    cfg = train.Config(task="multitask", peft="bitfit", route="none")
+    bart = models.build_model(BART)
+    for m in bart.modules():
+        if getattr(m, "bias", None) is not None:
+            m.bias = None
+    for add in (tasks.add_peft, tasks.add_peft_vl):
+        with pytest.raises(ValueError, match="--peft bitfit trains the backbone's biases; bart has none"):
+            add(cfg, bart)
 
 
 # ---- routing in setting 3: x_R, and the decoder -----------------------------------------------------------
@@ -286,6 +312,32 @@ def test_routing_reaches_the_decoder(peft):
     assert torch.equal(*logits["none"])
 
 
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_xattn_reads_every_embedded_visual_token_or_their_mean(n_images):
+    """--peft xattn (LoRA with cross-attention): with --visual patches each module, here the decoder's self-attention
+    value, attends over all embedded visual tokens (4 an image here; 36 at full size, 72 an NLVR2 pair) and its update
+    differs from one text position to the next; with the mean (one token) the softmax is 1 and the update is the
+    same image-only vector at every position."""
+    ids, mask, visual = inputs(n_images=n_images)
+    for all_tokens in (True, False):
+        model = vl_model("xattn", all_tokens=all_tokens)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.3)  # B starts at zero
+        layer, seen = model.bart.decoder.blocks[0].attn.v, []
+        hook = layer.register_forward_hook(lambda m, args, out: seen.append((m.x_R.clone(), out - m.base(args[0]))))
+        with torch.no_grad():
+            model(ids, mask, visual, torch.tensor([[2, 0, 5], [2, 0, 6]]), n_images)
+            embedded = model.visual(visual, n_images, model.bart.wte.weight)  # (B, n_images * 4, d)
+        hook.remove()
+        x_R, update = seen[0]
+        assert torch.allclose(x_R, embedded if all_tokens else embedded.mean(1, keepdim=True))
+        assert x_R.shape == (2, 4 * n_images if all_tokens else 1, 16)
+        spread = (update - update[:, :1]).abs().max() / update.abs().max()  # each position's update against the first's
+        assert spread > 1e-3 if all_tokens else spread < 1e-5
+
+
 def test_visual_embedding_gives_each_token_its_object_and_image_rows():
     """VL-T5 src/modeling_bart.py VisualEmbedding: token k of image j gets the frozen token-table row V - 1 - k
     (the <vis_extra_id_k> embedding) and image-order row j. With the feature and box terms at zero, the output
@@ -335,6 +387,10 @@ def test_multitask_presets_run_the_releases_methods():
         cfg = train.parse_command_line(["--preset", name])[0]
         assert (cfg.route, cfg.precision) == ("none", "fp32"), name
         assert train.parse_command_line(["--preset", name, "--route", "mul"])[0].route == "mul"
+    for name in ("multitask-full", "multitask-bitfit"):  # no routing function: a route is refused, not ignored
+        cfg = train.parse_command_line(["--preset", name, "--route", "mul"])[0]
+        with pytest.raises(ValueError, match=f"--peft {name[10:]} has no routing function"):
+            train.check_config(cfg)
 
 
 # ---- decoding as the releases decode ---------------------------------------------------------------------
