@@ -349,7 +349,9 @@ def test_ddp_refuses_a_batch_too_small_before_any_work(world, tmp_path):
     building anything, with one line naming the smallest batch that works."""
     proc = torchrun(ddp_args(world, world.bart, 5), 2, tmp_path / "run")
     assert proc.returncode != 0
-    lines = {ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")}  # one per process not killed first
+    # one line per process not killed first; two processes' lines may share a line of the combined stderr
+    lines = {"error: " + part.strip() for ln in proc.stderr.splitlines() if ln.startswith("error: ")
+             for part in ln.split("error: ")[1:]}
     assert lines == {"error: --batch-size 5 gives nlvr2 batches of 1 example, fewer than the 2 processes (each needs "
                      "an example of every batch); the smallest --batch-size for 2 processes is 6"}, proc.stderr[-3000:]
     assert not os.path.exists(tmp_path / "run")
