@@ -792,7 +792,7 @@ def study_table(rows, grid):
     out.append("visual: the feature that is visual prefix and x_R (patches: all); noprefix: routing is the image's only path; shuffled: "
                "another image's features (a route that still helps is not using the image). xattn: LoRA with cross-attention to x_R; "
                f"full at {STUDY_LR['full']:g} x the learning rate. gain: over route none of the method and visual input, else LoRA's. "
-               "Seeds and epochs are cut, not rows, to keep a study near 30 minutes on 2 CPU cores.")
+               "Seeds (the papers: 3) and epochs are cut, never rows, to keep a study near 30 minutes on 2 CPU cores.")
     return "\n".join(out) + "\n"
 
 
