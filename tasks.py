@@ -131,7 +131,7 @@ class Task:
     prompt = ""         # put before every question (the CLIP-BART tasks' prompts)
     batch_share = 1.0   # the task's batch size, as a share of cfg.batch_size
     vocab = None        # what the trained head depends on (the VQA answers): a checkpoint must match it
-    split_names = {}    # the benchmark's name of the data a split holds, where it is not the split's (GQA: testdev)
+    split_names = {}    # the benchmark's name of a split where it differs ({"val": "dev"}): records and logs show it
 
     @classmethod
     def data_folder(cls, cfg, data_dir):
@@ -180,10 +180,6 @@ class Task:
     def dataset(self, split):
         return self.dataset_class(self.splits[split], self.features.pixels)
 
-    def split_name(self, split):
-        """The benchmark's name of the data scored as `split`: GQA's val and test are its testdev."""
-        return self.split_names.get(split, split)
-
     def loader(self, dataset, batches, collate=None):
         """Batches of `dataset`; images decoded in cfg.workers processes when the features are not cached."""
         workers = self.cfg.workers if self.features.pixels is not None else 0
@@ -218,7 +214,7 @@ class Task:
         are the same (two or more): a tokenizer or checkpoint that does not fit, or a collapsed run. Else []."""
         seen = {str(list(r.values())[-1]).strip() for r in results}
         what = "empty" if seen == {""} else f"the same, {min(seen)!r}" if len(seen) == 1 < len(results) else ""
-        return [f"warning: {self.name}: all {len(results):,} {self.split_name(split)} predictions are {what} (a tokenizer or "
+        return [f"warning: {self.name}: all {len(results):,} {self.split_names.get(split, split)} predictions are {what} (a tokenizer or "
                 f"checkpoint that does not fit, or a collapsed run?)"] if what else []
 
     def write_results(self, results, folder, split):
@@ -768,8 +764,7 @@ class GQA(Generative):
         prior = defaultdict(Counter)
         for q, answer in zip(self.splits["train"]["question"], self.splits["train"]["answer"]):
             prior[qtype(q)][answer] += 1
-        overall = Counter(self.splits["train"]["answer"])
-        s = self.splits[split]
+        overall, s = Counter(self.splits["train"]["answer"]), self.splits[split]
         preds = {i: most_frequent(prior.get(qtype(q)) or overall) for i, q in zip(s["question_id"], s["question"])}
         return metrics.gqa_scores(preds, self.questions)
 
@@ -785,8 +780,7 @@ class NLVR2(Generative):
     consistency as lil-lab/nlvr's metrics.py."""
 
     name, headline, dataset_class, prompt, n_images = "nlvr2", ("nlvr2_accuracy",), data.PromptDataset, "nlvr: ", 2
-    split_names = {"val": "dev", "test": "test1"}
-    batch_share = 20 / 60
+    batch_share, split_names = 20 / 60, {"val": "dev", "test": "test1"}
 
     @classmethod
     def data_folder(cls, cfg, data_dir):
@@ -833,13 +827,11 @@ class NLVR2(Generative):
 
     def text_only_baseline(self, split):
         """The most frequent training label of the same sentence, else of all sentences (ties: false)."""
-        train = self.splits["train"]
-        prior = defaultdict(Counter)
+        train, s, prior = self.splits["train"], self.splits[split], defaultdict(Counter)
         for sentence, y in zip(train["sentence"], train["label"].tolist()):
             prior[sentence][y] += 1
-        overall = most_frequent(Counter(train["label"].tolist()))
-        s = self.splits[split]
-        return self.scores(s, [most_frequent(prior[x]) if x in prior else overall for x in s["sentence"]])
+        overall = Counter(train["label"].tolist())
+        return self.scores(s, [most_frequent(prior.get(x) or overall) for x in s["sentence"]])
 
     def examples(self, results, split, n=8):
         s = self.splits[split]
@@ -896,12 +888,9 @@ X100 = {"CIDEr": 100, "Bleu_4": 100}  # shown x100, as papers report them
 
 
 def headline(record, tasks):
-    """The headline metrics of a record, as in papers: VQA / GQA / NLVR2 accuracy in %, CIDEr and BLEU x100; each
-    followed by the benchmark's split where it is not the record's: "gqa_accuracy 46.82 (testdev)"."""
-    def split(t):
-        name = record["task_split"][t.name]
-        return f" ({name})" if name != record["split"] else ""
-    return ", ".join(f"{n} {record[n] * X100.get(n, 1):.2f}{split(t)}" for t in tasks for n in t.headline)
+    """A record's headline metrics as in papers (% and x100), each with its benchmark split if not the record's."""
+    where = {t: "" if s == record["split"] else f" ({s})" for t, s in record["task_split"].items()}
+    return ", ".join(f"{n} {record[n] * X100.get(n, 1):.2f}{where[t.name]}" for t in tasks for n in t.headline)
 
 
 def add_metrics(record, scored):
@@ -909,9 +898,8 @@ def add_metrics(record, scored):
     benchmark's split it was scored on ({"gqa": "testdev", ...}); "examples": how many examples its scores are over
     (captions: images); "warnings": broken outputs (Task.output_warning)."""
     for task, (m, results) in scored.items():
-        record.update(task.summary(m))
-        record[task.name] = m
-        record.setdefault("task_split", {})[task.name] = task.split_name(record["split"])
+        record.update(task.summary(m), **{task.name: m})
+        record.setdefault("task_split", {})[task.name] = task.split_names.get(record["split"], record["split"])
         record.setdefault("examples", {})[task.name] = len(results)
         record.setdefault("warnings", []).extend(task.output_warning(results, record["split"]))
 

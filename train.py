@@ -542,7 +542,7 @@ def draw_galleries(cfg, scored, split):
 def final_report(cfg, tasks, model, opt, step, records):
     """Every task on the test split (val where there is none) next to its text-only baseline, as a table."""
     split = "test" if all("test" in t.splits for t in tasks) else "val"
-    base = {k: v for task in tasks for k, v in task.summary(task.text_only_baseline(split)).items()}
+    base = {k: v for t in tasks for k, v in t.summary(t.text_only_baseline(split)).items()}
     record = {"epoch": cfg.epochs, "step": step, "split": split, "final": True,
               "trainable_params": rp.count_parameters(model)[0], "text_only": base}
     draw_galleries(cfg, score(cfg, tasks, model, record), split)

@@ -511,6 +511,16 @@ def test_no_task_trains_on_an_image_scored_on_karpathy_val_or_test(world):
     assert testdev == coco["test"]  # GQA's test images are the Karpathy test images
 
 
+def test_tiny_bart_reads_every_gqa_question_it_trains_on(world):
+    """The tiny BART's corpus (its BPE and denoising text) holds the questions and answers of both GQA files the
+    multi-task setting trains on, train and val, and no testdev question that no training file asks."""
+    corpus = set(shapes.bart_texts(world))
+    trained = [r for split in ("train", "val") for r in data.read_gqa(shapes.gqa_files(world, split)[0])]
+    assert {r["question"] for r in trained} | {r["answer"] for r in trained} <= corpus
+    testdev = {r["question"] for r in data.read_gqa(shapes.gqa_files(world, "testdev")[0])}
+    assert testdev & corpus <= {r["question"] for r in trained} | set(shapes.world_texts(world)[0])
+
+
 # ---- making the world ------------------------------------------------------------------------------------
 
 
