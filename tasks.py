@@ -113,6 +113,11 @@ def derange_images(splits, seed):
 # ---- tasks: data, loss, evaluation, text-only baseline ----------------------------------------------------
 
 
+# The decoding rules of the transformers each setting's release ran (models.beam_search): the routing release
+# 4.29.2 (GPT-2), VL-PET and VL-Adapter 4.2.1 (BART).
+RELEASE_RULES = {"gpt2": "4.29.2", "bart": "4.2.1", "t5": "4.2.1"}  # the releases' transformers
+
+
 class Task:
     """One task of a run: its prepared splits, batches, loss, evaluation and a text-only baseline.
     A subclass sets name, archs (the text backbones it runs on), tiny (the demo's text backbone), headline
@@ -127,6 +132,7 @@ class Task:
     prompt = ""         # put before every question (the CLIP-BART tasks' prompts)
     batch_share = 1.0   # the task's batch size, as a share of cfg.batch_size
     vocab = None        # what the trained head depends on (the VQA answers): a checkpoint must match it
+    split_names = {}    # the benchmark's name of a split where it differs ({"val": "dev"}): records and logs show it
 
     @classmethod
     def data_folder(cls, cfg, data_dir):
@@ -150,6 +156,12 @@ class Task:
         """The training examples an epoch visits (captions: every reference is one), at most cfg.train_limit."""
         n = len(self.dataset("train"))
         return min(n, self.cfg.train_limit) if self.cfg.train_limit else n
+
+    def search(self, beams, max_new_tokens):
+        """models.beam_search's keywords as the setting's release decoded: the checkpoint's generation defaults as
+        its transformers applied them (models.generation_args), its length and stop rules, the limit, EOS."""
+        return dict(models.generation_args(self.text_config, beams), max_new_tokens=max_new_tokens,
+                    eos_id=self.tokenizer.eos_id, rules=RELEASE_RULES[self.text_config.arch])
 
     def __init__(self, cfg, data_dir, tokenizer, features, text_config):
         self.cfg, self.tokenizer, self.features, self.text_config = cfg, tokenizer, features, text_config
@@ -176,8 +188,11 @@ class Task:
                                            collate_fn=collate or self.collate)
 
     @torch.no_grad()
-    def evaluate(self, model, split):
-        """(metrics in eval.py's names, results in the official format) on a split."""
+    def evaluate(self, model, split, limit=0):
+        """(metrics in eval.py's names, results in the official format) on a split (limit > 0: its first `limit` examples)."""
+        if 0 < limit < len(self.splits[split]["image"]):  # a split of its own, "val[:500]"
+            name = f"{split}[:{limit}]"
+            self.splits[name], split = data.first_rows(self.splits[split], limit), name
         model.eval()
         try:
             return self.predict(model, split)
@@ -187,17 +202,26 @@ class Task:
     def ordered_batches(self, split):
         """The collated batches of a split in order (evaluation), with a progress bar."""
         ds = self.dataset(split)
-        return data.progress(self.loader(ds, index_batches(len(ds), self.cfg.batch_size)), f"evaluate {split}", "batch")
+        batches = self.eval_batches(len(ds))
+        return data.progress(self.loader(ds, batches), f"evaluate {self.name} {split}", "batch", len(batches))
+
+    def eval_batches(self, n):
+        """Indices 0..n-1 in batches of --eval-batch-size, else the training batch's (VL-PET's val and test loaders)."""
+        size = self.cfg.eval_batch_size or self.batch_size
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+    def output_warning(self, results, split):
+        """[a line] when every prediction (a results entry's last field in every official format) is empty, or all
+        are the same (two or more): a tokenizer or checkpoint that does not fit, or a collapsed run. Else []."""
+        seen = {str(list(r.values())[-1]).strip() for r in results}
+        what = "empty" if seen == {""} else f"the same, {min(seen)!r}" if len(seen) == 1 < len(results) else ""
+        return [f"warning: {self.name}: all {len(results):,} {self.split_names.get(split, split)} predictions are {what} (a tokenizer or "
+                f"checkpoint that does not fit, or a collapsed run?)"] if what else []
 
     def write_results(self, results, folder, split):
         path = os.path.join(folder, f"results_{self.name}_{split}.json")
         metrics.write_json(results, path)
         return path
-
-
-def index_batches(n, batch_size):
-    """Indices 0..n-1 in order, cut into batches of batch_size (the last may be shorter)."""
-    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
 
 
 class VQA(Task):
@@ -222,9 +246,9 @@ class VQA(Task):
 
     def make_model(self, text, d_visual):
         """The frozen text model with PEFT layers and the answer head; (model, its other trainable modules)."""
-        add_peft(self.cfg, text)
+        extra = add_peft(self.cfg, text)
         model = VQAModel(text, d_visual, len(self.vocab), self.cfg.prefix)
-        return model, ["head"] + vit_trainable(self.cfg, model)
+        return model, ["head"] + extra + ["visual"] * (model.visual.proj is not None)
 
     def loss(self, model, batch, step):
         """(sum over the batch of the BCE summed over answers, number of examples)."""
@@ -302,9 +326,9 @@ class Captioning(Task):
         return data.collate_caption(items, self.tokenizer.eos_id)
 
     def make_model(self, text, d_visual):
-        add_peft(self.cfg, text)
+        extra = add_peft(self.cfg, text)
         model = CaptionModel(text, d_visual, self.cfg.prefix, self.tokenizer.bos_id)
-        return model, vit_trainable(self.cfg, model)
+        return model, extra + ["visual"] * (model.visual.proj is not None)
 
     def loss(self, model, batch, step):
         """(summed cross-entropy over the supervised tokens, their number)."""
@@ -316,21 +340,20 @@ class Captioning(Task):
 
     def predict(self, model, split):
         """Beam search (cfg.beams) on every image of the split, scored against its references."""
-        s = self.splits[split]
-        keys, ids = s["image"], s["image_id"].tolist()
-        batches = index_batches(len(keys), self.cfg.batch_size)
+        keys, ids = self.splits[split]["image"], self.splits[split]["image_id"].tolist()
+        batches = self.eval_batches(len(keys))
         if self.features.pixels is None:
             loader = ({"image": [keys[j] for j in b]} for b in batches)
         else:  # images decoded by DataLoader workers, the ViT run per batch
             loader = self.loader(data.ImageDataset(keys, self.features.pixels), batches, collate=torch.utils.data.default_collate)
         captions = {}
-        for b, batch in zip(batches, data.progress(loader, f"evaluate {split}", "batch", total=len(batches))):
+        for b, batch in zip(batches, data.progress(loader, f"evaluate {self.name} {split}", "batch", len(batches))):
             with self.features.autocast():
                 captions.update(zip([ids[j] for j in b], self.generate(model, batch)))
         return metrics.caption_scores(self.refs(split), captions), [{"image_id": k, "caption": c} for k, c in captions.items()]
 
     def generate(self, model, batch):
-        out = model.generate(*self.features(batch), self.cfg.beams, self.cfg.max_new_tokens, self.tokenizer.eos_id)
+        out = model.generate(*self.features(batch), **self.search(self.cfg.beams, self.cfg.max_new_tokens))
         return [self.tokenizer.decode(t, skip_special=True).strip() for t in out]
 
     def refs(self, split):
@@ -379,17 +402,20 @@ class Captioning(Task):
 #   train_vit_roberta.py, and not --use_routing, so as released they train plain LoRA / Adapters.)
 
 
-def vit_trainable(cfg, model):
-    """Besides the PEFT weights (and a head): the visual projection if any, the blocks' LayerNorms if cfg.train_ln."""
-    return (["visual"] if model.visual.proj is not None else []) + (["ln1", "ln2"] if cfg.train_ln else [])
-
-
-def add_peft(cfg, text):
-    """The PEFT layers of cfg.peft, with cfg.route, into the frozen text model."""
-    if cfg.peft == "lora":
-        rp.add_lora(text, ["attn.q", "attn.v"], cfg.rank, cfg.alpha, cfg.route, cfg.dropout)
-    else:  # Houlsby places, with the backbone's own activation
+def add_peft(cfg, text, name="text", low_rank=("attn.q", "attn.v")):
+    """cfg.peft's layers in the frozen text model: LoRA (routed by cfg.route) or xattn on `low_rank`, else Houlsby's
+    adapters. Returns what else it trains: the blocks' LayerNorms; bitfit every bias; full all of `name` (patterns)."""
+    if cfg.peft == "bitfit" and not any(n.endswith(".bias") for n, _ in text.named_parameters()):
+        raise ValueError(f"--peft bitfit trains the backbone's biases; {text.config.arch} has none (LST's BitFit adds them)")
+    if cfg.peft in ("full", "bitfit"):
+        return [name] if cfg.peft == "full" else ["bias"]
+    if cfg.peft == "xattn":
+        rp.add_cross_attention_lora(text, low_rank, cfg.rank, cfg.alpha, dropout=cfg.dropout)
+    elif cfg.peft == "lora":
+        rp.add_lora(text, low_rank, cfg.rank, cfg.alpha, cfg.route, cfg.dropout)
+    else:  # with the backbone's own activation
         rp.add_adapters(text, ["attn.o", "mlp.fc2"], cfg.rank, cfg.route, nn.GELU(approximate=text.config.gelu))
+    return ["ln1", "ln2"] if cfg.train_ln else []
 
 
 class VisualProjection(nn.Module):
@@ -449,7 +475,7 @@ class CaptionModel(nn.Module):
         return logits[:, prefix.shape[1] - 1:-1]
 
     @torch.no_grad()
-    def generate(self, visual, x_R, beams, max_new_tokens, eos_id):
+    def generate(self, visual, x_R, beams, **search):
         """Token ids of a caption per example: models.beam_search over GPT-2 with its KV cache."""
         B, k = visual.shape[0], beams
         # every beam is a row: (B, L, d) -> (B * k, L, d); routed layers need x_R per row too
@@ -463,7 +489,7 @@ class CaptionModel(nn.Module):
             return self.text(tokens[:, None], cache=cache)[:, -1]
 
         with rp.visual_context(self.text, x_R):
-            return models.beam_search(step, B, k, max_new_tokens, eos_id)
+            return models.beam_search(step, B, k, **search)
 
 
 # ---- the CLIP-BART setting: VQAv2, GQA, NLVR2 and COCO captions, generative, on one BART (or T5) ----------
@@ -493,7 +519,7 @@ class CaptionModel(nn.Module):
 #   differ only for answers not in normal form; not measurable without VQAv2 here.
 # - VL-PET-small's gate averages over every token, padding included, as the release: a prediction depends on
 #   its batch. The release evaluates with the training batches (VQA 500, GQA 833, NLVR2 166, captions 416) in
-#   file order, which --batch-size 500 --eval-batch-size 0 reproduces.
+#   file order, as the multitask presets do (--eval-batch-size left unset: each task's training batch).
 # On T5 (T5_NOTES.md; VL-PET's T5 scripts, LoRA and VL-Adapter as Ladder-Side-Tuning's) we follow the T5 path:
 # - no BOS, decoding from <pad>; NLVR2 reads decoder position 0 after [<pad>] (BART: 1 after [</s>, <s>]).
 # - the visual embedding's norms are RMS norms; nothing added is re-initialised (HF T5's init skips Linear and
@@ -568,14 +594,14 @@ class VLSeq2Seq(nn.Module):
             return self.backbone.decode(decoder_input_ids, memory, mask)
 
     @torch.no_grad()
-    def generate(self, input_ids, attention_mask, visual, beams, max_new_tokens, eos_id, n_images=1):
-        """Token ids per example: models.beam_search over the decoder (beams 1: greedy)."""
+    def generate(self, input_ids, attention_mask, visual, n_images=1, *, beams, **search):
+        """Token ids per example: models.beam_search(**search) over the decoder (beams 1: greedy)."""
         memory, mask, x_R = self.encode(input_ids, attention_mask, visual, n_images)
         def per_beam(t):
             return None if t is None else t.repeat_interleave(beams, dim=0)  # (B, ...) -> (B * k, ...)
         with rp.visual_context(self.backbone, per_beam(x_R)):
             return models.beam_search(self.backbone.beam_step(per_beam(memory), per_beam(mask)), len(memory), beams,
-                                      max_new_tokens, eos_id)
+                                      **search)
 
 
 VLPET_GATES = {"vlpet-large": "large", "vlpet-middlex": "middleX", "vlpet-middley": "middleY", "vlpet-small": "small"}
@@ -583,24 +609,32 @@ VLPET_T5_SCALE = 0.3  # every T5 script of VL-PET: --encoder_gating_scaling_fact
 
 
 def add_peft_vl(cfg, model):
-    """The PEFT layers of cfg.peft into BART or T5 where their releases place them; returns the names of the other
-    parameters they train (VL-PET src/trainer_base.py unfreeze_parameters; T5: the deviation block): LoRA (q, v of every
-    attention) every bias; VL-Adapter (after every attention and FFN, gelu_new) every nn.LayerNorm (none of T5's);
-    VL-PET (gated modules after the encoder's attentions and FFNs, gate rank = rank; a parallel adapter, r = rank_dec
-    or rank, on the decoder's cross-attention values) the encoder's norms."""
-    t5, norms = model.config.arch == "t5", (nn.LayerNorm, models.RMSNorm)
-    if cfg.peft == "lora":
-        rp.add_lora(model, ["attn.q", "attn.v", "cross.q", "cross.v"], cfg.rank, cfg.alpha, cfg.route, cfg.dropout)
-        return ["bias"]
-    if cfg.peft == "adapter":
+    """The PEFT layers of cfg.peft into BART or T5 where their releases put them; returns what else they train (VL-PET
+    src/trainer_base.py unfreeze_parameters; norms only if cfg.train_ln; T5: the deviation block): LoRA on q, v of every
+    attention (and xattn, ours) every bias and BART's decoder final_layer_norm (ln2); VL-Adapter (gelu_new) every
+    nn.LayerNorm (none of T5's); VL-PET (gate rank = rank; the decoder's value adapters r = rank_dec or rank) the
+    encoder's norms; bitfit (--unfreeze_bias) and full (--unfreeze_language_model) as add_peft."""
+    t5 = model.config.arch == "t5"
+    def norms(types):
+        return [n for n, m in model.named_modules() if isinstance(m, types) and cfg.train_ln]  # e.g. decoder.blocks.0.ln2
+    if cfg.peft in ("lora", "xattn", "bitfit", "full"):  # bitfit, full: the same sets in every setting
+        extra = add_peft(cfg, model, "backbone", ["attn.q", "attn.v", "cross.q", "cross.v"])
+        if cfg.peft in ("bitfit", "full"):
+            return extra
+        return ["bias"] + [n for n in norms(nn.LayerNorm) if n.startswith("decoder.") and n.endswith(".ln2")]
+    if cfg.peft == "adapter":  # neither release zero-initialises W_up
         rp.add_adapters(model, ["attn.o", "cross.o", "mlp.fc2"], cfg.rank, cfg.route, nn.GELU(approximate="tanh"))
-        for a in [m for m in model.modules() if isinstance(m, rp.Adapter)]:  # no zero W_up in either release
-            a.up.reset_parameters() if t5 else init_as_bart_release(a.down, a.up)  # T5: nn.Linear's init
-        return [n for n, m in model.named_modules() if isinstance(m, nn.LayerNorm)]
+        adapters = [m for m in model.modules() if isinstance(m, rp.Adapter)]
+        if t5:
+            for a in adapters:
+                a.up.reset_parameters()  # nn.Linear's init
+        else:
+            init_as_bart_release(*(getattr(a, w) for w in ("down", "up") for a in adapters))
+        return norms(nn.LayerNorm)
     rp.add_vlpet(model.encoder, ["attn", "mlp"], VLPET_GATES[cfg.peft], cfg.rank, cfg.route, zero_init=t5,
                  gate_r=cfg.rank if cfg.peft == "vlpet-large" else None, scale=VLPET_T5_SCALE if t5 else 1.0)
     rp.add_parallel_adapters(model.decoder, ["cross.v"], cfg.rank_dec or cfg.rank, cfg.route, zero_init=t5)
-    return [n for n, m in model.named_modules() if isinstance(m, norms) and n.startswith("encoder.")]
+    return [n for n in norms((nn.LayerNorm, models.RMSNorm)) if n.startswith("encoder.")]
 
 
 CLEAN_UP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
@@ -612,7 +646,8 @@ class Generative(Task):
     generates the answer from the decoder start </s> (<pad>); the loss is each example's token-mean cross-entropy
     (times the target's weight), averaged over the batch (VL-PET src/{vqa,gqa,nlvr}_model.py)."""
 
-    archs, tiny, vision, prompt, n_images, answer_tokens = ("bart", "t5"), "bart", "clip_resnet", "", 1, 10
+    archs, tiny, vision, prompt, n_images = ("bart", "t5"), "bart", "clip_resnet", "", 1
+    answer_tokens = 19  # the releases' greedy max_length 20 counts the decoder start
 
     @property
     def start_id(self):
@@ -620,7 +655,6 @@ class Generative(Task):
 
     def make_model(self, backbone, d_visual):
         extra = add_peft_vl(self.cfg, backbone)
-        extra = [p for p in extra if p == "bias" or self.cfg.train_ln]
         rows = len(self.tokenizer) + 200 - data.T5_EXTRA_IDS * isinstance(self.tokenizer, data.SentencePieceTokenizer)
         return VLSeq2Seq(backbone, d_visual, self.cfg.prefix, self.cfg.visual == "patches", rows), ["visual"] + extra
 
@@ -646,11 +680,12 @@ class Generative(Task):
         return per_example.sum(), len(per_example)
 
     def answers(self, model, split):
-        """The decoded answer of every example of the split, in order: greedy, at most answer_tokens."""
+        """The decoded answer of every example of the split, in order: greedy (with the checkpoint's n-gram
+        blocking, which the releases' greedy search applied too), at most answer_tokens."""
         out = []
         for batch in self.ordered_batches(split):
             with self.features.autocast():
-                ids = model.generate(*self.inputs(batch), 1, self.answer_tokens, self.tokenizer.eos_id, self.n_images)
+                ids = model.generate(*self.inputs(batch), self.n_images, **self.search(1, self.answer_tokens))
             out += [self.decode(t) for t in ids]
         return out
 
@@ -715,6 +750,7 @@ class GQA(Generative):
     """GQA (balanced; train = train + val, evaluation on testdev, as VL-PET): exact-match accuracy."""
 
     name, headline, dataset_class, prompt = "gqa", ("gqa_accuracy",), data.PromptDataset, "gpa: "  # VL-PET's typo
+    split_names = {"val": "testdev", "test": "testdev"}  # no GQA val: it is trained on; every epoch scores testdev
     batch_share = 100 / 60  # VL-PET's per-task batch sizes (src/multitask.py): VQA 500, GQA 833, NLVR2 166, captions 416
 
     @classmethod
@@ -737,7 +773,7 @@ class GQA(Generative):
 
     def predict(self, model, split):
         preds = dict(zip(self.splits[split]["question_id"], self.answers(model, split)))
-        return metrics.gqa_scores(preds, self.questions), \
+        return metrics.gqa_scores(preds, {q: self.questions[q] for q in preds}), \
             [{"questionId": q, "prediction": p} for q, p in preds.items()]
 
     def summary(self, m):
@@ -751,8 +787,7 @@ class GQA(Generative):
         prior = defaultdict(Counter)
         for q, answer in zip(self.splits["train"]["question"], self.splits["train"]["answer"]):
             prior[qtype(q)][answer] += 1
-        overall = Counter(self.splits["train"]["answer"])
-        s = self.splits[split]
+        overall, s = Counter(self.splits["train"]["answer"]), self.splits[split]
         preds = {i: most_frequent(prior.get(qtype(q)) or overall) for i, q in zip(s["question_id"], s["question"])}
         return metrics.gqa_scores(preds, self.questions)
 
@@ -768,7 +803,7 @@ class NLVR2(Generative):
     src/nlvr_model.py). Accuracy and consistency as lil-lab/nlvr's metrics.py."""
 
     name, headline, dataset_class, prompt, n_images = "nlvr2", ("nlvr2_accuracy",), data.PromptDataset, "nlvr: ", 2
-    batch_share = 20 / 60
+    batch_share, split_names = 20 / 60, {"val": "dev", "test": "test1"}
 
     @classmethod
     def data_folder(cls, cfg, data_dir):
@@ -814,14 +849,12 @@ class NLVR2(Generative):
         return path
 
     def text_only_baseline(self, split):
-        """The most frequent training label of the same sentence, else of all sentences."""
-        train = self.splits["train"]
-        prior = defaultdict(Counter)
+        """The most frequent training label of the same sentence, else of all sentences (ties: false)."""
+        train, s, prior = self.splits["train"], self.splits[split], defaultdict(Counter)
         for sentence, y in zip(train["sentence"], train["label"].tolist()):
             prior[sentence][y] += 1
-        overall = Counter(train["label"].tolist()).most_common(1)[0][0]
-        s = self.splits[split]
-        return self.scores(s, [prior[x].most_common(1)[0][0] if x in prior else overall for x in s["sentence"]])
+        overall = Counter(train["label"].tolist())
+        return self.scores(s, [most_frequent(prior.get(x) or overall) for x in s["sentence"]])
 
     def examples(self, results, split, n=8):
         s = self.splits[split]
@@ -864,7 +897,7 @@ class GenerativeCaptioning(Generative, Captioning):
     def generate(self, model, batch):
         B, device = len(batch["image"]), self.features.device
         ids, mask = self.prompt_ids.expand(B, -1).to(device), torch.ones(B, len(self.prompt_ids), dtype=torch.long, device=device)
-        out = model.generate(ids, mask, self.features(batch)[0], self.cfg.beams, self.cfg.max_new_tokens, self.tokenizer.eos_id)
+        out = model.generate(ids, mask, self.features(batch)[0], **self.search(self.cfg.beams, self.cfg.max_new_tokens))
         return [self.decode(t) for t in out]
 
 
@@ -878,20 +911,20 @@ X100 = {"CIDEr": 100, "Bleu_4": 100}  # shown x100, as papers report them
 
 
 def headline(record, tasks):
-    """The headline metrics of a record, as in papers: VQA / GQA / NLVR2 accuracy in %, CIDEr and BLEU x100."""
-    return ", ".join(f"{n} {record[n] * X100.get(n, 1):.2f}" for t in tasks for n in t.headline)
-
-
-def evaluate(tasks, model, split):
-    """{task: (metrics in eval.py's names, results in the official format)} of every task on a split."""
-    return {task: task.evaluate(model, split) for task in tasks}
+    """A record's headline metrics as in papers (% and x100), each with its benchmark split if not the record's."""
+    where = {t: "" if s == record["split"] else f" ({s})" for t, s in record["task_split"].items()}
+    return ", ".join(f"{n} {record[n] * X100.get(n, 1):.2f}{where[t.name]}" for t in tasks for n in t.headline)
 
 
 def add_metrics(record, scored):
-    """Each task's metrics into a record: nested under the task's name, its headline values flat."""
-    for task, (m, _) in scored.items():
-        record.update(task.summary(m))
-        record[task.name] = m
+    """Each task's metrics into a record: nested under the task's name, its headline values flat; "task_split": the
+    benchmark's split it was scored on ({"gqa": "testdev", ...}); "examples": how many examples its scores are over
+    (captions: images); "warnings": broken outputs (Task.output_warning)."""
+    for task, (m, results) in scored.items():
+        record.update(task.summary(m), **{task.name: m})
+        record.setdefault("task_split", {})[task.name] = task.split_names.get(record["split"], record["split"])
+        record.setdefault("examples", {})[task.name] = len(results)
+        record.setdefault("warnings", []).extend(task.output_warning(results, record["split"]))
 
 
 def write_results(out, scored, split):

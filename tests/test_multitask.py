@@ -5,6 +5,7 @@ features, with LoRA, VL-Adapter and VL-PET, on a tiny synthetic world and tiny r
 """
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -47,12 +48,7 @@ def world(tmp_path_factory):
     return w
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def config(world, out, *args):
@@ -64,12 +60,19 @@ def config(world, out, *args):
 
 
 @pytest.mark.parametrize("peft,route", METHODS)
-def test_every_method_end_to_end(world, tmp_path, peft, route):
+def test_every_method_end_to_end(world, tmp_path, capsys, peft, route):
     """main() trains the four tasks round-robin and writes each task's results in its benchmark's official
-    format; eval.py scores those files to the numbers of the final record, next to the text-only baselines."""
+    format; eval.py scores those files to the numbers of the final record, next to the text-only baselines. Every
+    record and log line says which benchmark split each task was scored on: GQA's val and test are testdev."""
     cfg = config(world, tmp_path / "run", "--peft", peft, "--route", route)
     result = train.main(cfg)
     assert result["final"] and result["split"] == "test" and result["step"] == train.load_run(cfg.out)["step"]
+    epoch = train.load_run(cfg.out)["records"][0]
+    assert epoch["split"] == "val" and epoch["task_split"] == {"vqa": "val", "gqa": "testdev", "nlvr2": "dev", "caption": "val"}
+    assert result["task_split"] == {"vqa": "test", "gqa": "testdev", "nlvr2": "test1", "caption": "test"}
+    log = capsys.readouterr().out
+    assert f"gqa_accuracy {epoch['gqa_accuracy']:.2f} (testdev)" in log and f"vqa_accuracy {epoch['vqa_accuracy']:.2f}," in log
+    assert "test split (gqa: testdev, nlvr2: test1)" in log
     for name in ("vqa_accuracy", "gqa_accuracy", "nlvr2_accuracy", "CIDEr"):
         assert name in result and name in result["text_only"]
     assert set(result["task_train_loss"] if "task_train_loss" in result else train.load_run(cfg.out)["records"][0]
@@ -129,6 +132,39 @@ def test_a_step_changes_only_the_trainable_weights(world, tmp_path, peft, route)
         assert not any(".decoder." in k and ".ln" in k for k in trainable)
 
 
+@pytest.mark.parametrize("peft,visual", [("xattn", "mean"), ("xattn", "patches"), ("bitfit", "mean"), ("full", "mean")])
+def test_two_steps_change_exactly_what_each_baseline_trains(world, tmp_path, peft, visual):
+    """Two rounds of a step of every task, no weight decay (the first round moves xattn's zero-initialised B, the
+    second what lies before it): exactly what the method trains changes, named here from its release's definition:
+    full everything (BART's 200 added token rows too; the final logits bias is a buffer); bitfit every bias and the
+    visual embedding; xattn its eight matrices on q and v of every attention, every bias, the decoder's ln2, the
+    visual embedding. Exceptions, each with an exactly zero gradient: the visual box term's weight (its input is all
+    zeros), xattn's A_t, W_q, W_k with the mean token as x_R (one key: the softmax is 1); the key biases' true gradient
+    is 0 too (a softmax ignores a shift), so whether rounding moves them is left open."""
+    cfg = config(world, tmp_path / "run", "--peft", peft, "--visual", visual, "--weight-decay", "0", "--rank", "16")
+    tasks, model, _ = train.build(cfg)
+    names = [n for n, _ in model.named_parameters()]
+    visual_emb, biases = {n for n in names if n.startswith("visual.")}, {n for n in names if n.endswith(".bias")}
+    layer = r"\.(attn|cross)\.[qv]\.(A_t|A_v|W_q|W_k|W_v|W_o|W_up|B)\.weight$"
+    trained = {"full": set(names), "bitfit": visual_emb | biases, "xattn": visual_emb | biases | {
+        n for n in names if re.search(layer, n) or re.search(r"decoder\.blocks\.\d\.ln2\.weight", n)}}[peft]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trained
+    assert len([n for n in trained if re.search(layer, n)]) == (3 * 2 * 8) * (peft == "xattn")  # enc self, dec self, cross
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = train.optimizer(model, cfg)
+    model.train()
+    for step in range(2):
+        for task in tasks:
+            batch = next(iter(task.loader(task.dataset("train"), [list(range(4))])))
+            train.train_step(model, task, [batch], cfg, step, 0, 1)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    still = {"visual.box.0.weight"} | {n for n in trained if visual == "mean" and re.search(r"\.(A_t|W_q|W_k)\.", n)}
+    keys = {n for n in trained if n.endswith(("attn.k.bias", "cross.k.bias"))}
+    assert changed - keys == trained - still - keys
+
+
 def test_multitask_resume_is_exact(world, tmp_path):
     """Steps of all four tasks (VQA targets drawn at random, dropout on), stopped and resumed: the same weights
     and records as one straight run, bit for bit."""
@@ -145,16 +181,31 @@ def test_multitask_resume_is_exact(world, tmp_path):
     assert len({t for t, _ in plan[:15]}) < 4 == len({t for t, _ in plan})  # the stop falls before some task's turn
 
 
+def test_nlvr2_text_only_baseline_breaks_ties_as_the_others():
+    """A sentence as often true as false in training, and a new sentence when all labels tie, are predicted by
+    tasks.most_frequent (the smaller key: false), as the other baselines break ties, not by file order."""
+    task = object.__new__(tasks.NLVR2)
+    task.splits = {"train": {"sentence": ["A.", "A.", "B.", "B."], "label": torch.tensor([True, False, True, False])},
+                   "test": {"identifier": ["test1-0-0-0", "test1-1-0-0"], "sentence": ["A.", "C."],
+                            "label": torch.tensor([False, False])}}
+    assert task.text_only_baseline("test")["accuracy"] == 1.0
+
+
 def test_parameter_counts_reproduce_vl_pet():
     """On bart-base with VL-Adapter's 200 added tokens and visual embedding for RN101 grids (meta device, no
-    weights): the trainable counts and percentages VL-PET reports (CLIPBART_NOTES 1.6)."""
+    weights): the trainable counts and percentages VL-PET reports (CLIPBART_NOTES 1.6 and Q6: BitFit 1.21 %, full
+    fine-tuning 100 %; its LoRA also trains the decoder's final_layer_norm weights, src/trainer_base.py: still 5.93 %)."""
+    vl_bart, biases, visual = 139_420_416 + 200 * 768 + 1_582_848, 125_952, 1_582_848  # BART-base's biases: LNs' too
+    xattn = 36 * (768 * 128 // 2 + 128 ** 2 // 2 + 128 * 768)  # rp.CrossAttentionLoRA on q, v of 18 attentions, r 128
     expected = {  # peft: (trainable, total, the paper's %)
         "vlpet-large": (6_052_416, 145_606_464, 4.16), "vlpet-small": (4_291_020, 143_845_068, 2.98),
         "vlpet-middlex": (4_281_804, 143_835_852, 2.98), "vlpet-middley": (4_281_792, 143_835_840, 2.98),
-        "adapter": (6_081_600, 145_606_464, 4.18), "lora": (8_786_688, 148_234_752, 5.93)}
+        "adapter": (6_081_600, 145_606_464, 4.18), "lora": (8_791_296, 148_234_752, 5.93),  # + the decoder's 6 ln2 weights
+        "bitfit": (biases + visual, vl_bart, 1.21), "full": (vl_bart, vl_bart, 100.0),
+        "xattn": (xattn + biases + 6 * 768 + visual, vl_bart + xattn, 4.99)}  # ours: no paper figure
     for peft, (trainable, total, percent) in expected.items():
-        lora = peft == "lora"
-        cfg = train.Config(task="multitask", peft=peft, route="mul", rank=128 if lora else 96, alpha=32 if lora else 16,
+        lora = peft in ("lora", "xattn")
+        cfg = train.Config(task="multitask", peft=peft, route="none", rank=128 if lora else 96, alpha=32 if lora else 16,
                            dropout=0.1 if lora else 0.0, visual="mean")
         with torch.device("meta"):
             bart = models.build_model(models.PRESETS["bart-base"])
@@ -188,10 +239,17 @@ def test_bad_multitask_input_is_one_line(world, tmp_path, capsys):
 
 
 def test_multitask_options():
-    """The multitask defaults, the CLIP-BART visual kinds, VL-PET only there."""
+    """The multitask defaults, the CLIP-BART visual kinds, VL-PET only there; VL-PET's baselines as its scripts run them
+    (full fine-tuning at lr 1e-4, BitFit at 1e-3), reading neither --rank nor a route."""
     cfg = train.parse_command_line(["--task", "multitask"])[0]
     assert (cfg.peft, cfg.visual, cfg.clip, cfg.adam_eps, cfg.warmup) == ("vlpet-large", "mean", 5.0, 1e-6, 0.1)
     assert train.parse_command_line(["--task", "multitask", "--peft", "lora", "--visual", "patches"])[0].visual == "patches"
+    for name, lr in (("multitask-full", 1e-4), ("multitask-bitfit", 1e-3)):
+        preset = train.parse_command_line(["--preset", name])[0]
+        assert (preset.peft, preset.lr, preset.rank, preset.route, preset.batch_size) == (name[10:], lr, 16, "none", 500)
+        train.check_config(preset)
+    xattn = train.parse_command_line(["--task", "multitask", "--peft", "xattn", "--visual", "patches", "--rank", "32"])[0]
+    assert xattn.route == "none" and train.check_config(xattn) is None
     for bad, phrase in ((dataclasses.replace(cfg, visual="pooler"), "CLIP-BART setting routes"),
                         (train.Config(peft="vlpet-small"), "VL-PET is built for the CLIP-BART setting"),
                         (dataclasses.replace(cfg, peft="lora", rank_dec=96), "--rank-dec is the rank of VL-PET's")):
@@ -210,17 +268,19 @@ def test_tiny_backbone_names(monkeypatch):
 def test_multitask_study(world, tmp_path, monkeypatch, text):
     """python train.py --study --task multitask, tiny, on BART or T5: the grid of PEFT methods and routes, the table
     with each task's metric and VL-PET's average, and its chart."""
-    monkeypatch.setitem(train.STUDY, "multitask", ({"lora": train.ROUTES5, "vlpet-small": ("none",)}, 2,
-                                                   {"epochs": 1, "train_limit": 40}))
+    monkeypatch.setitem(train.STUDY, "multitask", ([("lora", None, train.ROUTES5), ("vlpet-small", None, ("none",)),
+                                                    ("xattn", "patches", ("none",))], 2, {"epochs": 1, "train_limit": 40}))
     cfg, meta = train.parse_command_line(["--study", "--task", "multitask", "--vision", world.clip, "--text", getattr(world, text),
                                           "--data", world.data, "--cache", world.cache, "--out", str(tmp_path / "study"),
-                                          "--batch-size", "16", "--rank", "4", "--beams", "1", "--max-new-tokens", "8",
+                                          "--batch-size", "16", "--rank", "16", "--beams", "1", "--max-new-tokens", "8",
                                           "--workers", "0"])
     rows, table = train.run_study(cfg, meta["given"], routes=("none", "mul"), seeds=1)
     runs = sorted(f for f in os.listdir(tmp_path / "study") if not f.startswith("study."))
-    assert runs == ["multitask-lora-mul-s0", "multitask-lora-none-s0", "multitask-vlpet-small-none-s0"]
-    header = "| peft | control | route | mean | vqa_accuracy | gqa_accuracy | nlvr2_accuracy | CIDEr | trainable params | gain vs none |"
+    assert runs == ["multitask-lora-mul-s0", "multitask-lora-none-s0", "multitask-vlpet-small-none-s0",
+                    "multitask-xattn-none-patches-s0"]
+    header = "| peft | visual | route | mean | vqa_accuracy | gqa_accuracy | nlvr2_accuracy | CIDEr | trainable params | gain |"
     assert header in table and "the first 40 training examples of each task" in table
+    assert "| lora | mean | mul |" in table and "| xattn | patches | none |" in table
     record = train.final_record(str(tmp_path / "study" / "multitask-lora-mul-s0"))
     row = next(r for r in rows if (r["peft"], r["route"]) == ("lora", "mul"))
     expected = (record["vqa_accuracy"] + record["gqa_accuracy"] + record["nlvr2_accuracy"] + 100 * record["CIDEr"]) / 4
@@ -315,7 +375,9 @@ def test_ddp_refuses_a_batch_too_small_before_any_work(world, tmp_path):
     building anything, with one line naming the smallest batch that works."""
     proc = torchrun(ddp_args(world, world.bart, 5), 2, tmp_path / "run")
     assert proc.returncode != 0
-    lines = {ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")}  # one per process not killed first
+    # one line per process not killed first; two processes' lines may share a line of the combined stderr
+    lines = {"error: " + part.strip() for ln in proc.stderr.splitlines() if ln.startswith("error: ")
+             for part in ln.split("error: ")[1:]}
     assert lines == {"error: --batch-size 5 gives nlvr2 batches of 1 example, fewer than the 2 processes (each needs "
                      "an example of every batch); the smallest --batch-size for 2 processes is 6"}, proc.stderr[-3000:]
     assert not os.path.exists(tmp_path / "run")

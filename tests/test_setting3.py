@@ -138,6 +138,25 @@ def test_vqa_loss_weights_each_example_by_its_target_score():
     assert count == 2 and total.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_vqa_targets_are_drawn_in_proportion_to_the_scores_per_example():
+    """The training answer of a question: drawn with probability score / total from (seed, step, its index), never
+    an answer of score 0; the same draw whichever batch (process, micro-batch) holds the question."""
+    task = bare_task(tasks.GenerativeVQA, vocab=["yes", "no", "red"])
+    n = 4000
+    scores = torch.tensor([[0.3, 0.0, 0.9]]).expand(n, 3)
+    index = torch.arange(n)
+    decoder_input_ids, _, weight = task.targets({"targets": scores, "index": index}, 7)
+    picked = decoder_input_ids[:, 2].tolist()  # </s> <s> answer ...: the answer's one token
+    yes, no, red = (TOK.encode(w)[0] for w in ("yes", "no", "red"))
+    assert no not in picked and set(picked) == {yes, red}
+    share = picked.count(yes) / n
+    assert abs(share - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n), share
+    assert torch.equal(weight, torch.tensor([0.3 if p == yes else 0.9 for p in picked]))
+    half = task.targets({"targets": scores[1::2], "index": index[1::2]}, 7)[0]
+    assert torch.equal(half, decoder_input_ids[1::2])  # the odd questions alone draw the same answers
+    assert task.targets({"targets": scores, "index": index}, 8)[0][:, 2].tolist() != picked  # a new step, new draws
+
+
 def test_caption_loss_is_a_token_mean_over_the_batch():
     """VL-PET src/caption_model.py (reduce_loss): every target token of the batch counts once, padding never."""
     V = len(TOK.vocab)
@@ -155,15 +174,15 @@ def test_caption_loss_is_a_token_mean_over_the_batch():
 # ---- where every method's modules sit ----------------------------------------------------------------------
 
 
-def vl_model(peft, route="mul", rank=4):
+def vl_model(peft, route="mul", rank=4, all_tokens=False, train_ln=True):
     """Our tiny BART with cfg.peft placed as its release places it, inside VLSeq2Seq; (model, trainable extras)."""
-    lora = peft == "lora"
-    cfg = train.Config(task="multitask", peft=peft, route=route, rank=rank, alpha=32 if lora else 16,
-                       dropout=0.0, visual="mean")
+    lora = peft in ("lora", "xattn")
+    cfg = train.Config(task="multitask", peft=peft, route=route, rank=16 if peft == "xattn" else rank,
+                       alpha=32 if lora else 16, dropout=0.0, visual="patches" if all_tokens else "mean", train_ln=train_ln)
     torch.manual_seed(0)
     bart = models.build_model(BART)
     extra = tasks.add_peft_vl(cfg, bart)
-    model = tasks.VLSeq2Seq(bart, 8, True, False, len(TOK.vocab) + 200)
+    model = tasks.VLSeq2Seq(bart, 8, True, all_tokens, len(TOK.vocab) + 200)
     return rp.mark_trainable(model, ["visual"] + extra).eval()
 
 
@@ -180,6 +199,9 @@ def test_every_method_sits_where_its_release_puts_it():
     expected = {
         "lora": {**blocks("encoder", ("attn.q", "attn.v"), "LoRA"),
                  **blocks("decoder", ("attn.q", "attn.v", "cross.q", "cross.v"), "LoRA")},
+        "xattn": {**blocks("encoder", ("attn.q", "attn.v"), "CrossAttentionLoRA"),
+                  **blocks("decoder", ("attn.q", "attn.v", "cross.q", "cross.v"), "CrossAttentionLoRA")},
+        "bitfit": {}, "full": {},
         "adapter": {**blocks("encoder", ("attn.o", "mlp.fc2"), "Adapter"),
                     **blocks("decoder", ("attn.o", "cross.o", "mlp.fc2"), "Adapter")},
         "vlpet-large": vlpet, "vlpet-small": vlpet, "vlpet-middlex": vlpet, "vlpet-middley": vlpet}
@@ -200,19 +222,42 @@ def trained_kinds(model):
 
 
 def test_every_method_trains_what_its_release_trains():
-    """VL-PET src/trainer_base.py unfreeze_parameters: LoRA every bias; VL-Adapter every LayerNorm; VL-PET the
-    encoder's LayerNorms; the visual embedding always."""
+    """VL-PET src/trainer_base.py unfreeze_parameters: LoRA every bias and the decoder's final_layer_norm ("decoder."
+    and "final_layer_norm" in the name); VL-Adapter every LayerNorm; VL-PET the encoder's LayerNorms; BitFit
+    (--unfreeze_bias) every bias; full fine-tuning (--unfreeze_language_model) everything; the visual embedding
+    always. xattn (ours) trains as LoRA."""
     visual = {"visual.feat.0.weight", "visual.feat.0.bias", "visual.feat.1.weight", "visual.feat.1.bias",
               "visual.box.0.weight", "visual.box.0.bias", "visual.box.1.weight", "visual.box.1.bias",
               "visual.image_order.weight"}
     enc_ln = {f"backbone.encoder.{n}.{w}" for n in ("ln_emb", "blocks.ln1", "blocks.ln2") for w in ("weight", "bias")}
     dec_ln = {f"backbone.decoder.{n}.{w}" for n in ("ln_emb", "blocks.ln1", "blocks.ln_cross", "blocks.ln2")
               for w in ("weight", "bias")}
-    biases = {n for n in trained_kinds(vl_model("lora")) if n.endswith("bias")}
-    assert trained_kinds(vl_model("lora")) == visual | biases
+    full = vl_model("full")
+    every = {re.sub(r"\.blocks\.\d+\.", ".blocks.", n) for n, _ in full.named_parameters()}
+    biases = {n for n in every if n.startswith("backbone.") and n.endswith("bias")}
+    lora, wrapped = vl_model("lora"), {n for n in biases if re.search(r"\.(attn|cross)\.[qv]\.bias$", n)}
+    assert trained_kinds(lora) == visual | (biases - wrapped) | {"backbone.decoder.blocks.ln2.weight"}
+    assert all(p.requires_grad for n, p in lora.named_parameters() if n.endswith(".base.bias"))  # the wrapped q, v
+    assert trained_kinds(vl_model("xattn")) == trained_kinds(lora)
     assert {f"backbone.{s}.blocks.{m}.bias" for s in ("encoder", "decoder") for m in ("attn.k", "attn.o", "mlp.fc1")} <= biases
+    assert trained_kinds(vl_model("bitfit")) == visual | biases
+    assert trained_kinds(full) == every and "backbone.wte.weight" in every
     assert trained_kinds(vl_model("adapter")) == visual | enc_ln | dec_ln
     assert trained_kinds(vl_model("vlpet-large")) == visual | enc_ln
+    for peft in ("lora", "adapter", "vlpet-large"):  # --no-train-ln: no LayerNorm weight of BART's
+        assert not {n for n in trained_kinds(vl_model(peft, train_ln=False)) if ".ln" in n and n.endswith("weight")}, peft
+
+
+def test_bitfit_refuses_a_backbone_without_biases():
+    """T5 has no bias anywhere; LST's BitFit adds them first, which we do not: --peft bitfit says so, in every setting."""
+    cfg = train.Config(task="multitask", peft="bitfit", route="none")
+    bart = models.build_model(BART)
+    for m in bart.modules():
+        if getattr(m, "bias", None) is not None:
+            m.bias = None
+    for add in (tasks.add_peft, tasks.add_peft_vl):
+        with pytest.raises(ValueError, match="--peft bitfit trains the backbone's biases; bart has none"):
+            add(cfg, bart)
 
 
 # ---- routing in setting 3: x_R, and the decoder -----------------------------------------------------------
@@ -267,6 +312,32 @@ def test_routing_reaches_the_decoder(peft):
     assert torch.equal(*logits["none"])
 
 
+@pytest.mark.parametrize("n_images", [1, 2])
+def test_xattn_reads_every_embedded_visual_token_or_their_mean(n_images):
+    """--peft xattn (LoRA with cross-attention): with --visual patches each module, here the decoder's self-attention
+    value, attends over all embedded visual tokens (4 an image here; 36 at full size, 72 an NLVR2 pair) and its update
+    differs from one text position to the next; with the mean (one token) the softmax is 1 and the update is the
+    same image-only vector at every position."""
+    ids, mask, visual = inputs(n_images=n_images)
+    for all_tokens in (True, False):
+        model = vl_model("xattn", all_tokens=all_tokens)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.3)  # B starts at zero
+        layer, seen = model.backbone.decoder.blocks[0].attn.v, []
+        hook = layer.register_forward_hook(lambda m, args, out: seen.append((m.x_R.clone(), out - m.base(args[0]))))
+        with torch.no_grad():
+            model(ids, mask, visual, torch.tensor([[2, 0, 5], [2, 0, 6]]), n_images)
+            embedded = model.visual(visual, n_images, model.backbone.wte.weight)  # (B, n_images * 4, d)
+        hook.remove()
+        x_R, update = seen[0]
+        assert torch.allclose(x_R, embedded if all_tokens else embedded.mean(1, keepdim=True))
+        assert x_R.shape == (2, 4 * n_images if all_tokens else 1, 16)
+        spread = (update - update[:, :1]).abs().max() / update.abs().max()  # each position's update against the first's
+        assert spread > 1e-3 if all_tokens else spread < 1e-5
+
+
 def test_visual_embedding_gives_each_token_its_object_and_image_rows():
     """VL-T5 src/modeling_bart.py VisualEmbedding: token k of image j gets the frozen token-table row V - 1 - k
     (the <vis_extra_id_k> embedding) and image-order row j. With the feature and box terms at zero, the output
@@ -316,6 +387,11 @@ def test_multitask_presets_run_the_releases_methods():
         cfg = train.parse_command_line(["--preset", name])[0]
         assert (cfg.route, cfg.precision) == ("none", "fp32"), name
         assert train.parse_command_line(["--preset", name, "--route", "mul"])[0].route == "mul"
+    for name in ("multitask-full", "multitask-bitfit"):  # no routing function: a route is refused, not ignored
+        cfg = train.parse_command_line(["--preset", name, "--route", "mul"])[0]
+        with pytest.raises(ValueError, match=f"--peft {name[10:]} has no routing function"):
+            train.check_config(cfg)
+
     for name in ("multitask-t5-vlpet-large", "multitask-t5-vlpet-middley", "multitask-t5-adapter", "multitask-t5-lora"):
         cfg = train.parse_command_line(["--preset", name])[0]
         assert (cfg.route, cfg.precision, cfg.text, cfg.batch_size, cfg.lr) == ("none", "fp32", "ckpt/t5-base.pt", 300, 3e-4)
@@ -455,3 +531,34 @@ def test_t5_parameter_counts_reproduce_vl_pet():
             model = rp.mark_trainable(tasks.VLSeq2Seq(t5, 2048, True, False, 32_200), ["visual"] + extra)
         counts = rp.count_parameters(model)
         assert counts == (trainable, total) and round(100 * trainable / total, 2) == percent, preset
+
+
+# ---- decoding as the releases decode ---------------------------------------------------------------------
+
+
+def test_answers_and_captions_decode_as_vlpets_release(monkeypatch):
+    """VL-PET's release (transformers 4.2.1 on bart-base, whose config sets no_repeat_ngram_size 3 and
+    early_stopping): answers greedy with max_length 20 (19 new tokens; the n-gram blocking applies to greedy
+    search too); captions beam 5 with max_length 40 (the preset's 39 new tokens), early stopping, EOS forced
+    at the last step (4.2.1's BART beam search), the 4.2.1 length rules. A stub beam_search records the calls."""
+    calls = []
+
+    def fake_search(step, B, beams, **kw):
+        calls.append(dict(kw, beams=beams))
+        return [[TOK.encode("yes")[0]]] * B
+    monkeypatch.setattr(models, "beam_search", fake_search)
+    config = dataclasses.replace(BART, no_repeat_ngram=3, early_stopping=True)
+    model = vl_model("vlpet-large")
+    ids, mask, visual = inputs()
+    batch = {"input_ids": ids, "attention_mask": mask, "visual": visual, "image": ["a", "b"]}
+    vqa = bare_task(tasks.GenerativeVQA, text_config=config, ordered_batches=lambda split: [batch])
+    assert vqa.answers(model, "val") == ["yes", "yes"]
+    cfg = train.parse_command_line(["--preset", "multitask-vlpet-large"])[0]
+    captions = bare_task(tasks.GenerativeCaptioning, text_config=config, cfg=cfg)
+    captions.__dict__["prompt_ids"] = ids[0]
+    captions.generate(model, batch)
+    common = dict(eos_id=TOK.eos_id, no_repeat_ngram=3, rules="4.2.1")
+    assert calls == [dict(common, beams=1, max_new_tokens=19, early_stopping=True, force_eos=False),
+                     dict(common, beams=5, max_new_tokens=39, early_stopping=True, force_eos=True)]
+    gpt2 = bare_task(tasks.Captioning, text_config=dataclasses.replace(BART, arch="gpt2"))
+    assert gpt2.search(5, 19)["rules"] == "4.29.2"  # the routing release's transformers (settings 1 and 2)

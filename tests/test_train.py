@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from PIL import Image
 import data
 import eval as E
 import models
+import routing_peft as rp
 import shapes
 import tasks
 import train
@@ -55,13 +57,7 @@ def world(tmp_path_factory):
     return w
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: one thread is fastest, and the 2 shared cores stay usable."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def config(world, out, **kw):
@@ -69,9 +65,13 @@ def config(world, out, **kw):
     base = dict(vision=world.vit, text=world.roberta if task == "vqa" else world.gpt2, data=world.data, epochs=1,
                 batch_size=16, max_len=12, answers=20, rank=4, alpha=4, lr=1e-2, beams=2, max_new_tokens=6,
                 workers=0, out=str(out), cache=world.cache)
-    if kw.get("peft") == "adapter":
-        del base["alpha"]  # LoRA only
-    return train.Config(**{**base, **kw})
+    peft = kw.get("peft", "lora")
+    if peft == "xattn":
+        base["rank"] = 16  # attention at width rank / 4 in 4 heads
+    for name, users in train.PEFT_ONLY.items():
+        if peft not in users:
+            base.pop(name, None)  # an option the method does not read is refused
+    return train.Config(**{**base, **({"route": "none"} if peft in train.UNROUTED else {}), **kw})
 
 
 def read_records(out):
@@ -183,6 +183,92 @@ def test_patches_with_matmul(world, tmp_path, task):
     layer.route = "mul"  # a routed layer given 4 visual tokens refuses them
     with pytest.raises(ValueError, match="one visual vector per example"):
         tasks[0].loss(model, batch, 0)
+
+
+# ---- the papers' baselines: LoRA with cross-attention, BitFit, full fine-tuning (issue 21) --------------------
+
+
+def xattn_layer(n):
+    """A parameter of a CrossAttentionLoRA on q or v: its eight matrices."""
+    return re.search(r"\.attn\.[qv]\.(A_t|A_v|W_q|W_k|W_v|W_o|W_up|B)\.weight$", n)
+
+
+@pytest.mark.parametrize("task", ["vqa", "caption"])
+@pytest.mark.parametrize("peft,visual", [("xattn", "pooler"), ("xattn", "patches"), ("bitfit", "pooler"), ("full", "pooler")])
+def test_two_steps_change_exactly_what_each_baseline_trains(world, tmp_path, task, peft, visual):
+    """Two optimizer steps without weight decay (the first moves the zero-initialised B, the second what lies before
+    it): exactly the parameters the method trains change, named here from the method's definition: xattn its eight
+    matrices on every q and v, the blocks' LayerNorms, the head; bitfit every bias and the head; full everything.
+    With one visual token (pooler) xattn's softmax is 1: A_t, W_q and W_k get exactly zero gradient and stay; with
+    the 4 patch tokens they move."""
+    cfg = config(world, tmp_path / "run", task=task, peft=peft, visual=visual, feature_cache=peft != "full")
+    (t,), model, _ = train.build(cfg)
+    vit, names = t.features.encoder, [n for n, _ in model.named_parameters()]  # full: the ViT runs every batch
+    head = {n for n in names if n.startswith("head.")}
+    trained = {"full": set(names), "bitfit": head | {n for n in names if n.endswith(".bias")},
+               "xattn": head | {n for n in names if xattn_layer(n) or re.search(r"\.ln[12]\.", n)}}[peft]
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trained
+    assert rp.count_parameters(model)[0] == sum(p.numel() for n, p in model.named_parameters() if n in trained)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = train.optimizer(model, cfg)
+    batch = next(iter(t.loader(t.dataset("train"), [list(range(8))])))
+    model.train()
+    for step in range(2):
+        train.train_step(model, t, [batch], cfg, step, 0, 1)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(before[k], v)}
+    assert vit is None or all(p.grad is None for p in vit.parameters())  # the image encoder stays frozen
+    still = {n for n in trained if re.search(r"\.(A_t|W_q|W_k)\.", n)} if visual == "pooler" else set()
+    k_bias = {n for n in trained if n.endswith("attn.k.bias")}  # true gradient 0 (a softmax ignores a shift): noise
+    assert changed - k_bias == trained - still - k_bias and len([n for n in trained if xattn_layer(n)]) == (2 * 2 * 8) * (peft == "xattn")
+
+
+def test_baseline_parameter_counts_at_paper_size():
+    """Settings 1 and 2 at the papers' sizes (meta device): RoBERTa-large with the 3,129-answer head, GPT2-medium
+    (tied LM head), d = 1024 = ViT-L/16's width (no visual projection), 24 blocks. Counted by hand: xattn at r = 128 is
+    d r/2 + r^2/2 + r d a module on q and v, plus the blocks' LayerNorms; bitfit the biases (a block's q, k, v, o,
+    fc1, fc2 and two LayerNorms: 11,264; the embedding LN or GPT-2's final LN: 1,024); full everything."""
+    d, blocks, answers = 1024, 24, 3129
+    head = d * 2 * d + 2 * d + 2 * 2 * d + 2 * d * answers + answers  # Linear(d, 2d), LayerNorm(2d), Linear(2d, K)
+    roberta = 50265 * d + 514 * d + d + 2 * d + blocks * (4 * (d * d + d) + 2 * 4 * d * d + 4 * d + d + 4 * d)
+    gpt2, biases, norms = 354_823_168, blocks * (4 * d + 4 * d + d + 2 * d) + d, blocks * 4 * d
+    xattn = 2 * blocks * (d * 128 // 2 + 128 ** 2 // 2 + 128 * d)
+    expected = {("vqa", "xattn"): xattn + norms + head, ("vqa", "bitfit"): biases + head, ("vqa", "full"): roberta + head,
+                ("caption", "xattn"): xattn + norms, ("caption", "bitfit"): biases, ("caption", "full"): gpt2}
+    for (task, peft), trainable in expected.items():
+        cfg = train.Config(task=task, peft=peft, route="none", **({"rank": 128, "alpha": 128} if peft == "xattn" else {}))
+        with torch.device("meta"):
+            text = models.build_model(models.PRESETS["roberta-large" if task == "vqa" else "gpt2-medium"])
+            extra = tasks.add_peft(cfg, text)
+            model = tasks.VQAModel(text, d, answers, True) if task == "vqa" else tasks.CaptionModel(text, d, True, 0)
+        total = (roberta + head if task == "vqa" else gpt2) + (xattn if peft == "xattn" else 0)
+        assert rp.count_parameters(rp.mark_trainable(model, ["head"] * (task == "vqa") + extra)) == (trainable, total), peft
+
+
+@pytest.mark.parametrize("peft", ["xattn", "bitfit", "full"])
+def test_the_baselines_options(peft):
+    """--peft xattn, bitfit, full: route none by default and nothing else; the options they do not read refused."""
+    cfg = train.parse_command_line(["--peft", peft])[0]
+    assert cfg.route == "none" and train.parse_command_line(["--peft", "lora"])[0].route == "mul"
+    train.check_config(dataclasses.replace(cfg, rank=16))
+    for route in ("mul", "matmul"):
+        with pytest.raises(ValueError, match=f"--route {route}: --peft {peft} has no routing function"):
+            train.check_config(dataclasses.replace(cfg, route=route))
+    if peft == "xattn":  # it reads x_R, several tokens too, with LoRA's options
+        train.check_config(dataclasses.replace(cfg, visual="patches", alpha=32, dropout=0.1, rank=32, train_ln=False))
+        return
+    for bad in (dict(rank=8), dict(alpha=8), dict(dropout=0.1), dict(train_ln=False)):
+        with pytest.raises(ValueError, match=f"applies to --peft .* only; --peft {peft} would ignore it"):
+            train.check_config(dataclasses.replace(cfg, **bad))
+
+
+def test_xattn_with_patches_end_to_end(world, tmp_path):
+    """Captions with LoRA with cross-attention over the 4 patch tokens: trained, then beam search with x_R repeated
+    per beam, scored."""
+    cfg = config(world, tmp_path / "run", task="caption", peft="xattn", visual="patches", beams=3)
+    result = train.main(cfg)
+    assert result["final"] and math.isfinite(read_records(cfg.out)[0]["train_loss"]) and 0 <= result["CIDEr"]
 
 
 def test_no_feature_cache_trains_like_the_cache(world, tmp_path):
@@ -316,7 +402,11 @@ def error_cases(world, tmp_path):
         "resume nothing": (["--resume", str(tmp_path / "nothing")], "no run at"),
         "resume a backbone": (["--resume", world.vit], "not a train.py checkpoint"),
         "corrupt image, worker": (base + ["--data", str(corrupt), "--workers", "1"], "corrupt image"),
-        "alpha with adapters": (base + ["--peft", "adapter", "--alpha", "8"], "--alpha applies to LoRA only"),
+        "alpha with adapters": (base + ["--peft", "adapter", "--alpha", "8"], "--alpha applies to --peft lora / xattn only"),
+        "route with xattn": (base + ["--peft", "xattn", "--route", "mul"], "--peft xattn has no routing function"),
+        "rank with full": (base + ["--peft", "full", "--rank", "8"], "--rank applies to --peft lora / adapter / xattn"),
+        "no-train-ln with bitfit": (base + ["--peft", "bitfit", "--no-train-ln"], "--no-train-ln applies to --peft lora"),
+        "xattn rank": (base + ["--peft", "xattn", "--rank", "8"], "--rank must be a multiple of 16, got 8"),
         "negative max steps": (base + ["--max-steps", "-1"], "--max-steps must be >= 0"),
         "negative warm-up": (base + ["--warmup", "-5"], "--warmup must be >= 0"),
         "alpha 0": (base + ["--alpha", "0"], "--alpha must be > 0"),
@@ -327,7 +417,7 @@ def error_cases(world, tmp_path):
         "pickle with code": (base + ["--vision", str(evil)], "pickled Python objects"),
         "random bytes": (base + ["--vision", str(noise)], "not the zip archive torch.save writes"),
         "malformed preset": (base + ["--preset", str(broken)], str(broken)),
-        "dropout with adapters": (base + ["--peft", "adapter", "--dropout", "0.1"], "--dropout applies to LoRA only"),
+        "dropout with adapters": (base + ["--peft", "adapter", "--dropout", "0.1"], "--dropout applies to --peft lora / xattn"),
     }
 
 
@@ -336,6 +426,25 @@ class Exploit:
 
     def __reduce__(self):
         return os.system, ("touch pwned",)
+
+
+def test_bugs_keep_their_traceback(monkeypatch):
+    """Only the project's own messages about the input are one line: a ValueError of a builtin (max() of
+    nothing, the multi-process crash of issue 18) or a RuntimeError inside torch (a shape mismatch) propagates
+    with its traceback; a DataLoader worker's error is judged by its original last frame."""
+    bugs = {"max": lambda cfg, **kw: data.seq2seq_targets([], 0, 1),  # max() of nothing, in data.py
+            "torch": lambda cfg, **kw: torch.zeros(2, 3) @ torch.zeros(2, 3)}
+    for name, bug in bugs.items():
+        monkeypatch.setattr(train, "main", bug)
+        with pytest.raises((ValueError, RuntimeError)):
+            train.cli(["--max-steps", "1"])
+    monkeypatch.setattr(train, "main", lambda cfg, **kw: models.beam_search(None, 1, 1, 1, 0, rules="x"))
+    with pytest.raises(SystemExit, match="^error: beam_search: rules must be one of"):
+        train.cli(["--max-steps", "1"])
+    worker = 'Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n'
+    ours = f'  File "{train.HERE}/data.py", line 9, in load_image\n    raise ValueError(f"bad image")\nValueError: bad'
+    theirs = f'  File "/usr/lib/torch/x.py", line 9, in f\n    raise ValueError("oops")\nValueError: oops'
+    assert train.raised_on_purpose(ValueError(worker + ours)) and not train.raised_on_purpose(ValueError(worker + theirs))
 
 
 def test_command_line_errors(world, tmp_path, capsys):
@@ -459,7 +568,7 @@ def test_generate_matches_transformers_beam_search(scale):
     x_R = torch.randn(8, 1, D) * 3
     lengths = set()
     for k in (1, 2, 3, 5):
-        ours = model.generate(x_R, x_R, k, 10, 7)
+        ours = model.generate(x_R, x_R, k, max_new_tokens=10, eos_id=7)
         out = ref.generate(inputs_embeds=x_R, attention_mask=torch.ones(8, 1, dtype=torch.long), num_beams=k,
                            max_new_tokens=10, length_penalty=1.0, early_stopping=False, do_sample=False,
                            eos_token_id=7, pad_token_id=7)
@@ -473,9 +582,9 @@ def test_generate_matches_transformers_beam_search(scale):
 def test_generate_greedy_and_beam_scores():
     model, _ = caption_model(5.0, seed=1)
     x_R = torch.randn(6, 1, D) * 3
-    greedy_out = model.generate(x_R, x_R, 1, 8, 7)
+    greedy_out = model.generate(x_R, x_R, 1, max_new_tokens=8, eos_id=7)
     assert greedy_out == [greedy(model, x_R[i], 7, 8) for i in range(6)]
-    beam_out = model.generate(x_R, x_R, 4, 8, 7)
+    beam_out = model.generate(x_R, x_R, 4, max_new_tokens=8, eos_id=7)
     for i in range(6):
         g, b = (sequence_score(model, x_R[i], t, 7, 8) for t in (greedy_out[i], beam_out[i]))
         assert b >= g - 1e-6
@@ -505,15 +614,19 @@ def test_shuffle_visual_deranges_images(world, tmp_path):
 
 
 def test_study(world, tmp_path, monkeypatch, capsys):
-    """The study with a tiny budget: the grid through the command line's own parsing, the table's shape, its
-    numbers = the runs' metrics.jsonl, params identical across routes, and a second call trains nothing."""
-    monkeypatch.setitem(train.STUDY, "vqa", (train.STUDY["vqa"][0], 3, {"epochs": 2}))
+    """The study with a tiny budget: the grid through the command line's own parsing (a control, an x_R kind, the
+    baselines with the options they read), the table's shape, its numbers = the runs' metrics.jsonl, params identical
+    across routes, each gain against its reference, and a second call trains nothing."""
+    none = ("none",)
+    monkeypatch.setitem(train.STUDY, "vqa", ([("lora", None, train.ROUTES5), ("lora", "shuffled", train.ROUTES5), ("lora", "cls", (
+        "mul",)), ("adapter", None, train.ROUTES5), ("xattn", "patches", none), ("full", None, none)], 3, {"epochs": 2}))
+    monkeypatch.setitem(train.STUDY, "caption", ([("lora", None, train.ROUTES5), ("bitfit", None, none)], 3, {"epochs": 1}))
     routes, seeds = ("none", "mul"), 1
     monkeypatch.setattr(train, "backbone", lambda name, arch: {"vit": world.vit, "roberta": world.roberta,
                                                                "gpt2": world.gpt2}[arch])
     out = tmp_path / "study"
     args = ["--study", "--data", world.data, "--cache", world.cache, "--out", str(out), "--workers", "0",
-            "--batch-size", "16", "--lr", "1e-2", "--max-len", "12", "--answers", "20", "--rank", "4", "--alpha", "4",
+            "--batch-size", "16", "--lr", "1e-2", "--max-len", "12", "--answers", "20", "--rank", "16", "--alpha", "4",
             "--beams", "2", "--max-new-tokens", "4"]
     cfg, meta = train.parse_command_line(args)
     assert meta["study"] and "epochs" not in meta["given"] and cfg.text == "tiny"
@@ -521,48 +634,60 @@ def test_study(world, tmp_path, monkeypatch, capsys):
     grid = train.study_grid(cfg, meta["given"], routes, seeds)
     assert {k: c.epochs for k, c in grid.items()} == {k: 2 if k[0] == "vqa" else 1 for k in grid}
     assert {c.epochs for c in train.study_grid(cfg, {"epochs"}, routes, 1).values()} == {cfg.epochs}
-    assert {(c.peft, c.alpha) for c in grid.values()} == {("lora", 4), ("adapter", train.Config.alpha)}
+    assert {(c.peft, c.alpha, c.rank, c.lr, c.route) for c in grid.values()} == {
+        ("lora", 4, 16, 1e-2, "none"), ("lora", 4, 16, 1e-2, "mul"), ("adapter", 16.0, 16, 1e-2, "none"),
+        ("adapter", 16.0, 16, 1e-2, "mul"), ("xattn", 4, 16, 1e-2, "none"), ("full", 16.0, 16, 1e-3, "none"),
+        ("bitfit", 16.0, 16, 1e-2, "none")}  # full at a tenth of the learning rate; unread options at their defaults
+    assert {(k[1], k[2], c.visual, c.shuffle_visual) for k, c in grid.items() if k[1] in ("lora", "xattn")} == {
+        ("lora", None, "pooler", False), ("lora", "shuffled", "pooler", True), ("lora", "cls", "cls", False),
+        ("xattn", "patches", "patches", False)}
     # an interrupted run (stopped after its first epoch, last.pt written) is resumed, not restarted
-    train.main(dataclasses.replace(grid["vqa", "adapter", "full", "mul", 0], max_steps=9))
+    train.main(dataclasses.replace(grid["vqa", "adapter", None, "mul", 0], max_steps=9))
     rows, table = train.run_study(cfg, meta["given"], routes, seeds)
     assert [(r["step"], r["split"]) for r in read_records(out / "vqa-adapter-mul-s0")[:2]] == [(9, "val"), (18, "val")]
     folders = sorted(os.listdir(out))
     runs = [f for f in folders if f not in ("study.md", "study.png")]
     expected = sorted([f"vqa-{p}-{r}-s0" for p in ("lora", "adapter") for r in ("none", "mul")] +
-                      [f"vqa-lora-{r}-{c}-s0" for r in ("none", "mul") for c in ("noprefix", "shuffled")] +
-                      [f"caption-{p}-{r}-s0" for p in ("lora", "adapter") for r in ("none", "mul")])
+                      [f"vqa-lora-{r}-shuffled-s0" for r in ("none", "mul")] + ["vqa-lora-mul-cls-s0", "vqa-xattn-none-patches-s0",
+                      "vqa-full-none-s0", "caption-lora-none-s0", "caption-lora-mul-s0", "caption-bitfit-none-s0"])
     assert runs == expected and "study.md" in folders and "study.png" in folders
     with Image.open(out / "study.png") as im:
         assert im.format == "PNG" and im.width > 300
     with open(out / "study.md", encoding="utf-8") as f:
         assert f.read() == table
     lines = table.splitlines()
-    vqa = [ln for ln in lines if ln.startswith("| lora |") or ln.startswith("| adapter |")]
-    assert len(vqa) == 2 * 2 + 2 * 2 + 2 * 2  # vqa: 2 pefts x 2 routes + 2 controls x 2 routes; caption 2 x 2
+    assert len([ln for ln in lines if ln.startswith(("| lora |", "| adapter |", "| xattn |", "| full |", "| bitfit |"))]) == 12
     headers = [ln for ln in lines if ln.startswith("| peft |")]
-    assert headers == ["| peft | control | route | vqa_accuracy | trainable params | gain vs none |",
-                       "| peft | control | route | CIDEr | Bleu_4 | trainable params | gain vs none |"]
-    assert sum(ln.startswith("| text-only baseline |") for ln in lines) == 2
+    assert headers == ["| peft | visual | route | vqa_accuracy | trainable params | gain |",
+                       "| peft | visual | route | CIDEr | Bleu_4 | trainable params | gain |"]
+    assert sum(ln.startswith("| text-only baseline |") for ln in lines) == 2 and "at 0.1 x the learning rate" in table
     for row in rows:
         if row["peft"] is None:
             continue
-        name = f"{row['task']}-{row['peft']}-{row['route']}{'' if row['control'] == 'full' else '-' + row['control']}-s0"
+        name = f"{row['task']}-{row['peft']}-{row['route']}{'-' + row['control'] if row['control'] else ''}-s0"
         record = read_records(out / name)[-1]
         assert record["split"] == "test" and record["final"] and record["epoch"] == (2 if row["task"] == "vqa" else 1)
         scale = 1 if row["task"] == "vqa" else 100
         for m in train.STUDY_METRICS[row["task"]]:
             assert row[m] == (record[m], 0.0)
-        cells = f"| {row['peft']} | {row['control']} | {row['route']} | " + " | ".join(
+        cells = f"| {row['peft']} | {row['control'] or 'pooler'} | {row['route']} | " + " | ".join(
             f"{scale * record[m]:.2f} ± 0.00" for m in train.STUDY_METRICS[row["task"]])
         assert any(ln.startswith(cells) for ln in lines), cells
         assert read_json(os.path.join(out, name, "config.json"))["shuffle_visual"] == (row["control"] == "shuffled")
-    for task in ("vqa", "caption"):
-        for peft in ("lora", "adapter"):  # the same trainable parameters whatever the route
-            assert len({n for r in rows if (r["task"], r["peft"]) == (task, peft) for n in r["params"]}) == 1
-    gain = next(r for r in rows if (r["task"], r["peft"], r["control"], r["route"]) == ("vqa", "lora", "full", "mul"))
-    none = next(r for r in rows if (r["task"], r["peft"], r["control"], r["route"]) == ("vqa", "lora", "full", "none"))
-    if none["vqa_accuracy"][0]:
-        assert gain["gain"] == pytest.approx(gain["vqa_accuracy"][0] / none["vqa_accuracy"][0] - 1)
+        assert row["params"] == [record["trainable_params"]]
+    for task, peft in (("vqa", "lora"), ("vqa", "adapter"), ("caption", "lora")):  # the same count whatever the route
+        assert len({n for r in rows if (r["task"], r["peft"]) == (task, peft) for n in r["params"]}) == 1
+    row = {(r["task"], r["peft"], r["control"], r["route"]): r for r in rows}
+    for key, reference in ((("vqa", "lora", None, "mul"), ("vqa", "lora", None, "none")),  # a route: its method's none
+                           (("vqa", "lora", "shuffled", "mul"), ("vqa", "lora", "shuffled", "none")),  # of its control
+                           (("vqa", "lora", "cls", "mul"), ("vqa", "lora", None, "none")),  # else of the setting's own
+                           (("vqa", "xattn", "patches", "none"), ("vqa", "lora", None, "none")),  # baselines: LoRA's
+                           (("vqa", "full", None, "none"), ("vqa", "lora", None, "none")),
+                           (("caption", "bitfit", None, "none"), ("caption", "lora", None, "none"))):
+        head = train.STUDY_METRICS[key[0]][0]
+        if row[reference][head][0]:
+            assert row[key]["gain"] == pytest.approx(row[key][head][0] / row[reference][head][0] - 1), key
+    assert row["vqa", "lora", None, "none"]["gain"] is None and row["vqa", "adapter", None, "none"]["gain"] is None
     # a second call trains nothing and reads the runs' files: a changed final record shows in the table
     path = out / "vqa-lora-mul-s0" / "metrics.jsonl"
     records = read_records(path.parent)
@@ -572,7 +697,7 @@ def test_study(world, tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     rows, table = train.run_study(cfg, meta["given"], routes, seeds)
     assert capsys.readouterr().out.count("finished, skipped") == len(expected)
-    assert "| lora | full | mul | 12.34 ± 0.00 | " in table
+    assert "| lora | pooler | mul | 12.34 ± 0.00 | " in table
     # a folder holding a run with other options is an error, not a silent reuse
     with pytest.raises(ValueError, match="holds a run with other options"):
         train.run_study(dataclasses.replace(cfg, lr=0.5), meta["given"], routes, seeds)
