@@ -754,20 +754,7 @@ def make_world(out, n_images=3000, seed=0, questions_per_image=3, gqa_per_image=
         key = data.coco_image_key(subtype, image_id)
         buf = jpeg_bytes(img)
         atomic_write(os.path.join(out, key), lambda f: f.write(buf), "wb")
-        for k, (t, question, answer, possible) in enumerate(
-                _pick_questions(rng, objects, used, questions_per_image)):
-            kind, _, qtype, atype = TEMPLATES[t]
-            qid = image_id * 1000 + k
-            answers = _human_answers(rng, kind, answer, possible)
-            norm = Counter(normalize_answer(a) for a in answers)
-            mc = min(norm, key=lambda a: (-norm[a], a))
-            vqa[subtype][0].append({"image_id": image_id, "question": question, "question_id": qid})
-            vqa[subtype][1].append({
-                "question_type": qtype, "multiple_choice_answer": mc,
-                "answers": [{"answer": a, "answer_confidence": rng.choice(["yes", "yes", "yes", "maybe"]),
-                             "answer_id": j + 1} for j, a in enumerate(answers)],
-                "image_id": image_id, "answer_type": atype, "question_id": qid})
-            truths.append({"question_id": qid, "image_id": image_id, "kind": kind, "answer": answer})
+        _vqa_questions(rng, image_id, objects, used, questions_per_image, *vqa[subtype], truths)
         j = i - n_train
         split = "train" if j < 0 else "val" if j < n_kval else "test" if j < n_kval + n_ktest else "restval"
         sentences = []
@@ -780,6 +767,35 @@ def make_world(out, n_images=3000, seed=0, questions_per_image=3, gqa_per_image=
         scenes.append({"image_id": image_id, "image": key, "objects": objects})
         gqa_images.append((split, buf, objects))
 
+    write_vqa(out, vqa)
+    write_json({"images": karpathy, "dataset": "coco"}, os.path.join(out, data.KARPATHY), indent=None)
+    gqa_ids, gqa_truths = write_gqa(out, gqa_images, seed, gqa_per_image)
+    for scene, gqa_id in zip(scenes, gqa_ids):
+        scene["gqa_image_id"] = gqa_id
+    nlvr2_objects, nlvr2_templates = write_nlvr2(out, nlvr2_sets, seed)
+    write_json({"images": scenes, "questions": truths, "gqa_questions": gqa_truths,
+                 "nlvr2_images": nlvr2_objects, "nlvr2_templates": nlvr2_templates}, os.path.join(out, SCENES), indent=None)
+
+
+def _vqa_questions(rng, image_id, objects, used, per_image, questions, annotations, truths):
+    """Append one scene's per_image VQAv2 questions, their annotations (10 human answers) and their truths."""
+    for k, (t, question, answer, possible) in enumerate(_pick_questions(rng, objects, used, per_image)):
+        kind, _, qtype, atype = TEMPLATES[t]
+        qid = image_id * 1000 + k
+        answers = _human_answers(rng, kind, answer, possible)
+        norm = Counter(normalize_answer(a) for a in answers)
+        mc = min(norm, key=lambda a: (-norm[a], a))
+        questions.append({"image_id": image_id, "question": question, "question_id": qid})
+        annotations.append({
+            "question_type": qtype, "multiple_choice_answer": mc,
+            "answers": [{"answer": a, "answer_confidence": rng.choice(["yes", "yes", "yes", "maybe"]),
+                         "answer_id": j + 1} for j, a in enumerate(answers)],
+            "image_id": image_id, "answer_type": atype, "question_id": qid})
+        truths.append({"question_id": qid, "image_id": image_id, "kind": kind, "answer": answer})
+
+
+def write_vqa(out, vqa):
+    """The VQAv2 question and annotation files of each subtype: vqa = {subtype: (questions, annotations)}."""
     info = {"description": "Synthetic shapes world in the VQAv2 format (routing-peft shapes.py)",
             "url": "", "version": "2.0", "year": 2024, "contributor": "routing-peft shapes.py",
             "date_created": "2024-01-01 00:00:00"}
@@ -790,13 +806,6 @@ def make_world(out, n_images=3000, seed=0, questions_per_image=3, gqa_per_image=
                      "license": license_, "data_subtype": subtype, "questions": questions}, q_path, indent=None)
         write_json({"info": info, "license": license_, "data_subtype": subtype,
                      "annotations": annotations, "data_type": "mscoco"}, a_path, indent=None)
-    write_json({"images": karpathy, "dataset": "coco"}, os.path.join(out, data.KARPATHY), indent=None)
-    gqa_ids, gqa_truths = write_gqa(out, gqa_images, seed, gqa_per_image)
-    for scene, gqa_id in zip(scenes, gqa_ids):
-        scene["gqa_image_id"] = gqa_id
-    nlvr2_objects, nlvr2_templates = write_nlvr2(out, nlvr2_sets, seed)
-    write_json({"images": scenes, "questions": truths, "gqa_questions": gqa_truths,
-                 "nlvr2_images": nlvr2_objects, "nlvr2_templates": nlvr2_templates}, os.path.join(out, SCENES), indent=None)
 
 
 def jpeg_bytes(img):
