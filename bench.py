@@ -9,12 +9,15 @@
                                 # transformers' generate: the same outputs, time ratio
     python bench.py eval        # CIDEr-D vs pycocoevalcap; VQA accuracy over 200k questions
     python bench.py train       # VQA training step: ours (cached / recomputed ViT) vs transformers + peft
+    python bench.py fullsize    # what one step of each preset costs at full size here, and its full run projected
     python bench.py tokenizers  # T5's SentencePiece tokenizer (data.py) vs the sentencepiece package, 10k captions
 
 Needs the dev requirements (transformers, peft, pycocoevalcap, sentencepiece). Runs on 2 threads unless told
 otherwise.
 """
 import argparse
+import json
+import os
 import statistics
 import time
 
@@ -103,7 +106,6 @@ def _paired_rounds(fns, rounds):
 
 def _load():
     """The 1-minute load average (the machine is shared: a load above the 2 threads slows everything)."""
-    import os
     return f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
 
 
@@ -724,7 +726,6 @@ def _autocast(step, dtype):
 
 def _train_memory(which, dtype, threads):
     """One configuration in a fresh process; prints JSON {peak RSS of the timed step, its rise}."""
-    import json
     torch.set_num_threads(threads)
     step = _train_step_transformers() if which == "c" else _train_steps_ours(which == "b")[which]
     run = _autocast(step, dtype)
@@ -747,8 +748,6 @@ def bench_train(rounds=3):
     configuration alone in a fresh process; peak resident set (VmHWM, reset after a warm-up step, so it
     is the peak of one training step: weights, gradients, optimizer state and activations) and its rise
     above the resident set before that step. (a) holds no ViT: cached features make it unnecessary."""
-    import json
-    import os
     import subprocess
     import sys
     threads = torch.get_num_threads()
@@ -778,6 +777,223 @@ def bench_train(rounds=3):
                  "rise in step GiB"], rows)
 
 
+# ---- fullsize (issue 19) -----------------------------------------------------
+#
+# The real data sets behind the projection of a preset's full run: per task, the training examples an epoch visits,
+# the validation examples scored every epoch and the test examples scored once at the end.
+FULL_DATA = {
+    # VQAv2 on the Karpathy split: every train2014 + val2014 question by its image's split (the counts of VL-T5's
+    # karpathy_{train,val,test}.json, j-min/VL-T5 issue 6; 443,757 + 214,354 questions in all)
+    "vqa": {"train": 605_102, "val": 26_729, "test": 26_280},
+    # Karpathy COCO: 82,783 train + 30,504 restval images x 5 captions (a few images have more), 5,000 val and
+    # 5,000 test images (TFDS coco_captions)
+    "caption": {"train": 113_287 * 5, "val": 5_000, "test": 5_000},
+    # GQA balanced: train + val questions for training, testdev as val and test (huggingface.co/datasets/Mineru/GQA)
+    "gqa": {"train": 943_000 + 132_062, "val": 12_578, "test": 12_578},
+    # NLVR2: train, dev, test1 (lil.nlp.cornell.edu/nlvr: 107,292 examples = these + 6,970 hidden test)
+    "nlvr2": {"train": 86_373, "val": 6_982, "test": 6_967},
+}
+# The images whose features a full run computes, by image encoder: COCO 2014 (82,783 + 40,504) for the ViT; for
+# CLIP also GQA's ~113,000 images (all of them: an upper bound) and NLVR2's pairs (2 an example: an upper bound)
+FULL_IMAGES = {"vit": 123_287, "clip_resnet": 123_287 + 113_000 + 2 * (86_373 + 6_982 + 6_967)}
+FULL_PRESETS = ("vqa-lora", "vqa-adapter", "caption-lora", "multitask-lora", "multitask-adapter", "multitask-vlpet-large")
+BACKBONES = {"vit": "vit-l16", "roberta": "roberta-large", "gpt2": "gpt2-medium", "bart": "bart-base",
+             "clip_resnet": "clip-rn101"}  # arch -> models.PRESETS name: the papers' sizes
+
+
+def _padded_tokenizer(texts, vocab_size):
+    """A byte-level BPE learned on texts (data.learn_bpe, 1,000 tokens), its vocabulary filled up to a real model's
+    size with tokens "zq0", "zq1", ... that nothing encodes to: every id a full-size model generates decodes."""
+    import data
+    tok = data.learn_bpe(texts, 1000)
+    vocab, k = dict(tok["vocab"]), 0
+    while len(vocab) < vocab_size:
+        vocab.setdefault(f"zq{k}", len(vocab))
+        k += 1
+    return {"vocab": vocab, "merges": tok["merges"]}
+
+
+def _fullsize_inputs(root, archs, n_images, nlvr2_sets):
+    """The world (shapes.make_world: n_images images, nlvr2_sets NLVR2 sets) and a full-size backbone per arch,
+    random weights (models.build_model(models.PRESETS[...])), saved in the converted format with a padded
+    tokenizer. Returns (world folder, {arch: checkpoint path})."""
+    import models
+    import shapes
+    world = os.path.join(root, "world")
+    if not os.path.isfile(os.path.join(world, shapes.SCENES)):
+        shapes.make_world(world, n_images=n_images, nlvr2_sets=nlvr2_sets)
+    texts = shapes.bart_texts(world)  # every task's questions, answers, captions and statements
+    paths = {}
+    for arch in archs:
+        paths[arch] = os.path.join(root, f"{BACKBONES[arch]}.pt")
+        if not os.path.isfile(paths[arch]):
+            torch.manual_seed(0)
+            config = models.PRESETS[BACKBONES[arch]]
+            tokenizer = _padded_tokenizer(texts, config.vocab_size) if config.vocab_size else None
+            models.save_checkpoint(models.build_model(config), paths[arch], tokenizer)
+    return world, paths
+
+
+def _folder_bytes(folder, skip):
+    """Bytes of the files under folder, except under its subfolder `skip`."""
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder)
+               if not d.startswith(os.path.join(folder, skip)) for f in files)
+
+
+def _fullsize_run(spec):
+    """One preset through train.main in this fresh process (spec: JSON {"preset", "options", "steps", "threads"}): one
+    epoch of the first `steps` steps of each task (the epoch's plan cut, the steps' order kept). Prints one JSON
+    line: per task the wall time of each training step (from its start to the next step's or the evaluation's:
+    data, forward, backward, optimizer) and the evaluation's seconds and examples; the feature extraction's seconds,
+    images and new bytes in the cache; the peak memory; {"oom": true} if CUDA ran out of memory."""
+    import resource
+    from collections import Counter, defaultdict
+
+    import tasks
+    import train
+    spec = json.loads(spec)
+    torch.set_num_threads(spec["threads"])
+    starts, evals, extraction = [], defaultdict(lambda: [0.0, 0]), [0.0, 0]
+
+    def timed_step(model, task, *args):
+        starts.append((time.perf_counter(), task.name))
+        return step(model, task, *args)
+
+    def timed_score(*args):
+        starts.append((time.perf_counter(), None))  # the end of the last step
+        return score(*args)
+
+    def timed_evaluate(self, *args):
+        t0 = time.perf_counter()
+        out = evaluate(self, *args)
+        evals[self.name][0] += time.perf_counter() - t0
+        evals[self.name][1] += len(out[1])
+        return out
+
+    def timed_cache(self, keys):
+        t0 = time.perf_counter()
+        cache(self, keys)
+        extraction[0] += time.perf_counter() - t0
+        extraction[1] += len(keys)
+
+    def first_steps(*args):
+        seen = Counter()
+        return [s for s in plan(*args) if seen.update([s[0]]) or seen[s[0]] <= spec["steps"]]
+
+    step, score, evaluate, cache, plan = (train.train_step, train.score, tasks.Task.evaluate, tasks.Features.cache,
+                                          train.epoch_plan)
+    train.train_step, train.score, tasks.Task.evaluate, tasks.Features.cache, train.epoch_plan = (
+        timed_step, timed_score, timed_evaluate, timed_cache, first_steps)
+    cfg = train.Config(**{**train.PRESETS[spec["preset"]], **spec["options"]})
+    before = _folder_bytes(cfg.cache, "prepared") if os.path.isdir(cfg.cache) else 0
+    try:
+        train.main(cfg, overwrite=True)
+    except torch.cuda.OutOfMemoryError:
+        print(json.dumps({"oom": True}))
+        return
+    end = next(t for t, name in starts if name is None)
+    steps = defaultdict(list)
+    for (t, name), (t_next, _) in zip(starts, starts[1:]):
+        if name is not None and t < end:
+            steps[name].append(t_next - t)
+    cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"steps": steps, "evals": evals, "extraction": extraction, "device": "cuda" if cuda else "cpu",
+                      "new_bytes": _folder_bytes(cfg.cache, "prepared") - before, "peak_bytes": peak}))
+
+
+def _hours(seconds):
+    return f"{seconds / 3600:,.1f} h" if seconds >= 3600 else f"{seconds / 60:,.0f} min"
+
+
+def _run_preset(name, batch, options, steps, threads, log):
+    """One preset through _fullsize_run in a fresh process at --batch-size `batch`, halved while CUDA runs out of
+    memory; its output in the file `log`. -> (the batch measured, _fullsize_run's measurements)."""
+    import subprocess
+    import sys
+    while True:
+        spec = json.dumps({"preset": name, "options": {**options, "batch_size": batch}, "steps": steps, "threads": threads})
+        with open(log, "w") as f:
+            proc = subprocess.run([sys.executable, "-c", f"import bench; bench._fullsize_run({spec!r})"],
+                                  cwd=os.path.dirname(os.path.abspath(__file__)), stdout=f, stderr=subprocess.STDOUT)
+        with open(log) as f:
+            lines = f.read().splitlines()
+        if proc.returncode:
+            raise RuntimeError(f"{name} failed; its log: {log}\n" + "\n".join(lines[-20:]))
+        m = json.loads(lines[-1])
+        if not m.get("oom"):
+            return batch, m
+        if batch == 1:
+            raise RuntimeError(f"{name}: batch 1 does not fit in CUDA memory")
+        batch //= 2
+
+
+def _fullsize_rows(name, preset, b, m, per_image, size):
+    """(the table's row, the projection's row) of a preset measured at --batch-size b; per_image, size: its image
+    encoder's feature extraction rate (images / s) and bytes per image on disk."""
+    import tasks
+    kinds = tasks.TASKS[preset["task"]]
+    task_batch = {k.name: k.batch_of(b) for k in kinds}
+    full_batch = {k.name: k.batch_of(preset["batch_size"]) for k in kinds}
+    step = {t: statistics.median(v[1:] or v) * full_batch[t] / task_batch[t] for t, v in m["steps"].items()}
+    per_example = {t: s / n for t, (s, n) in m["evals"].items()}
+    epochs = preset["epochs"]
+    n_steps = {t: FULL_DATA[t]["train"] // full_batch[t] for t in step}
+    t_train = epochs * sum(n_steps[t] * step[t] for t in step)
+    t_eval = sum((epochs * FULL_DATA[t]["val"] + FULL_DATA[t]["test"]) * per_example[t] for t in per_example)
+    t_features = FULL_IMAGES[kinds[0].vision] / per_image
+    scaled = "" if b == preset["batch_size"] else f" (x{preset['batch_size'] / b:g} from batch {b})"
+    row = [name, f"{preset['batch_size']}{scaled}", ", ".join(f"{t} {s:.2f}" for t, s in step.items()),
+           ", ".join(f"{t} {s:.3f}" for t, s in per_example.items()), f"{per_image:.1f}", f"{size / 1024:.1f}",
+           f"{m['peak_bytes'] / 2**30:.1f} ({m['device']})"]
+    return row, [name, f"{epochs} x {sum(n_steps.values()):,}", _hours(t_train), _hours(t_features), _hours(t_eval),
+                 _hours(t_train + t_features + t_eval)]
+
+
+def bench_fullsize(presets, batch, steps, n_images, nlvr2_sets, val_limit, root, threads):
+    """Each preset at full size (random weights, the demo world's data in the real formats) for one short epoch
+    through train.main, each in a fresh process; prints what a step, an evaluated example and an image's features
+    cost here, the peak memory, and the projected time of the preset's full run (FULL_DATA). batch: the
+    --batch-size measured (0: the preset's, halved on CUDA until it fits); a step at the preset's batch is then
+    that step's time x the ratio of the batch sizes (a projection, said so). Each task runs `steps` steps; the
+    first, which also reads the weights in, is not timed."""
+    import shutil
+    import tempfile
+
+    import tasks
+    import train
+    t_start = time.time()
+    root = root or tempfile.mkdtemp(prefix="fullsize-")
+    for old in ("cache", "runs"):  # a reused root keeps its world and backbones; the features are measured again
+        shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    settings = {name: train.PRESETS[name] for name in presets}
+    archs = sorted({a for p in settings.values() for a in (tasks.TASKS[p["task"]][0].vision, tasks.TASKS[p["task"]][0].tiny)})
+    world, paths = _fullsize_inputs(root, archs, n_images, nlvr2_sets)
+    print(f"world: {world} ({n_images} images); backbones with random weights: "
+          f"{', '.join(os.path.basename(p) for p in paths.values())}, tokenizer: a 1,000-token BPE learned on the "
+          f"world's text, filled up to each model's vocabulary ({time.time() - t_start:.0f}s)", flush=True)
+    devices, rows, projections, rates = set(), [], [], {}
+    for name, preset in settings.items():
+        kind = tasks.TASKS[preset["task"]][0]
+        options = {"vision": paths[kind.vision], "text": paths[kind.tiny], "data": world, "epochs": 1, "val_limit": val_limit,
+                   "out": os.path.join(root, "runs", name), "cache": os.path.join(root, "cache"), "workers": 2}
+        b, m = _run_preset(name, batch or preset["batch_size"], options, steps, threads, os.path.join(root, f"{name}.log"))
+        devices.add(m["device"])
+        if m["new_bytes"]:  # this run computed the features; a later preset with the same encoder reads them
+            rates[kind.vision] = (m["extraction"][1] / m["extraction"][0], m["new_bytes"] / m["extraction"][1])
+        row, projection = _fullsize_rows(name, preset, b, m, *rates[kind.vision])
+        rows.append(row)
+        projections.append(projection)
+        print(row, projection, flush=True)
+    machine = torch.cuda.get_device_name() if devices == {"cuda"} else f"CPU, {threads} threads, {_load()}"
+    print(f"\nFull-size presets on this machine ({machine}), random weights, {n_images}-image demo world; "
+          f"{time.time() - t_start:.0f}s in all")
+    print_table(["preset", "batch", "s / step at that batch, per task", "evaluation s / example", "features: images / s",
+                 "kB / image on disk", "peak memory GiB"], rows)
+    print("\nProjected full run (FULL_DATA in bench.py; evaluation: the whole val split every epoch, then test):")
+    print_table(["preset", "epochs x steps", "training", "features (once)", "evaluation", "total"], projections)
+
+
 BENCHES = {}
 BENCHES["beams"] = bench_beams
 BENCHES["eval"] = bench_eval
@@ -785,15 +1001,35 @@ BENCHES["models"] = bench_models
 BENCHES["routing"] = bench_routing
 BENCHES["tokenizers"] = bench_tokenizers
 BENCHES["train"] = bench_train
+BENCHES["fullsize"] = bench_fullsize
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bench", choices=sorted(BENCHES))
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    fullsize = parser.add_argument_group("fullsize")
+    fullsize.add_argument("--presets", default=",".join(FULL_PRESETS), help="comma-separated train.py presets")
+    fullsize.add_argument("--batch", type=int, default=None,
+                          help="--batch-size to measure (default: the preset's on CUDA, 2 on a CPU)")
+    fullsize.add_argument("--steps", type=int, default=3, help="training steps of each task (the first is not timed)")
+    fullsize.add_argument("--world", type=int, default=None, help="images in the demo world (default: 1,500 on CUDA, "
+                          "enough for 3 steps at the presets' batches; 20, the least, on a CPU)")
+    fullsize.add_argument("--val-limit", type=int, default=None, help="val examples scored (default: 1,000 on CUDA, 4)")
+    fullsize.add_argument("--root", default="", help="folder for the world, backbones, caches and runs (default: a "
+                          "new temporary folder)")
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
     torch.set_num_threads(args.threads)
-    BENCHES[args.bench]()
+    if args.bench != "fullsize":
+        return BENCHES[args.bench]()
+    cuda = torch.cuda.is_available()
+    world = args.world or (1500 if cuda else 20)
+    bench_fullsize(args.presets.split(","), 0 if cuda and args.batch is None else args.batch or 2, args.steps, world,
+                   max(6, world // 10), args.val_limit or (1000 if cuda else 4), args.root, args.threads)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import contextlib
 import functools
 import glob
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -816,9 +817,6 @@ def _checkpoint_tokenizer(cls, path):
 # Files: clear errors, atomic writes, a prepared-data cache that is never stale
 # =============================================================================================
 
-CACHE_VERSION = 1  # bump when the layout of prepared data changes
-
-
 def _open_source(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"file not found: {path}")
@@ -925,10 +923,10 @@ def wait_for_lock(f, what):
 
 
 def cache_file(kind, sources, params, cache_dir, ext=".pt"):
-    """The path of a cache entry: a hash of the source files' absolute paths, sizes and modification times,
-    the parameters (tokenizer fingerprint, lengths, a feature-code version) and CACHE_VERSION, so that a
-    changed source or option gives a new file, never a stale one."""
-    key = {"kind": kind, "version": CACHE_VERSION, "params": params, "sources": []}
+    """The path of a cache entry: a hash of the source files' absolute paths, sizes and modification times
+    and of the parameters (tokenizer fingerprint, lengths, a version of the code that makes the entry), so
+    that a changed source, option or code gives a new file, never a stale one."""
+    key = {"kind": kind, "params": params, "sources": []}
     for path in sources:
         st = os.stat(path)
         key["sources"].append([os.path.abspath(path), st.st_size, st.st_mtime_ns])
@@ -937,8 +935,9 @@ def cache_file(kind, sources, params, cache_dir, ext=".pt"):
 
 
 def cached(kind, sources, params, build, cache_dir):
-    """build() once; later calls load the result from its cache_file."""
-    path = cache_file(kind, sources, params, cache_dir)
+    """build() once; later calls load the result from its cache_file, whose key includes code_version(build):
+    a column added or changed by any code that build runs gives a new entry, with no version number to bump."""
+    path = cache_file(kind, sources, {**params, "code": code_version(build)}, cache_dir)
     if os.path.isfile(path):
         try:
             return torch.load(path, weights_only=True)
@@ -947,6 +946,43 @@ def cached(kind, sources, params, build, cache_dir):
     data = build()
     atomic_write(path, lambda f: torch.save(data, f), "wb")
     return data
+
+
+PROJECT = os.path.dirname(os.path.abspath(__file__))
+
+
+def code_version(fn):
+    """A hash of the source of fn and of every function and class of this project that it can run, found
+    transitively through the global names and closures of their code (and the classes of the objects in a
+    closure: the tokenizer). Any edit to that code, such as a column added to a prepared split, changes it."""
+    sources, todo = {}, [fn]
+    while todo:
+        obj = inspect.unwrap(todo.pop())  # an lru_cache'd function: the function itself
+        if not (inspect.isfunction(obj) or inspect.isclass(obj)):
+            obj = type(obj)  # an object in a closure: its class
+        name = f"{obj.__module__}.{obj.__qualname__}"
+        if name in sources or not _is_project_code(obj):
+            continue
+        sources[name] = inspect.getsource(obj)
+        for f in [v for v in vars(obj).values() if inspect.isfunction(v)] if inspect.isclass(obj) else [obj]:
+            todo += [f.__globals__[n] for n in _code_names(f.__code__) if n in f.__globals__]
+            todo += [c.cell_contents for c in f.__closure__ or ()]
+    return hashlib.sha256(json.dumps(sorted(sources.items())).encode()).hexdigest()[:16]
+
+
+def _code_names(code):
+    """The global and attribute names a code object and the code nested in it (comprehensions, lambdas) use."""
+    return set(code.co_names).union(*(_code_names(c) for c in code.co_consts if inspect.iscode(c)))
+
+
+def _is_project_code(obj):
+    """Whether a function or class is defined in a file under this project's folder (tests included), not in
+    an installed package (a virtual environment may sit inside the project)."""
+    try:
+        parts = os.path.relpath(os.path.abspath(inspect.getsourcefile(obj) or ""), PROJECT).split(os.sep)
+    except (TypeError, ValueError):  # built in; on another drive (Windows)
+        return False
+    return parts[0] != ".." and not {"site-packages", "dist-packages"} & set(parts)
 
 
 def npy_header(f):
@@ -1083,6 +1119,21 @@ def _ragged(lists, dtype=torch.long):
         offsets.append(offsets[-1] + len(x))
     flat = [v for x in lists for v in x]
     return torch.tensor(flat, dtype=dtype), torch.tensor(offsets, dtype=torch.long)
+
+
+RAGGED = ("input_ids", "target_ids", "target_scores", "caption_ids")  # the flat values of the prepared splits' ragged columns
+
+
+def first_rows(split, n):
+    """The first n examples of a prepared split (prepare_vqa, _gqa, _nlvr2, _captions; a caption split's examples
+    are its images): every per-example column cut to n, a ragged column's offsets to n + 1 (the flat values they
+    index stay whole); a caption split's per-caption columns keep the captions of its first n images."""
+    c = int((split["caption_image"] < n).sum()) if "caption_image" in split else n  # captions come in image order
+
+    def cut(key, column):
+        rows = c if key.startswith("caption_") else n
+        return column if key in RAGGED else column[:rows + 1] if key.endswith("_offsets") else column[:rows]
+    return {k: cut(k, v) for k, v in split.items()}
 
 
 def encode_question(tokenizer, question, max_len):

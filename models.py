@@ -1338,6 +1338,11 @@ def read_torch_file(path, what, mmap=False):
 def load_checkpoint(path, arch=None):
     """The backbone stored in a converted file, in eval mode (strict load, weights_only=True)."""
     hint = "make one with: python models.py convert --src DIR --out FILE.pt"
+    if os.path.isdir(path):
+        name = os.path.basename(os.path.normpath(path))
+        kind = " (a Hugging Face model, judging by its config.json)" if os.path.isfile(os.path.join(path, "config.json")) else ""
+        raise ValueError(f"{path} is a folder{kind}, not a converted checkpoint file: convert it once with: python models.py "
+                         f"convert --src {path} --out ckpt/{name}.pt, then use ckpt/{name}.pt")
     ckpt = read_torch_file(path, "converted checkpoint", mmap=True)
     if not isinstance(ckpt, dict) or not {"arch", "config", "model"} <= set(ckpt):
         raise ValueError(f"{path} is not a converted checkpoint (expected a dict with arch, config, model); {hint}")

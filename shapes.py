@@ -24,9 +24,10 @@ scores them), laid out as the official archives unpack (WORLD = --out):
 
 gqa_files(WORLD, split) and nlvr2_files(WORLD, split) give (file, images folder) for data.read_gqa /
 data.read_nlvr2 and eval.py. GQA asks its questions on the VQA scenes, whose JPEGs it holds again
-under its own flat layout and image ids; a scene's Karpathy split decides its GQA split (train +
-restval -> train, val -> val, test -> testdev), so a Karpathy test image is a test image for every
-task.
+under its own flat layout and image ids; a scene's Karpathy split decides its GQA split (train ->
+train, restval -> val, test -> testdev), and the Karpathy val images have no GQA questions (GQA, as
+Visual Genome, covers only part of COCO): the multi-task setting trains GQA on its train and val
+questions (as VL-PET), so no image that VQA or captions validate or test on is ever trained on.
 NLVR2 draws its own pairs. Answers are balanced per question template and labels per statement
 template, so the text alone says little (tests/test_shapes.py measures blind priors against oracles).
 Deterministic: the same seed gives the same bytes.
@@ -314,7 +315,8 @@ GQA_TEMPLATES = {
 }
 # The structural types, weighted towards query and verify (the bulk of GQA) for a scene's first question
 GQA_KINDS = {"query": 4, "verify": 3, "choose": 2, "compare": 1, "logical": 1}
-GQA_SPLIT = {"train": "train", "restval": "train", "val": "val", "test": "testdev"}  # Karpathy -> GQA
+# Karpathy -> GQA; Karpathy val: no GQA question (GQA's val is trained on, and must hold no image scored elsewhere)
+GQA_SPLIT = {"train": "train", "restval": "val", "test": "testdev"}
 
 
 def relation_holds(a, b, rel):
@@ -589,16 +591,19 @@ def gqa_files(world, split):
 
 def write_gqa(out, images, seed, per_image):
     """The GQA part of a world: per_image questions on each scene of `images` ([(Karpathy split,
-    JPEG bytes, objects)], the VQA scenes) in gqa/questions1.2/{train,val,testdev}_balanced_questions.json
-    (Karpathy train and restval -> train, val -> val, test -> testdev: a Karpathy test image is a
-    test image for every task) and the same JPEG again under gqa/images/{imageId}.jpg: GQA's images.zip is one
-    flat folder named by GQA's own image ids, which COCO's paths cannot serve. Returns (GQA image
-    ids, truths [{question_id, image_id, template, answer}])."""
+    JPEG bytes, objects)], the VQA scenes) but those of Karpathy val, in
+    gqa/questions1.2/{train,val,testdev}_balanced_questions.json (GQA_SPLIT: Karpathy train -> train,
+    restval -> val, test -> testdev), and the same JPEG again under gqa/images/{imageId}.jpg: GQA's
+    images.zip is one flat folder named by GQA's own image ids, which COCO's paths cannot serve. Returns
+    (GQA image id per scene, None for Karpathy val, truths [{question_id, image_id, template, answer}])."""
     rng, used = random.Random(f"{seed}-gqa"), Counter()  # (template, answer) -> questions so far
     files = {split: {} for split in ("train", "val", "testdev")}
     images_dir = gqa_files(out, "train")[1]
     image_ids, truths = [], []
     for i, (split, buf, objects) in enumerate(images):
+        if split not in GQA_SPLIT:
+            image_ids.append(None)
+            continue
         image_id = str(2300000 + i)  # Visual Genome-like ids, apart from the COCO ids
         image_ids.append(image_id)
         atomic_write(os.path.join(images_dir, data.gqa_image_key(image_id)), lambda f: f.write(buf), "wb")
@@ -745,14 +750,14 @@ def write_nlvr2(out, n_sets, seed):
 def make_world(out, n_images=3000, seed=0, questions_per_image=3, gqa_per_image=2, nlvr2_sets=None):
     """Write the synthetic world under `out` in the real formats (see the module docstring).
     Two thirds of the images are train2014, one third val2014; of val2014, 30 % are Karpathy val,
-    30 % test, the rest restval. GQA asks gqa_per_image questions on each of these scenes
-    (write_gqa); NLVR2 has nlvr2_sets sets of four image pairs (write_nlvr2; default n_images // 20,
+    30 % test, the rest restval. GQA asks gqa_per_image questions on each of these scenes but the
+    Karpathy val ones (write_gqa); NLVR2 has nlvr2_sets sets of four image pairs (write_nlvr2; default n_images // 20,
     i.e. 600 pairs for 3000 images). Last, the truth for oracle checks, shapes_scenes.json:
-    {"images": [{image_id, image, objects, gqa_image_id}], "questions": VQA [{question_id, image_id,
+    {"images": [{image_id, image, objects, gqa_image_id (None: not in GQA)}], "questions": VQA [{question_id, image_id,
     kind, answer}], "gqa_questions": [{question_id, image_id, template, answer}], "nlvr2_images":
     {image key under nlvr2/: objects}, "nlvr2_templates": {identifier: template}}. Deterministic: the
     same seed gives byte-identical files."""
-    if n_images < 20:  # fewer leave the Karpathy val or test split, hence GQA val or testdev, empty
+    if n_images < 20:  # fewer leave a Karpathy val, test or restval split, hence GQA val or testdev, empty
         raise ValueError(f"make_world: n_images must be at least 20, got {n_images}")
     nlvr2_sets = n_images // 20 if nlvr2_sets is None else nlvr2_sets
     if nlvr2_sets < 3:
@@ -847,11 +852,11 @@ def world_texts(world):
 
 def bart_texts(world):
     """The tiny BART's corpus: the training questions and captions, VQA's human answers, GQA's training questions
-    and answers, NLVR2's training sentences and their labels' words. The answers stand alone, as the targets do
-    (<s> answer </s>, no leading space), so that they are whole tokens, as in BART's vocabulary."""
+    and answers (train and val), NLVR2's training sentences and their labels' words. The answers stand alone, as
+    the targets do (<s> answer </s>, no leading space), so that they are whole tokens, as in BART's vocabulary."""
     questions, captions = world_texts(world)
     vqa = [a for r in data.read_vqa(world, "train2014") for a in r["answers"]]
-    gqa = data.read_gqa(gqa_files(world, "train")[0])
+    gqa = data.read_gqa(gqa_files(world, "train")[0]) + data.read_gqa(gqa_files(world, "val")[0])
     nlvr2 = data.read_nlvr2(nlvr2_files(world, "train")[0])
     return questions + captions + vqa + [r["question"] for r in gqa] + [r["answer"] for r in gqa] + \
         [r["sentence"] for r in nlvr2] + ["true" if r["label"] else "false" for r in nlvr2]

@@ -131,6 +131,7 @@ class Task:
     prompt = ""         # put before every question (the CLIP-BART tasks' prompts)
     batch_share = 1.0   # the task's batch size, as a share of cfg.batch_size
     vocab = None        # what the trained head depends on (the VQA answers): a checkpoint must match it
+    split_names = {}    # the benchmark's name of a split where it differs ({"val": "dev"}): records and logs show it
 
     @classmethod
     def data_folder(cls, cfg, data_dir):
@@ -186,8 +187,11 @@ class Task:
                                            collate_fn=collate or self.collate)
 
     @torch.no_grad()
-    def evaluate(self, model, split):
-        """(metrics in eval.py's names, results in the official format) on a split."""
+    def evaluate(self, model, split, limit=0):
+        """(metrics in eval.py's names, results in the official format) on a split (limit > 0: its first `limit` examples)."""
+        if 0 < limit < len(self.splits[split]["image"]):  # a split of its own, "val[:500]"
+            name = f"{split}[:{limit}]"
+            self.splits[name], split = data.first_rows(self.splits[split], limit), name
         model.eval()
         try:
             return self.predict(model, split)
@@ -197,17 +201,26 @@ class Task:
     def ordered_batches(self, split):
         """The collated batches of a split in order (evaluation), with a progress bar."""
         ds = self.dataset(split)
-        return data.progress(self.loader(ds, index_batches(len(ds), self.cfg.batch_size)), f"evaluate {split}", "batch")
+        batches = self.eval_batches(len(ds))
+        return data.progress(self.loader(ds, batches), f"evaluate {self.name} {split}", "batch", len(batches))
+
+    def eval_batches(self, n):
+        """Indices 0..n-1 in batches of --eval-batch-size, else the training batch's (VL-PET's val and test loaders)."""
+        size = self.cfg.eval_batch_size or self.batch_size
+        return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+    def output_warning(self, results, split):
+        """[a line] when every prediction (a results entry's last field in every official format) is empty, or all
+        are the same (two or more): a tokenizer or checkpoint that does not fit, or a collapsed run. Else []."""
+        seen = {str(list(r.values())[-1]).strip() for r in results}
+        what = "empty" if seen == {""} else f"the same, {min(seen)!r}" if len(seen) == 1 < len(results) else ""
+        return [f"warning: {self.name}: all {len(results):,} {self.split_names.get(split, split)} predictions are {what} (a tokenizer or "
+                f"checkpoint that does not fit, or a collapsed run?)"] if what else []
 
     def write_results(self, results, folder, split):
         path = os.path.join(folder, f"results_{self.name}_{split}.json")
         metrics.write_json(results, path)
         return path
-
-
-def index_batches(n, batch_size):
-    """Indices 0..n-1 in order, cut into batches of batch_size (the last may be shorter)."""
-    return [list(range(i, min(i + batch_size, n))) for i in range(0, n, batch_size)]
 
 
 class VQA(Task):
@@ -326,15 +339,14 @@ class Captioning(Task):
 
     def predict(self, model, split):
         """Beam search (cfg.beams) on every image of the split, scored against its references."""
-        s = self.splits[split]
-        keys, ids = s["image"], s["image_id"].tolist()
-        batches = index_batches(len(keys), self.cfg.batch_size)
+        keys, ids = self.splits[split]["image"], self.splits[split]["image_id"].tolist()
+        batches = self.eval_batches(len(keys))
         if self.features.pixels is None:
             loader = ({"image": [keys[j] for j in b]} for b in batches)
         else:  # images decoded by DataLoader workers, the ViT run per batch
             loader = self.loader(data.ImageDataset(keys, self.features.pixels), batches, collate=torch.utils.data.default_collate)
         captions = {}
-        for b, batch in zip(batches, data.progress(loader, f"evaluate {split}", "batch", total=len(batches))):
+        for b, batch in zip(batches, data.progress(loader, f"evaluate {self.name} {split}", "batch", len(batches))):
             with self.features.autocast():
                 captions.update(zip([ids[j] for j in b], self.generate(model, batch)))
         return metrics.caption_scores(self.refs(split), captions), [{"image_id": k, "caption": c} for k, c in captions.items()]
@@ -506,7 +518,7 @@ class CaptionModel(nn.Module):
 #   differ only for answers not in normal form; not measurable without VQAv2 here.
 # - VL-PET-small's gate averages over every token, padding included, as the release: a prediction depends on
 #   its batch. The release evaluates with the training batches (VQA 500, GQA 833, NLVR2 166, captions 416) in
-#   file order, which --batch-size 500 --eval-batch-size 0 reproduces.
+#   file order, as the multitask presets do (--eval-batch-size left unset: each task's training batch).
 
 
 def init_as_bart_release(*modules):
@@ -715,6 +727,7 @@ class GQA(Generative):
     """GQA (balanced; train = train + val, evaluation on testdev, as VL-PET): exact-match accuracy."""
 
     name, headline, dataset_class, prompt = "gqa", ("gqa_accuracy",), data.PromptDataset, "gpa: "  # VL-PET's typo
+    split_names = {"val": "testdev", "test": "testdev"}  # no GQA val: it is trained on; every epoch scores testdev
     batch_share = 100 / 60  # VL-PET's per-task batch sizes (src/multitask.py): VQA 500, GQA 833, NLVR2 166, captions 416
 
     @classmethod
@@ -737,7 +750,7 @@ class GQA(Generative):
 
     def predict(self, model, split):
         preds = dict(zip(self.splits[split]["question_id"], self.answers(model, split)))
-        return metrics.gqa_scores(preds, self.questions), \
+        return metrics.gqa_scores(preds, {q: self.questions[q] for q in preds}), \
             [{"questionId": q, "prediction": p} for q, p in preds.items()]
 
     def summary(self, m):
@@ -751,8 +764,7 @@ class GQA(Generative):
         prior = defaultdict(Counter)
         for q, answer in zip(self.splits["train"]["question"], self.splits["train"]["answer"]):
             prior[qtype(q)][answer] += 1
-        overall = Counter(self.splits["train"]["answer"])
-        s = self.splits[split]
+        overall, s = Counter(self.splits["train"]["answer"]), self.splits[split]
         preds = {i: most_frequent(prior.get(qtype(q)) or overall) for i, q in zip(s["question_id"], s["question"])}
         return metrics.gqa_scores(preds, self.questions)
 
@@ -768,7 +780,7 @@ class NLVR2(Generative):
     consistency as lil-lab/nlvr's metrics.py."""
 
     name, headline, dataset_class, prompt, n_images = "nlvr2", ("nlvr2_accuracy",), data.PromptDataset, "nlvr: ", 2
-    batch_share = 20 / 60
+    batch_share, split_names = 20 / 60, {"val": "dev", "test": "test1"}
 
     @classmethod
     def data_folder(cls, cfg, data_dir):
@@ -814,14 +826,12 @@ class NLVR2(Generative):
         return path
 
     def text_only_baseline(self, split):
-        """The most frequent training label of the same sentence, else of all sentences."""
-        train = self.splits["train"]
-        prior = defaultdict(Counter)
+        """The most frequent training label of the same sentence, else of all sentences (ties: false)."""
+        train, s, prior = self.splits["train"], self.splits[split], defaultdict(Counter)
         for sentence, y in zip(train["sentence"], train["label"].tolist()):
             prior[sentence][y] += 1
-        overall = Counter(train["label"].tolist()).most_common(1)[0][0]
-        s = self.splits[split]
-        return self.scores(s, [prior[x].most_common(1)[0][0] if x in prior else overall for x in s["sentence"]])
+        overall = Counter(train["label"].tolist())
+        return self.scores(s, [most_frequent(prior.get(x) or overall) for x in s["sentence"]])
 
     def examples(self, results, split, n=8):
         s = self.splits[split]
@@ -878,20 +888,20 @@ X100 = {"CIDEr": 100, "Bleu_4": 100}  # shown x100, as papers report them
 
 
 def headline(record, tasks):
-    """The headline metrics of a record, as in papers: VQA / GQA / NLVR2 accuracy in %, CIDEr and BLEU x100."""
-    return ", ".join(f"{n} {record[n] * X100.get(n, 1):.2f}" for t in tasks for n in t.headline)
-
-
-def evaluate(tasks, model, split):
-    """{task: (metrics in eval.py's names, results in the official format)} of every task on a split."""
-    return {task: task.evaluate(model, split) for task in tasks}
+    """A record's headline metrics as in papers (% and x100), each with its benchmark split if not the record's."""
+    where = {t: "" if s == record["split"] else f" ({s})" for t, s in record["task_split"].items()}
+    return ", ".join(f"{n} {record[n] * X100.get(n, 1):.2f}{where[t.name]}" for t in tasks for n in t.headline)
 
 
 def add_metrics(record, scored):
-    """Each task's metrics into a record: nested under the task's name, its headline values flat."""
-    for task, (m, _) in scored.items():
-        record.update(task.summary(m))
-        record[task.name] = m
+    """Each task's metrics into a record: nested under the task's name, its headline values flat; "task_split": the
+    benchmark's split it was scored on ({"gqa": "testdev", ...}); "examples": how many examples its scores are over
+    (captions: images); "warnings": broken outputs (Task.output_warning)."""
+    for task, (m, results) in scored.items():
+        record.update(task.summary(m), **{task.name: m})
+        record.setdefault("task_split", {})[task.name] = task.split_names.get(record["split"], record["split"])
+        record.setdefault("examples", {})[task.name] = len(results)
+        record.setdefault("warnings", []).extend(task.output_warning(results, record["split"]))
 
 
 def write_results(out, scored, split):

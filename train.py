@@ -3,8 +3,7 @@
     python train.py                             # demo: synthetic VQA, tiny pretrained ViT + RoBERTa, CPU
     python train.py --task caption              # demo: synthetic captioning with a tiny GPT-2
     python train.py --task multitask            # demo: CLIP-BART on VQA, GQA, NLVR2 and captions at once
-    python train.py --preset vqa-lora --vision ckpt/vit-l16.pt --text ckpt/roberta-large.pt \\
-        --data DATA --images IMAGES             # a paper setting (README: all three)
+    python train.py --preset vqa-lora           # a paper setting (README: all three; data and checkpoints as laid out there)
     python train.py --resume runs/vqa           # continue a run exactly where it stopped
     python train.py --evaluate runs/vqa --split test   # regenerate a run's predictions and score them
     python train.py --study                     # every PEFT method x route x seeds: runs/study/study.md, .png
@@ -41,7 +40,7 @@ import eval as metrics
 import models
 import routing_peft as rp
 import shapes
-from tasks import TASKS, X100, Features, add_metrics, evaluate, headline, write_results
+from tasks import TASKS, X100, Features, add_metrics, headline, write_results
 
 
 @dataclass
@@ -65,6 +64,7 @@ class Config:
     train_ln: bool = True         # also train the LayerNorms inside the text model's blocks
     epochs: int = 6               # passes over the training split
     batch_size: int = 64          # examples per batch (under torchrun: all processes together)
+    eval_batch_size: int = 0      # examples per evaluation batch (0 = each task's training batch size, as VL-PET's release)
     grad_accum: int = 1           # batches per optimizer step (effective batch = batch_size * grad_accum)
     lr: float = 2e-3              # peak AdamW learning rate
     warmup: float = 0.05          # linear warm-up: a fraction of all steps if < 1, else steps; then linear decay
@@ -77,6 +77,7 @@ class Config:
     max_new_tokens: int = 20      # caption length limit in new tokens (multitask: training captions hold one fewer)
     max_steps: int = 0            # stop after this many optimizer steps (0 = all epochs); schedule unchanged
     train_limit: int = 0          # train on the first N examples of each task only (0 = all; VL-T5's --train_topk)
+    val_limit: int = 0            # score every epoch on the first N examples of each task's val split (0 = all; the final test: always all)
     seed: int = 0                 # seeds the new weights, the data order and dropout
     device: str = "auto"          # auto | cpu | cuda | mps
     workers: int = 2              # image-loading processes (only when features are not cached)
@@ -86,20 +87,22 @@ class Config:
     precision: str = "fp32"       # fp32 | bf16 (autocast of every forward pass; the releases trained in fp32)
 
 
-# The released hyper-parameters of the two paper settings (README). Checkpoint and data paths are the
-# README's; pass --vision/--text/--data/--images to change them.
-PAPER = dict(vision="ckpt/vit-l16.pt", images="data/coco", epochs=20)
-VQA_PAPER = dict(PAPER, task="vqa", text="ckpt/roberta-large.pt", data="data/vqa", lr=3e-4, batch_size=512, warmup=0.05)
+# The released hyper-parameters of the two paper settings (README). Checkpoint and data paths follow the README's
+# layout (every dataset under data/real, as in the demo's world); --vision/--text/--data/--images change them.
+PAPER = dict(vision="ckpt/vit-l16.pt", data="data/real", epochs=20)
+VQA_PAPER = dict(PAPER, task="vqa", text="ckpt/roberta-large.pt", lr=3e-4, batch_size=512, warmup=0.05)
+# captions: trained up to 50 tokens, generated with 5 beams and HF 4.29.2's default max_length 20, which counts the start id
+# generate() puts before inputs_embeds: 19 new tokens (Routing_VLPEFT @ e91d826 configs/coco_task.yaml:11, test_vit_gpt.py:153)
 PRESETS = {"vqa-lora": dict(VQA_PAPER, peft="lora", rank=128, alpha=128), "vqa-adapter": dict(VQA_PAPER, peft="adapter", rank=64),
-           "caption-lora": dict(PAPER, task="caption", text="ckpt/gpt2-medium.pt", data="data/coco", peft="lora", rank=128,
-                                alpha=128, lr=3e-5, batch_size=40, warmup=5000, max_len=50)}
+           "caption-lora": dict(PAPER, task="caption", text="ckpt/gpt2-medium.pt", peft="lora", rank=128, alpha=128, lr=3e-5,
+                                batch_size=40, warmup=5000, max_len=50, max_new_tokens=19)}
 # The CLIP-BART setting as VL-PET released it (scripts/image-text/*.sh, CLIPBART_NOTES 1.7; the converted bart-base
 # keeps its dropout 0.1; the other tasks' batches in proportion to VQA's). LoRA r 128 / alpha 32 / dropout 0.1, the
 # adapters and VL-PET r 96 (gate rank and the decoder's value adapter too), BitFit (bitfit.sh) and full fine-tuning
 # at lr 1e-4 (full_finetuning.sh, which also drops the task prompts: we keep them). Route none: the release's method.
-CLIP_BART = dict(task="multitask", vision="ckpt/clip-rn101.pt", text="ckpt/bart-base.pt", data="data/vqa", images="data/coco",
-                 gqa="data/gqa", nlvr2="data/nlvr2", visual="mean", batch_size=500, epochs=20, lr=1e-3, adam_eps=1e-6,
-                 weight_decay=0.01, warmup=0.1, clip=5.0, beams=5, max_new_tokens=39, route="none")
+CLIP_BART = dict(task="multitask", vision="ckpt/clip-rn101.pt", text="ckpt/bart-base.pt", data="data/real", visual="mean",
+                 batch_size=500, epochs=20, lr=1e-3, adam_eps=1e-6, weight_decay=0.01, warmup=0.1, clip=5.0, beams=5,
+                 max_new_tokens=39, route="none")
 VLPET = ("vlpet-large", "vlpet-middlex", "vlpet-middley", "vlpet-small")
 PRESETS.update({"multitask-lora": dict(CLIP_BART, peft="lora", rank=128, alpha=32, dropout=0.1),
                 "multitask-bitfit": dict(CLIP_BART, peft="bitfit"), "multitask-full": dict(CLIP_BART, peft="full", lr=1e-4),
@@ -115,7 +118,7 @@ TASK_DEFAULTS = {"multitask": dict(visual="mean", peft="vlpet-large", adam_eps=1
                                    clip=5.0, max_new_tokens=39, epochs=2, batch_size=64, lr=1e-2)}
 PEFT_ONLY = {"alpha": ("lora", "xattn"), "dropout": ("lora", "xattn"), "rank": MODULES, "train_ln": MODULES}  # who reads
 UNROUTED = ("xattn", "bitfit", "full")  # no routing function: route none
-RESUME_OVERRIDES = ("max_steps", "device", "workers")  # what --resume may change: not the math
+RESUME_OVERRIDES = ("max_steps", "device", "workers", "val_limit", "eval_batch_size")  # what --resume may change (not the math)
 META = ("preset", "resume", "overwrite", "evaluate", "split", "study")  # command-line options that are not Config fields
 
 
@@ -205,8 +208,8 @@ def check_config(cfg):
                          f"(route {cfg.route!r} needs one vector per image)")
     for names, ok, need in ((("rank", "epochs", "batch_size", "grad_accum", "max_len", "answers", "beams", "max_new_tokens"),
                              lambda v: v >= 1, "at least 1"), (("lr", "alpha"), lambda v: v > 0, "> 0"),
-                            (("max_steps", "train_limit", "warmup", "weight_decay", "workers", "clip"), lambda v: v >= 0, ">= 0"),
-                            (("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")):
+                            (("max_steps", "train_limit", "val_limit", "eval_batch_size", "warmup", "weight_decay", "workers",
+                              "clip"), lambda v: v >= 0, ">= 0"), (("dropout",), lambda v: 0 <= v < 1, "in [0, 1)")):
         for name in names:
             if not ok(getattr(cfg, name)):
                 raise ValueError(f"--{name.replace('_', '-')} must be {need}, got {getattr(cfg, name)}")
@@ -228,10 +231,10 @@ def backbone(name, arch):
     """A converted checkpoint's path, or "tiny": the demo's `arch` backbone (pretrained on first use)."""
     if name == "tiny":
         return shapes.tiny_backbone(arch)
-    if not os.path.isfile(name):
+    if not os.path.exists(name):
         raise FileNotFoundError(f"checkpoint not found: {name} (convert one with: python models.py convert "
                                 f"--src HF_DIR --out {name}, or use 'tiny')")
-    return name
+    return name  # a folder is refused by models.load_checkpoint, which says how to convert it
 
 
 def build(cfg):
@@ -456,8 +459,9 @@ def train(cfg, rank, world, resume):
             score(cfg, tasks, model, record)
             records.append(record)
             save_run(cfg, model, opt, step, tasks, records, {} if step % steps_per_epoch == 0 else losses)
-            print(f"epoch {record['epoch']:.2f} step {step}: loss {record['train_loss']:.4f}, val "
-                  f"{headline(record, tasks)} ({time.time() - t0:.0f}s)")
+            part = f" (up to {cfg.val_limit:,} a task)" if cfg.val_limit else ""
+            print(f"epoch {record['epoch']:.2f} step {step}: loss {record['train_loss']:.4f}, val{part} "
+                  f"{headline(record, tasks)} ({time.time() - t0:.0f}s)", *record["warnings"], sep="\n")
         if world > 1:
             torch.distributed.barrier()
     if rank == 0 and step >= total:
@@ -519,8 +523,10 @@ def start_run_folder(cfg, model, tasks, total, device):
 
 
 def score(cfg, tasks, model, record):
-    """Every task on record["split"]: its metrics into the record, its predictions into OUT/results_*. -> scored."""
-    scored = evaluate(tasks, model, record["split"])
+    """Every task on record["split"] (an epoch's: its first --val-limit examples): metrics into the record, predictions
+    into OUT/results_*. -> scored: {task: (metrics, results)}."""
+    limit = 0 if record.get("final") else cfg.val_limit
+    scored = {task: task.evaluate(model, record["split"], limit) for task in tasks}
     add_metrics(record, scored)
     write_results(cfg.out, scored, record["split"])
     return scored
@@ -536,9 +542,7 @@ def draw_galleries(cfg, scored, split):
 def final_report(cfg, tasks, model, opt, step, records):
     """Every task on the test split (val where there is none) next to its text-only baseline, as a table."""
     split = "test" if all("test" in t.splits for t in tasks) else "val"
-    base = {}
-    for task in tasks:
-        base.update(task.summary(task.text_only_baseline(split)))
+    base = {k: v for t in tasks for k, v in t.summary(t.text_only_baseline(split)).items()}
     record = {"epoch": cfg.epochs, "step": step, "split": split, "final": True,
               "trainable_params": rp.count_parameters(model)[0], "text_only": base}
     draw_galleries(cfg, score(cfg, tasks, model, record), split)
@@ -546,11 +550,12 @@ def final_report(cfg, tasks, model, opt, step, records):
     save_run(cfg, model, opt, step, tasks, records, {})
     names = [n for t in tasks for n in t.headline]
     demo = " (the demo's tiny backbones, pretrained on the synthetic world)" if "tiny" in (cfg.vision, cfg.text) else ""
-    print(f"\n{split} split{demo}; accuracy in %, CIDEr and BLEU x100:")
+    others = ", ".join(f"{t}: {s}" for t, s in record["task_split"].items() if s != split)
+    print(f"\n{split} split{f' ({others})' if others else ''}{demo}; accuracy in %, CIDEr and BLEU x100:")
     print("| model | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
     for label, values in (("text-only baseline", base), (f"{cfg.peft} r={cfg.rank}, route {cfg.route}", record)):
         print(f"| {label} | " + " | ".join(f"{values[n] * X100.get(n, 1):.2f}" for n in names) + " |")
-    print(f"results, galleries and last.pt in {cfg.out}")
+    print(*record["warnings"], f"results, galleries and last.pt in {cfg.out}", sep="\n")
 
 
 def trainable_state(model):
@@ -624,8 +629,8 @@ def restore(ckpt, model, opt, tasks, source):
 
 
 def evaluate_run(path, split="test", device="auto"):
-    """python train.py --evaluate RUN: rebuild a run from its last.pt, predict `split` and score it, the run folder
-    locked. Writes RUN/results_{task}_{split}.json and RUN/metrics_{split}.json; returns ({task: metrics}, that path)."""
+    """python train.py --evaluate RUN: rebuild a run from its last.pt, predict `split` and score it, the run folder locked.
+    Writes RUN/results_{task}_{split}.json, RUN/metrics_{split}.json; returns ({task: metrics}, that path)."""
     cfg = run_config(path, device=device)
     with locked(cfg.out):  # a --resume of the run would delete our temporary files
         tasks, model, _ = build(cfg)
@@ -633,10 +638,11 @@ def evaluate_run(path, split="test", device="auto"):
         lacking = next((t for t in tasks if split not in t.splits), None)
         if lacking:
             raise ValueError(f"split {split!r} not in the {lacking.name} data (it has {sorted(lacking.splits)})")
-        scored = evaluate(tasks, model, split)
+        scored = {task: task.evaluate(model, split) for task in tasks}
         write_results(cfg.out, scored, split)
         out, path = {task.name: m for task, (m, _) in scored.items()}, os.path.join(cfg.out, f"metrics_{split}.json")
         metrics.write_json(out, path)
+        print("".join(line + "\n" for t, (_, r) in scored.items() for line in t.output_warning(r, split)), end="")
     return out, path
 
 
@@ -660,7 +666,7 @@ STUDY_LR = {"full": 0.1}  # a method's learning rate relative to the study's (VL
 STUDY_OUT = "runs/study"
 STUDY_METRICS = {"vqa": ("vqa_accuracy",), "caption": ("CIDEr", "Bleu_4"),  # the first is the gain's
                  "multitask": ("mean", "vqa_accuracy", "gqa_accuracy", "nlvr2_accuracy", "CIDEr")}
-STUDY_FREE = ("out", "device", "workers", "cache", "max_steps")  # may differ from a finished run's config
+STUDY_FREE = ("out", "device", "workers", "cache", "max_steps", "val_limit")  # may differ from a finished run's config
 
 
 def study_grid(base, given=(), routes=None, seeds=None):
@@ -827,7 +833,8 @@ def cli(argv=None):
             print(json.dumps(out, indent=1) + f"\nwrote {path}")
             return out
         if meta.get("resume"):
-            return main(run_config(meta["resume"], **{o: getattr(cfg, o) for o in RESUME_OVERRIDES}), resume=True)
+            given = {o: getattr(cfg, o) for o in RESUME_OVERRIDES if o in meta["given"] or o == "max_steps"}  # 0: to the end
+            return main(run_config(meta["resume"], **given), resume=True)
         if meta.get("study"):
             return run_study(cfg, meta["given"])
         return main(cfg, overwrite=meta.get("overwrite", False))

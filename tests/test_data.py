@@ -247,6 +247,24 @@ def test_prepared_cache_is_hit_and_invalidated(world, tok, tmp_path, monkeypatch
     assert not [f for f in os.listdir(os.path.join(src, "prepared")) if f.startswith(".tmp")]
 
 
+def test_prepared_cache_key_follows_the_code_that_builds_it(world, tok, tmp_path, monkeypatch):
+    """A column added to a prepared split (here by data._prompted, which prepare_gqa's build runs) gives a new
+    cache entry by itself: the key holds data.code_version(build), no version number that someone must bump."""
+    gqa, cache = os.path.join(world, "gqa"), str(tmp_path)
+    first = data.prepare_gqa(gqa, tok, cache_dir=cache)
+    assert data.prepare_gqa(gqa, tok, cache_dir=cache)["train"].keys() == first["train"].keys()  # a hit
+    real = data._prompted
+
+    def with_lengths(tokenizer, prompt, texts, targets, max_len):
+        out = real(tokenizer, prompt, texts, targets, max_len)
+        return {**out, "input_lengths": out["input_offsets"].diff()}  # a new column
+
+    monkeypatch.setattr(data, "_prompted", with_lengths)
+    second = data.prepare_gqa(gqa, tok, cache_dir=cache)
+    assert "input_lengths" in second["train"] and "input_lengths" not in first["train"]
+    assert len(os.listdir(cache)) == 2
+
+
 def test_missing_and_malformed_files_name_the_file(tmp_path, tok, world):
     with pytest.raises(FileNotFoundError, match="v2_OpenEnded_mscoco_train2014_questions.json"):
         data.prepare_vqa(str(tmp_path), tok)

@@ -45,12 +45,7 @@ def world(tmp_path_factory):
     return w
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: one thread (conftest)
 
 
 def config(world, out, *args):
@@ -62,12 +57,19 @@ def config(world, out, *args):
 
 
 @pytest.mark.parametrize("peft,route", METHODS)
-def test_every_method_end_to_end(world, tmp_path, peft, route):
+def test_every_method_end_to_end(world, tmp_path, capsys, peft, route):
     """main() trains the four tasks round-robin and writes each task's results in its benchmark's official
-    format; eval.py scores those files to the numbers of the final record, next to the text-only baselines."""
+    format; eval.py scores those files to the numbers of the final record, next to the text-only baselines. Every
+    record and log line says which benchmark split each task was scored on: GQA's val and test are testdev."""
     cfg = config(world, tmp_path / "run", "--peft", peft, "--route", route)
     result = train.main(cfg)
     assert result["final"] and result["split"] == "test" and result["step"] == train.load_run(cfg.out)["step"]
+    epoch = train.load_run(cfg.out)["records"][0]
+    assert epoch["split"] == "val" and epoch["task_split"] == {"vqa": "val", "gqa": "testdev", "nlvr2": "dev", "caption": "val"}
+    assert result["task_split"] == {"vqa": "test", "gqa": "testdev", "nlvr2": "test1", "caption": "test"}
+    log = capsys.readouterr().out
+    assert f"gqa_accuracy {epoch['gqa_accuracy']:.2f} (testdev)" in log and f"vqa_accuracy {epoch['vqa_accuracy']:.2f}," in log
+    assert "test split (gqa: testdev, nlvr2: test1)" in log
     for name in ("vqa_accuracy", "gqa_accuracy", "nlvr2_accuracy", "CIDEr"):
         assert name in result and name in result["text_only"]
     assert set(result["task_train_loss"] if "task_train_loss" in result else train.load_run(cfg.out)["records"][0]
@@ -158,6 +160,16 @@ def test_multitask_resume_is_exact(world, tmp_path):
     assert a["records"] == b["records"][1:]  # b also logged its stop at step 15
     plan = train.epoch_plan(train.build(straight)[0], straight, 0)
     assert len({t for t, _ in plan[:15]}) < 4 == len({t for t, _ in plan})  # the stop falls before some task's turn
+
+
+def test_nlvr2_text_only_baseline_breaks_ties_as_the_others():
+    """A sentence as often true as false in training, and a new sentence when all labels tie, are predicted by
+    tasks.most_frequent (the smaller key: false), as the other baselines break ties, not by file order."""
+    task = object.__new__(tasks.NLVR2)
+    task.splits = {"train": {"sentence": ["A.", "A.", "B.", "B."], "label": torch.tensor([True, False, True, False])},
+                   "test": {"identifier": ["test1-0-0-0", "test1-1-0-0"], "sentence": ["A.", "C."],
+                            "label": torch.tensor([False, False])}}
+    assert task.text_only_baseline("test")["accuracy"] == 1.0
 
 
 def test_parameter_counts_reproduce_vl_pet():
@@ -332,7 +344,9 @@ def test_ddp_refuses_a_batch_too_small_before_any_work(world, tmp_path):
     building anything, with one line naming the smallest batch that works."""
     proc = torchrun(ddp_args(world, world.bart, 5), 2, tmp_path / "run")
     assert proc.returncode != 0
-    lines = {ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")}  # one per process not killed first
+    # one line per process not killed first; two processes' lines may share a line of the combined stderr
+    lines = {"error: " + part.strip() for ln in proc.stderr.splitlines() if ln.startswith("error: ")
+             for part in ln.split("error: ")[1:]}
     assert lines == {"error: --batch-size 5 gives nlvr2 batches of 1 example, fewer than the 2 processes (each needs "
                      "an example of every batch); the smallest --batch-size for 2 processes is 6"}, proc.stderr[-3000:]
     assert not os.path.exists(tmp_path / "run")

@@ -4,6 +4,7 @@ formats, deterministic, agreeing with the drawn scenes, and needing the image on
     python -m pytest -q tests/test_shapes.py
 """
 import filecmp
+import hashlib
 import json
 import os
 import re
@@ -88,9 +89,9 @@ def test_world_is_deterministic(world, tmp_path):
     shapes.make_world(again, n_images=N_IMAGES, seed=0)
     shapes.make_world(other, n_images=N_IMAGES, seed=1)
     files = world_files(cli)
-    # COCO + GQA images, NLVR2 pairs (4 per set, N_IMAGES // 20 sets), 4 VQA + Karpathy + 3 GQA + 3 NLVR2
-    # files, the scenes
-    assert len(files) == 2 * N_IMAGES + 8 * (N_IMAGES // 20) + 12
+    # COCO images, GQA's (all but the 24 Karpathy val images), NLVR2 pairs (4 per set, N_IMAGES // 20 sets),
+    # 4 VQA + Karpathy + 3 GQA + 3 NLVR2 files, the scenes
+    assert len(files) == 2 * N_IMAGES - 24 + 8 * (N_IMAGES // 20) + 12
     match, mismatch, errors = filecmp.cmpfiles(cli, again, files, shallow=False)
     assert not mismatch and not errors and len(match) == len(files)
     _, mismatch, missing = filecmp.cmpfiles(cli, other, files, shallow=False)
@@ -164,7 +165,7 @@ def test_captions_need_the_image(world):
 
 GQA_FIELDS = {"semantic", "entailed", "equivalent", "question", "imageId", "isBalanced", "groups", "answer",
               "semanticStr", "annotations", "types", "fullAnswer"}
-SPLIT_OF_KARPATHY = {"train": "train", "restval": "train", "val": "val", "test": "testdev"}
+SPLIT_OF_KARPATHY = {"train": "train", "restval": "val", "val": None, "test": "testdev"}  # None: not in GQA
 
 
 def gqa_questions(world, split):
@@ -174,8 +175,8 @@ def gqa_questions(world, split):
 def test_gqa_files_have_the_official_format(world, scenes, tmp_path):
     split_of = {img["cocoid"]: SPLIT_OF_KARPATHY[img["split"]]
                 for img in data.read_karpathy(os.path.join(world, "dataset_coco.json"))}
-    by_gqa_id = {s["gqa_image_id"]: s for s in scenes["images"]}
-    assert len(by_gqa_id) == N_IMAGES
+    by_gqa_id = {s["gqa_image_id"]: s for s in scenes["images"] if s["gqa_image_id"]}
+    assert len(by_gqa_id) == N_IMAGES - 24  # all but the Karpathy val images
     n = 0
     for split in ("train", "val", "testdev"):
         path, images = shapes.gqa_files(world, split)
@@ -315,7 +316,7 @@ def check_pixels(path, objects):
 
 
 def test_gqa_answers_agree_with_scenes(world, scenes):
-    by_gqa_id = {s["gqa_image_id"]: s for s in scenes["images"]}
+    by_gqa_id = {s["gqa_image_id"]: s for s in scenes["images"] if s["gqa_image_id"]}
     forms = Counter()
     for split in ("train", "val", "testdev"):
         for q in gqa_questions(world, split).values():
@@ -323,7 +324,7 @@ def test_gqa_answers_agree_with_scenes(world, scenes):
             assert gqa_oracle(q["question"], objects) == q["answer"], (q["question"], objects)
             forms[q["types"]["detailed"]] += 1
     assert len(forms) >= 15 and min(forms.values()) >= 5, forms  # every template, both answers of the binary ones
-    for scene in scenes["images"][::7]:
+    for scene in list(by_gqa_id.values())[::7]:
         check_pixels(os.path.join(shapes.gqa_files(world, "val")[1], f"{scene['gqa_image_id']}.jpg"), scene["objects"])
 
 
@@ -443,7 +444,7 @@ def test_gqa_and_nlvr2_need_the_image(world, scenes, tmp_path):
     question string; the most frequent label per sentence, per template) score far below oracles
     that work the answers out from the scenes (gqa_oracle, nlvr2_oracle), on held-out splits."""
     template = {q["question_id"]: q["template"] for q in scenes["gqa_questions"]}
-    by_gqa_id = {s["gqa_image_id"]: s["objects"] for s in scenes["images"]}
+    by_gqa_id = {s["gqa_image_id"]: s["objects"] for s in scenes["images"] if s["gqa_image_id"]}
     per_template, per_string = defaultdict(Counter), defaultdict(Counter)
     for qid, q in gqa_questions(world, "train").items():
         per_template[template[qid]][q["answer"]] += 1
@@ -482,6 +483,42 @@ def test_gqa_and_nlvr2_need_the_image(world, scenes, tmp_path):
     oracle = nlvr2_metrics(lambda x: nlvr2_oracle(x["sentence"], *(objects[k] for k in x["images"])))
     assert prior["accuracy"] < 0.6 and prior["consistency"] < 0.2, prior
     assert oracle["accuracy"] == oracle["consistency"] == 1.0, oracle
+
+
+def file_hash(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_no_task_trains_on_an_image_scored_on_karpathy_val_or_test(world):
+    """The images every task trains on (VQA and captions: Karpathy train + restval; GQA: its train and val
+    questions, as the multi-task setting trains on both; NLVR2: train), compared by their bytes, since GQA holds
+    the same JPEGs under its own names: none is a Karpathy val or test image, which VQA and captions are
+    validated and tested on."""
+    karpathy = data.read_karpathy(os.path.join(world, "dataset_coco.json"))
+    coco = {split: {file_hash(os.path.join(world, img["filepath"], img["filename"])) for img in karpathy
+                    if data.karpathy_split(img["split"]) == split} for split in ("train", "val", "test")}
+    gqa_images = shapes.gqa_files(world, "train")[1]
+    gqa = {file_hash(os.path.join(gqa_images, r["image"])) for split in ("train", "val")
+           for r in data.read_gqa(shapes.gqa_files(world, split)[0])}
+    nlvr2 = {file_hash(os.path.join(world, "nlvr2", key)) for r in data.read_nlvr2(shapes.nlvr2_files(world, "train")[0])
+             for key in r["images"]}
+    held_out = coco["val"] | coco["test"]
+    assert len(held_out) == 48 and len(coco["train"]) == N_IMAGES - 48 and len(gqa) > 150 and len(nlvr2) > 200
+    for name, trained in (("VQA / captions", coco["train"]), ("GQA train + val", gqa), ("NLVR2 train", nlvr2)):
+        assert not trained & held_out, f"{name} trains on {len(trained & held_out)} Karpathy val / test images"
+    testdev = {file_hash(os.path.join(gqa_images, r["image"])) for r in data.read_gqa(shapes.gqa_files(world, "testdev")[0])}
+    assert testdev == coco["test"]  # GQA's test images are the Karpathy test images
+
+
+def test_tiny_bart_reads_every_gqa_question_it_trains_on(world):
+    """The tiny BART's corpus (its BPE and denoising text) holds the questions and answers of both GQA files the
+    multi-task setting trains on, train and val, and no testdev question that no training file asks."""
+    corpus = set(shapes.bart_texts(world))
+    trained = [r for split in ("train", "val") for r in data.read_gqa(shapes.gqa_files(world, split)[0])]
+    assert {r["question"] for r in trained} | {r["answer"] for r in trained} <= corpus
+    testdev = {r["question"] for r in data.read_gqa(shapes.gqa_files(world, "testdev")[0])}
+    assert testdev & corpus <= {r["question"] for r in trained} | set(shapes.world_texts(world)[0])
 
 
 # ---- making the world ------------------------------------------------------------------------------------
