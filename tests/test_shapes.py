@@ -7,10 +7,12 @@ import filecmp
 import hashlib
 import json
 import os
+import random
 import re
 from collections import Counter, defaultdict
 
 import numpy as np
+import torch
 import pytest
 import torch
 from PIL import Image
@@ -24,11 +26,10 @@ N_IMAGES = 240  # 160 train2014 + 80 val2014 (24 val, 24 test, 32 restval): 720 
 GQA_PER_IMAGE = 3
 NLVR2_SETS = 40  # 28 train, 6 dev, 6 test1 sets of 4 pairs x 2 sentences: 320 examples, 320 images
 
-# The colours as drawn (RGB) and the number words, written out here rather than read from shapes.py,
+# The colours as drawn (RGB), written out here rather than read from shapes.py,
 # so that a wrong table there shows.
 RGB = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (50, 90, 230), "yellow": (240, 210, 40),
        "purple": (150, 60, 200), "orange": (245, 140, 30)}
-NUMBERS = {w: n for n, w in enumerate(["zero", "one", "two", "three", "four", "five", "six", "seven", "eight"])}
 
 
 @pytest.fixture(scope="module")
@@ -386,30 +387,10 @@ def test_nlvr2_files_have_the_official_format(world, tmp_path):
 
 def nlvr2_oracle(sentence, left, right):
     """The truth of a world NLVR2 sentence, worked out here from the two images' objects alone."""
-    side = {"left": left, "right": right}
-
-    def count(objects, noun):  # "circles" or "red shapes"
-        *color, plural = noun.split()
-        return sum(o["shape"] == plural[:-1] if not color else o["color"] == color[0] for o in objects)
-
-    if m := re.fullmatch(r"The (left|right) image has more (\w+ shapes|circles|squares|triangles) "
-                         r"than the (left|right) image\.", sentence):
-        assert m[1] != m[3]
-        return count(side[m[1]], m[2]) > count(side[m[3]], m[2])
-    if m := re.fullmatch(r"Both images contain an? (\w+)( shape)?\.", sentence):
-        return all(any(o["color" if m[2] else "shape"] == m[1] for o in objs) for objs in (left, right))
-    if m := re.fullmatch(r"There (?:is|are) exactly (one|two) (circle|square|triangle)s? in the (left|right) image\.", sentence):
-        return sum(o["shape"] == m[2] for o in side[m[3]]) == NUMBERS[m[1]]
-    if sentence == "The two images contain the same number of shapes.":
-        return len(left) == len(right)
-    if m := re.fullmatch(r"There are exactly (\w+) shapes in the two images\.", sentence):
-        return len(left) + len(right) == NUMBERS[m[1]]
-    if m := re.fullmatch(f"In the (left|right) image, an? (\\w+) is {REL} an? (\\w+)\\.", sentence):
-        objs = side[m[1]]
-        return any(a["shape"] == m[2] and b["shape"] == m[4] and holds(a, b, m[3]) for a in objs for b in objs if a is not b)
-    if m := re.fullmatch(r"Neither image contains an? (\w+) (\w+)\.", sentence):
-        return not has(left + right, m[1], m[2])
-    raise AssertionError(f"an NLVR2 sentence of no known form: {sentence}")
+    m = re.fullmatch(r"(?:Both images contain|Each image contains|There is) an? (\w+)( shape)?( in both images)?\.", sentence)
+    if not m or (m[3] is None) == sentence.startswith("There is"):
+        raise AssertionError(f"an NLVR2 sentence of no known form: {sentence}")
+    return all(any(o["color" if m[2] else "shape"] == m[1] for o in objs) for objs in (left, right))
 
 
 def test_nlvr2_labels_agree_with_scenes(world, scenes):
@@ -431,10 +412,22 @@ def test_nlvr2_labels_are_balanced(world, scenes):
         for x in nlvr2_lines(world, split):
             per_template[scenes["nlvr2_templates"][x["identifier"]]][x["label"]] += 1
             per_sentence[E.nlvr2_sentence(x["identifier"])].add(x["label"])
-    assert len(per_template) == 7
+    assert len(per_template) == len(shapes.NLVR2_TEMPLATES)
     for template, counts in per_template.items():
         assert abs(counts["True"] - counts["False"]) <= 2, (template, counts)
     assert sum(len(labels) == 2 for labels in per_sentence.values()) >= 0.8 * len(per_sentence)
+
+
+def test_every_nlvr2_statement_depends_on_both_images():
+    """Each template's truth, from the generator itself, changes with the left image for some right image and
+    with the right image for some left one: no statement can be judged from one image of the pair."""
+    rng = random.Random(0)
+    scenes = [shapes.sample_scene(rng)[1] for _ in range(60)]
+    for template in shapes.NLVR2_TEMPLATES:
+        for _ in range(10):
+            _, truth, _ = shapes._nlvr2_statement(rng, template)
+            table = [[truth(left, right) for right in scenes] for left in scenes]
+            assert any(len(set(row)) == 2 for row in table) and any(len(set(col)) == 2 for col in zip(*table)), template
 
 
 # ---- blind models against oracles, with the official metrics -------------------------------------------
@@ -597,3 +590,39 @@ def test_span_corruption_hides_spans_behind_sentinels():
         lengths += [len(span) for span in marks.split("|")[1:]]
         fractions.append(marks.count("t") / 20)
     assert 2.6 <= np.mean(lengths) <= 3.0 and 0.12 <= np.mean(fractions) <= 0.15
+
+
+# ---- the tiny backbones' pretraining -------------------------------------------------------------------
+
+
+def test_cell_loss_scores_each_grid_cell_against_its_own_quadrant():
+    """Logits that name, in each cell q of the grid (row-major), the colour, shape and size of QUADRANTS[q]'s
+    object (class 0: empty) give a loss near 0; the same logits with the top right and bottom left cells swapped
+    (a column-major reading) a large one."""
+    objects = [{"color": "red", "shape": "circle", "size": "small", "quadrant": "top right"},
+               {"color": "blue", "shape": "square", "size": "large", "quadrant": "bottom left"},
+               {"color": "green", "shape": "triangle", "size": "large", "quadrant": "bottom right"}]
+    labels = shapes.scene_attributes(objects)[None]  # (1, 13)
+    logits = torch.full((1, 4, sum(shapes.CELL_CLASSES)), -30.0)
+    starts = [0, *np.cumsum(shapes.CELL_CLASSES)[:-1]]
+    names = (sorted(shapes.COLORS), list(shapes.SHAPES), sorted(shapes.SIZES))
+    for q, quadrant in enumerate(shapes.QUADRANTS):
+        o = next((o for o in objects if o["quadrant"] == quadrant), None)
+        for j, (key, start) in enumerate(zip(("color", "shape", "size"), starts)):
+            logits[0, q, start + (0 if o is None else 1 + names[j].index(o[key]))] = 30.0
+    assert shapes.cell_loss(logits, labels) < 1e-6
+    assert shapes.cell_loss(logits[:, [0, 2, 1, 3]], labels) > 10
+
+
+def test_clip_pretraining_names_every_grid_cell(monkeypatch):
+    """The tiny CLIP ResNet is trained on its grid cells too (cell_loss on its (B, 4, d) grid, at CLIP_LR); the
+    ViT only on its pooled output, at VIT_LR (the VQA demo's backbone unchanged)."""
+    calls, rates = [], []
+    loss = shapes.cell_loss
+    monkeypatch.setattr(shapes, "cell_loss", lambda logits, labels: calls.append(logits.shape) or loss(logits, labels))
+    monkeypatch.setattr(shapes, "pretrain", lambda model, head, batches, steps, lr, desc: rates.append(lr) or batches(0))
+    monkeypatch.setattr(shapes, "VIT_SCENES", 4)
+    shapes.pretrain_vision("vit")
+    assert not calls and rates == [shapes.VIT_LR]
+    shapes.pretrain_vision("clip_resnet")
+    assert calls == [(64, 4, sum(shapes.CELL_CLASSES))] and rates == [shapes.VIT_LR, shapes.CLIP_LR]
