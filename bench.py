@@ -670,6 +670,7 @@ def _train_steps_ours(with_vit):
     first (only if with_vit)}: our VQAModel with LoRA r = alpha = 128 (route mul), one AdamW step."""
     import torch.nn.functional as F
 
+    import data
     import models
     import routing_peft as rp
     import tasks
@@ -692,7 +693,7 @@ def _train_steps_ours(with_vit):
 
     def step_vit():
         with torch.no_grad():
-            x_R = tasks.select_visual(*vit(pixels), "pooler").float()  # (B, 1, d)
+            x_R = data.select_visual(*vit(pixels), "pooler").float()  # (B, 1, d)
         step(x_R)
     return {"a": lambda: step(x_cached), **({"b": step_vit} if with_vit else {})}
 
@@ -866,6 +867,7 @@ def _fullsize_run(spec):
     import resource
     from collections import Counter, defaultdict
 
+    import data
     import tasks
     import train
     spec = json.loads(spec)
@@ -897,9 +899,9 @@ def _fullsize_run(spec):
         seen = Counter()
         return [s for s in plan(*args) if seen.update([s[0]]) or seen[s[0]] <= spec["steps"]]
 
-    step, score, evaluate, cache, plan = (train.train_step, train.score, tasks.Task.evaluate, tasks.Features.cache,
+    step, score, evaluate, cache, plan = (train.train_step, train.score, tasks.Task.evaluate, data.Features.cache,
                                           train.epoch_plan)
-    train.train_step, train.score, tasks.Task.evaluate, tasks.Features.cache, train.epoch_plan = (
+    train.train_step, train.score, tasks.Task.evaluate, data.Features.cache, train.epoch_plan = (
         timed_step, timed_score, timed_evaluate, timed_cache, first_steps)
     cfg = train.Config(**{**train.PRESETS[spec["preset"]], **spec["options"]})
     before = _folder_bytes(cfg.cache, "prepared") if os.path.isdir(cfg.cache) else 0

@@ -1,6 +1,6 @@
 """Data: byte-level BPE and T5's SentencePiece unigram tokenizers; VQAv2, Karpathy COCO captions, GQA and
-NLVR2 from the official files; image preprocessing with Pillow; collate functions; the prepared-data and
-image-feature caches. The real formats only: the demo's synthetic world, written in these formats, is in
+NLVR2 from the official files; image preprocessing with Pillow; collate functions; the prepared-data cache;
+a frozen image encoder's features for the task models, cached. The real formats only: the synthetic world is in
 shapes.py.
 
     python -m pytest -q tests/test_bpe.py tests/test_spm.py tests/test_data.py tests/test_features.py   # the tests
@@ -1751,3 +1751,69 @@ class ImageFeatures:
             pixels = batch["pixel_values"]  # (B, 3, S, S) or, for pairs, (B, n_images, 3, S, S)
             x = self.encode(pixels.flatten(0, pixels.dim() - 4)).float().cpu()  # (B * n_images, L, d)
         return x.reshape(len(images), -1, x.shape[-1])  # (B, n_images * L, d)
+
+
+# ---- a frozen image encoder's features for the task models ------------------------------------------------------------------------------
+
+
+def select_visual(last_hidden, pooler, visual):
+    """The ViT feature of the chosen kind: (B, L, d), L = 1 except for patches (L = number of patches)."""
+    if visual == "pooler":
+        return pooler[:, None]                           # (B, d) -> (B, 1, d)
+    if visual == "cls":
+        return last_hidden[:, :1]                        # (B, 1, d)
+    if visual == "mean":
+        return last_hidden[:, 1:].mean(1, keepdim=True)  # (B, 1, d)
+    return last_hidden[:, 1:]                            # patches: (B, P, d)
+
+
+class Features:
+    """A frozen image encoder's input to the task model for a batch: (visual tokens (B, L, d), x_R). A ViT gives
+    one feature of kind cfg.visual as both the visual prefix and x_R; CLIP's ResNet gives its layer4 grid,
+    adaptive-max-pooled to 6 x 6 = 36 tokens per image as VL-Adapter does (x_R is then made by the model,
+    after its visual embedding). Computed once per image and cached on disk (ImageFeatures; CLIP grids
+    in fp16), or with --no-feature-cache by the encoder on every batch."""
+
+    VERSION = 3  # of the feature code (select_visual, the pooler, the 6 x 6 pool, preprocess)
+
+    def __init__(self, cfg, encoder, path, images_dir, device):
+        self.cfg, self.encoder, self.device = cfg, encoder, device
+        c = encoder.config
+        self.d, self.grid = c.d_model, c.arch == "clip_resnet"
+        images = Images(images_dir, c.image_size, c.image_mean, c.image_std, c.image_resample)
+        kind = "grid6x6" if self.grid else cfg.visual
+        self.store = ImageFeatures(images, self.encode, path, {"version": self.VERSION, "visual": kind, "precision": cfg.precision},
+                                        cfg.cache if cfg.feature_cache else None, "float16" if self.grid else "float32",
+                                        cfg.workers, name=f"{c.arch} {path}")
+
+    @property
+    def pixels(self):
+        return self.store.pixels
+
+    def autocast(self):
+        """The forward passes' precision (--precision): bf16 autocast, or none (fp32, as the releases trained)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
+
+    def path(self, key):
+        return self.store.images.path(key)
+
+    def cache(self, keys):
+        """Compute the features of these images into the cache (nothing without --feature-cache)."""
+        self.store.prepare(keys)
+
+    @torch.no_grad()
+    def encode(self, pixel_values):
+        with self.autocast():
+            out = self.encoder(pixel_values.to(self.device))
+        if not self.grid:
+            return select_visual(*out, self.cfg.visual).float()
+        grid = out[0]  # (B, h * w, C), row-major
+        h = math.isqrt(grid.shape[1])
+        grid = grid.transpose(1, 2).reshape(grid.shape[0], -1, h, h)  # (B, C, h, w)
+        # RN101 at 224 px: 7 x 7 -> 6 x 6. A smaller grid (the demo's tiny ResNet: 2 x 2) stays as it is: pooling
+        # it up to 6 x 6 would only repeat its cells
+        return torch.nn.functional.adaptive_max_pool2d(grid.float(), min(h, 6)).flatten(2).transpose(1, 2)  # (B, C, 6, 6) -> (B, 36, C)
+
+    def __call__(self, batch):
+        x = self.store(batch).to(self.device)
+        return x, (None if self.grid else x)  # (visual tokens, x_R)

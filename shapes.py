@@ -53,7 +53,7 @@ import os
 import random
 import re
 import struct
-from collections import Counter
+from collections import Counter, defaultdict
 
 import numpy as np
 import torch
@@ -1159,8 +1159,94 @@ def nice_axis(top):
     return step * math.ceil(top / step), step
 
 
+# ---- the study (train.py --study): its runs, its table and its chart ---------------------------------------
+#
+# Per task, STUDY's rows (method, control, routes) x seeds (from --seed on): VQA and captions on the tiny backbones (a
+# real text checkpoint serves one task: --task), or CLIP-BART (--task multitask). A control changes the visual input
+# (None: the setting's own); STUDY's options apply unless given; options a method does not read take their defaults
+# (train.study_grid). The runs' final records make the table (study_rows, study_table) and the chart (study_chart).
+ROUTES5, NONE = ("none", "add", "mul", "matmul", "matmul_expand"), ("none",)
+CONTROLS = {None: {}, "noprefix": {"prefix": False}, "shuffled": {"shuffle_visual": True}, "cls": {"visual": "cls"},
+            "mean": {"visual": "mean"}, "patches": {"visual": "patches"}}  # name: options
+BASELINES = [("xattn", None, NONE), ("xattn", "patches", NONE), ("bitfit", None, NONE), ("full", None, NONE)]
+STUDY = {  # task: ([(peft, control, routes)], seeds, options); seeds, epochs cut before rows: ~30 min a study on 2 cores
+    "vqa": ([("lora", c, ROUTES5) for c in (None, "noprefix", "shuffled")] + [("lora", c, ("mul",)) for c in ("cls", "mean")]
+            + [("lora", "patches", ("matmul",)), ("adapter", None, ROUTES5)] + BASELINES, 2, {"epochs": 3}),
+    "caption": ([("lora", None, ROUTES5), ("adapter", None, ROUTES5)] + BASELINES, 2, {"epochs": 1}),
+    "multitask": ([(p, None, ROUTES5) for p in ("lora", "adapter", "vlpet-large")] + [("lora", "patches", ("matmul",))] +
+                  [(p, None, NONE) for p in ("vlpet-middlex", "vlpet-middley", "vlpet-small")] + BASELINES, 2,
+                  {"epochs": 2, "train_limit": 4000})}
+STUDY_LR = {"full": 0.1}  # a method's learning rate relative to the study's (VL-PET's scripts: full 1e-4, others 1e-3)
+STUDY_NOTE = ("visual: the feature that is visual prefix and x_R (patches: all); noprefix: routing is the image's only path; "
+              "shuffled: another image's features (a route that still helps is not using the image). xattn: LoRA with "
+              f"cross-attention to x_R; full at {STUDY_LR['full']:g} x the learning rate. gain: over route none of the method "
+              "and visual input, else LoRA's. Seeds (the papers: 3) and epochs are cut, never rows, to keep a study near 30 "
+              "minutes on 2 CPU cores.")
+STUDY_METRICS = {"vqa": ("vqa_accuracy",), "caption": ("CIDEr", "Bleu_4"),  # the first is the gain's
+                 "multitask": ("mean", "vqa_accuracy", "gqa_accuracy", "nlvr2_accuracy", "CIDEr")}
+
+
+def study_value(record, name):
+    """A record's metric for the study; "mean": VL-PET's average of VQA, GQA and NLVR2 accuracy and CIDEr x100."""
+    if name == "mean":
+        return (record["vqa_accuracy"] + record["gqa_accuracy"] + record["nlvr2_accuracy"] + 100 * record["CIDEr"]) / 4
+    return record[name]
+
+
+def study_rows(records, unrouted):
+    """records {(task, peft, control, route, seed): final record} -> one row per (task, peft, control, route): {task,
+    peft, control, route, params (sorted set), split, metric: (mean, std) for each of STUDY_METRICS, gain: the first
+    metric's relative change over route none of the method (of LoRA for the `unrouted` methods) and control, else of
+    control None; None for none itself}, plus one text-only row per task (peft and control None)."""
+    groups = defaultdict(list)
+    for (task, peft, control, route, seed), r in records.items():
+        groups[task, peft, control, route].append(r)
+    rows = [{"task": task, "peft": peft, "control": control, "route": route, "split": rs[0]["split"], "params": sorted(
+        {r["trainable_params"] for r in rs}), **{m: mean_std([study_value(r, m) for r in rs]) for m in STUDY_METRICS[task]}}
+            for (task, peft, control, route), rs in groups.items()]
+    nones = {(r["task"], r["peft"], r["control"]): r for r in rows if r["route"] == "none"}
+    for row in rows:
+        head, peft = STUDY_METRICS[row["task"]][0], "lora" if row["peft"] in unrouted else row["peft"]
+        none = nones.get((row["task"], peft, row["control"]), nones.get((row["task"], peft, None)))
+        row["gain"] = None if none in (None, row) or none[head][0] == 0 else row[head][0] / none[head][0] - 1
+    for task in dict.fromkeys(k[0] for k in records):
+        r = next(r for k, r in records.items() if k[0] == task)
+        rows.append({"task": task, "peft": None, "control": None, "route": None, "params": [0], "split": r["split"],
+                     "gain": None, **{m: (study_value(r["text_only"], m), 0.0) for m in STUDY_METRICS[task]}})
+    return rows
+
+
+def mean_std(values):
+    """(mean, sample standard deviation; 0 for one value)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def study_table(rows, grid, scale):
+    """Markdown: one table per task of study_rows' rows, mean ± std over seeds, the metrics times scale (CIDEr and BLEU
+    x100 as in papers); grid {(task, peft, control, route, seed): the run's options}; STUDY_NOTE closes it."""
+    out = []
+    for task in dict.fromkeys(r["task"] for r in rows):
+        names = STUDY_METRICS[task]
+        runs = [c for k, c in grid.items() if k[0] == task]
+        own = next(c.visual for k, c in grid.items() if k[0] == task and not k[2])  # the setting's own x_R
+        limit = f", the first {runs[0].train_limit:,} training examples of each task" if runs[0].train_limit else ""
+        epochs, seeds, split = runs[0].epochs, len({c.seed for c in runs}), next(r["split"] for r in rows if r["task"] == task)
+        out += [f"### {task}: {' / '.join(n + (' x100' if n in scale else ' (%)') for n in names)}, mean ± std over "
+                f"{seeds} seed(s), {epochs} epoch(s){limit}, {split} split", "",
+                "| peft | visual | route | " + " | ".join(names) + " | trainable params | gain |", "|---|---|---|" + "---:|" * (len(names) + 2)]
+        for r in (r for r in rows if r["task"] == task):
+            label = ("text-only baseline", "", "") if r["peft"] is None else (r["peft"], r["control"] or own, r["route"])
+            values = " | ".join(f"{scale.get(n, 1) * r[n][0]:.2f}" + (f" ± {scale.get(n, 1) * r[n][1]:.2f}" if r["peft"]
+                                                                      else "") for n in names)
+            gain = "" if r["gain"] is None else f"{100 * r['gain']:+.1f} %"
+            out.append(f"| {' | '.join(label)} | {values} | {'/'.join(f'{p:,}' for p in r['params'])} | {gain} |")
+        out.append("")
+    out.append(STUDY_NOTE)
+    return "\n".join(out) + "\n"
+
+
 def study_chart(rows, path, metric, scale=None, title="Study: mean over seeds per route, error bars ± std"):
-    """Draw the study (train.study_rows' rows) to the PNG `path`: per task a panel, in it a group per
+    """Draw the study (study_rows' rows) to the PNG `path`: per task a panel, in it a group per
     (peft, control) with one bar per route (the mean over seeds) and an error bar (± std; none for one
     seed), and the task's text-only baseline row (peft None) as a dashed line with its value.
 

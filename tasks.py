@@ -6,7 +6,7 @@
     python train.py --task multitask --text tiny-t5   # the same on the demo's tiny T5 (CLIP-T5)
 
 train.py builds a run from TASKS[--task] and runs the loop; this file knows nothing of the loop, the options'
-parsing or the run folder. Top to bottom: the frozen visual features (Features); `Task`, the interface the loop
+parsing or the run folder. Top to bottom: `Task`, the interface the loop
 calls (prepared splits, batches, loss, evaluation, text-only baseline, gallery examples); settings 1 and 2
 (VQA as classification on RoBERTa, captioning on GPT-2) with their PEFT recipe and task models, after the block
 that lists where we deliberately differ from the routing release; setting 3 (CLIP-BART and CLIP-T5, VL-Adapter's
@@ -17,7 +17,6 @@ encoder input) and the routing input x_R of every PEFT bottleneck; for the ViT s
 vector (by default the pooler output). The encoder is frozen, so its features are computed once and cached.
 """
 import functools
-import math
 import os
 from collections import Counter, defaultdict
 
@@ -30,72 +29,6 @@ import data
 import eval as metrics
 import models
 import routing_peft as rp
-
-
-# ---- frozen visual features ------------------------------------------------------------------------------
-
-
-def select_visual(last_hidden, pooler, visual):
-    """The ViT feature of the chosen kind: (B, L, d), L = 1 except for patches (L = number of patches)."""
-    if visual == "pooler":
-        return pooler[:, None]                           # (B, d) -> (B, 1, d)
-    if visual == "cls":
-        return last_hidden[:, :1]                        # (B, 1, d)
-    if visual == "mean":
-        return last_hidden[:, 1:].mean(1, keepdim=True)  # (B, 1, d)
-    return last_hidden[:, 1:]                            # patches: (B, P, d)
-
-
-class Features:
-    """A frozen image encoder's input to the task model for a batch: (visual tokens (B, L, d), x_R). A ViT gives
-    one feature of kind cfg.visual as both the visual prefix and x_R; CLIP's ResNet gives its layer4 grid,
-    adaptive-max-pooled to 6 x 6 = 36 tokens per image as VL-Adapter does (x_R is then made by the model,
-    after its visual embedding). Computed once per image and cached on disk (data.ImageFeatures; CLIP grids
-    in fp16), or with --no-feature-cache by the encoder on every batch."""
-
-    VERSION = 3  # of the feature code (select_visual, the pooler, the 6 x 6 pool, data.preprocess)
-
-    def __init__(self, cfg, encoder, path, images_dir, device):
-        self.cfg, self.encoder, self.device = cfg, encoder, device
-        c = encoder.config
-        self.d, self.grid = c.d_model, c.arch == "clip_resnet"
-        images = data.Images(images_dir, c.image_size, c.image_mean, c.image_std, c.image_resample)
-        kind = "grid6x6" if self.grid else cfg.visual
-        self.store = data.ImageFeatures(images, self.encode, path, {"version": self.VERSION, "visual": kind, "precision": cfg.precision},
-                                        cfg.cache if cfg.feature_cache else None, "float16" if self.grid else "float32",
-                                        cfg.workers, name=f"{c.arch} {path}")
-
-    @property
-    def pixels(self):
-        return self.store.pixels
-
-    def autocast(self):
-        """The forward passes' precision (--precision): bf16 autocast, or none (fp32, as the releases trained)."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.precision == "bf16")
-
-    def path(self, key):
-        return self.store.images.path(key)
-
-    def cache(self, keys):
-        """Compute the features of these images into the cache (nothing without --feature-cache)."""
-        self.store.prepare(keys)
-
-    @torch.no_grad()
-    def encode(self, pixel_values):
-        with self.autocast():
-            out = self.encoder(pixel_values.to(self.device))
-        if not self.grid:
-            return select_visual(*out, self.cfg.visual).float()
-        grid = out[0]  # (B, h * w, C), row-major
-        h = math.isqrt(grid.shape[1])
-        grid = grid.transpose(1, 2).reshape(grid.shape[0], -1, h, h)  # (B, C, h, w)
-        # RN101 at 224 px: 7 x 7 -> 6 x 6. A smaller grid (the demo's tiny ResNet: 2 x 2) stays as it is: pooling
-        # it up to 6 x 6 would only repeat its cells
-        return F.adaptive_max_pool2d(grid.float(), min(h, 6)).flatten(2).transpose(1, 2)  # (B, C, 6, 6) -> (B, 36, C)
-
-    def __call__(self, batch):
-        x = self.store(batch).to(self.device)
-        return x, (None if self.grid else x)  # (visual tokens, x_R)
 
 
 def derange_images(splits, seed):

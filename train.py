@@ -40,7 +40,7 @@ import eval as metrics
 import models
 import routing_peft as rp
 import shapes
-from tasks import TASKS, X100, Features, add_metrics, headline, write_results
+from tasks import TASKS, X100, add_metrics, headline, write_results
 
 
 @dataclass
@@ -271,7 +271,7 @@ def build(cfg):
     for c in setting:
         folder = c.images_folder(cfg, data_dir)
         tasks.append(c(cfg, c.data_folder(cfg, data_dir), tokenizer,
-                       features.setdefault(folder, Features(cfg, encoder, vision_path, folder, device)), text.config))
+                       features.setdefault(folder, data.Features(cfg, encoder, vision_path, folder, device)), text.config))
     for f in features.values():
         f.cache(sorted(set().union(*(t.image_keys() for t in tasks if t.features is f))))
         if f.pixels is None:
@@ -660,35 +660,18 @@ def evaluate_run(path, split="test", device="auto"):
 
 
 # ---- the study: PEFT methods x routes x visual inputs x seeds (python train.py --study) ----------------------
-#
-# Per task, STUDY's rows (method, control, routes) x seeds (from --seed on): VQA and captions on the tiny backbones (a
-# real text checkpoint serves one task: --task), or CLIP-BART (--task multitask). A control changes the visual input
-# (None: the setting's own); STUDY's options apply unless given; options a method does not read take their defaults.
-ROUTES5, NONE = ("none", "add", "mul", "matmul", "matmul_expand"), ("none",)
-CONTROLS = {None: {}, "noprefix": {"prefix": False}, "shuffled": {"shuffle_visual": True}, "cls": {"visual": "cls"},
-            "mean": {"visual": "mean"}, "patches": {"visual": "patches"}}  # name: options
-BASELINES = [("xattn", None, NONE), ("xattn", "patches", NONE), ("bitfit", None, NONE), ("full", None, NONE)]
-STUDY = {  # task: ([(peft, control, routes)], seeds, options); seeds, epochs cut before rows: ~30 min a study on 2 cores
-    "vqa": ([("lora", c, ROUTES5) for c in (None, "noprefix", "shuffled")] + [("lora", c, ("mul",)) for c in ("cls", "mean")]
-            + [("lora", "patches", ("matmul",)), ("adapter", None, ROUTES5)] + BASELINES, 2, {"epochs": 3}),
-    "caption": ([("lora", None, ROUTES5), ("adapter", None, ROUTES5)] + BASELINES, 2, {"epochs": 1}),
-    "multitask": ([(p, None, ROUTES5) for p in ("lora", "adapter", "vlpet-large")] + [("lora", "patches", ("matmul",))] +
-                  [(p, None, NONE) for p in ("vlpet-middlex", "vlpet-middley", "vlpet-small")] + BASELINES, 2,
-                  {"epochs": 2, "train_limit": 4000})}
-STUDY_LR = {"full": 0.1}  # a method's learning rate relative to the study's (VL-PET's scripts: full 1e-4, others 1e-3)
+# What it runs (shapes.STUDY) and how its table and chart read are shapes.py's; here its runs are made and resumed.
 STUDY_OUT = "runs/study"
-STUDY_METRICS = {"vqa": ("vqa_accuracy",), "caption": ("CIDEr", "Bleu_4"),  # the first is the gain's
-                 "multitask": ("mean", "vqa_accuracy", "gqa_accuracy", "nlvr2_accuracy", "CIDEr")}
 STUDY_FREE = ("out", "device", "workers", "cache", "max_steps", "val_limit")  # may differ from a finished run's config
 
 
 def study_grid(base, given=(), routes=None, seeds=None):
     """{(task, peft, control, route, seed): Config} of every run, each in its own folder under base.out
-    (e.g. vqa-lora-mul-noprefix-s0). routes / seeds: fewer than STUDY's (tests)."""
+    (e.g. vqa-lora-mul-noprefix-s0). routes / seeds: fewer than shapes.STUDY's (tests)."""
     grid = {}
     tasks = ("multitask",) if base.task == "multitask" else ("vqa", "caption") if base.text == "tiny" else (base.task,)
     for task in tasks:
-        rows, n_seeds, options = STUDY[task]
+        rows, n_seeds, options = shapes.STUDY[task]
         options = {k: v for k, v in options.items() if k not in given}
         for peft, control, peft_routes in rows:
             unread = {n: Config.__dataclass_fields__[n].default for n, users in PEFT_ONLY.items() if peft not in users}
@@ -696,16 +679,9 @@ def study_grid(base, given=(), routes=None, seeds=None):
                                                  range(base.seed, base.seed + (seeds or n_seeds))):
                 name = f"{task}-{peft}-{route}{'-' + control if control else ''}-s{seed}"
                 grid[task, peft, control, route, seed] = dataclasses.replace(
-                    base, **options, **unread, **CONTROLS[control], task=task, peft=peft, route=route, seed=seed,
-                    lr=options.get("lr", base.lr) * STUDY_LR.get(peft, 1), out=os.path.join(base.out, name))
+                    base, **options, **unread, **shapes.CONTROLS[control], task=task, peft=peft, route=route, seed=seed,
+                    lr=options.get("lr", base.lr) * shapes.STUDY_LR.get(peft, 1), out=os.path.join(base.out, name))
     return grid
-
-
-def study_value(record, name):
-    """A record's metric for the study; "mean": VL-PET's average of VQA, GQA and NLVR2 accuracy and CIDEr x100."""
-    if name == "mean":
-        return (record["vqa_accuracy"] + record["gqa_accuracy"] + record["nlvr2_accuracy"] + 100 * record["CIDEr"]) / 4
-    return record[name]
 
 
 def final_record(out, final=True):
@@ -753,67 +729,13 @@ def run_study(base, given=(), routes=None, seeds=None):
         print(f"[{k}/{len(grid)}] {name} ({time.time() - t0:.0f}s so far)")
         resume = os.path.isfile(os.path.join(cfg.out, "last.pt"))
         main(run_config(cfg.out, **{o: getattr(cfg, o) for o in RESUME_OVERRIDES}) if resume else cfg, resume)
-    rows = study_rows({key: final_record(cfg.out) for key, cfg in grid.items()})
-    table, path, seeds = study_table(rows, grid), os.path.join(base.out, "study"), len({key[-1] for key in grid})
+    rows = shapes.study_rows({key: final_record(cfg.out) for key, cfg in grid.items()}, UNROUTED)
+    table, path, seeds = shapes.study_table(rows, grid, X100), os.path.join(base.out, "study"), len({k[-1] for k in grid})
     metrics.atomic_write(path + ".md", lambda f: f.write(table))
-    shapes.study_chart(rows, path + ".png", {r["task"]: STUDY_METRICS[r["task"]][0] for r in rows}, X100,
+    shapes.study_chart(rows, path + ".png", {r["task"]: shapes.STUDY_METRICS[r["task"]][0] for r in rows}, X100,
                        f"Study: mean ± std over {seeds} seed{'s' * (seeds > 1)} per route, {'the demo' if base.text == 'tiny' else base.text}")
     print(f"\n{table}\nstudy: {len(grid)} runs in {base.out}, {time.time() - t0:.0f}s; table and chart in {path}.md, .png")
     return rows, table
-
-
-def study_rows(records):
-    """records {(task, peft, control, route, seed): final record} -> one row per (task, peft, control, route): {task,
-    peft, control, route, params (sorted set), split, metric: (mean, std) for each headline metric, gain: the first
-    metric's relative change over route none of the method (xattn, bitfit, full: LoRA) and control, else of control
-    None; None for none itself}, plus one text-only row per task (peft and control None)."""
-    groups = defaultdict(list)
-    for (task, peft, control, route, seed), r in records.items():
-        groups[task, peft, control, route].append(r)
-    rows = [{"task": task, "peft": peft, "control": control, "route": route, "split": rs[0]["split"], "params": sorted(
-        {r["trainable_params"] for r in rs}), **{m: mean_std([study_value(r, m) for r in rs]) for m in STUDY_METRICS[task]}}
-            for (task, peft, control, route), rs in groups.items()]
-    nones = {(r["task"], r["peft"], r["control"]): r for r in rows if r["route"] == "none"}
-    for row in rows:
-        head, peft = STUDY_METRICS[row["task"]][0], "lora" if row["peft"] in UNROUTED else row["peft"]
-        none = nones.get((row["task"], peft, row["control"]), nones.get((row["task"], peft, None)))
-        row["gain"] = None if none in (None, row) or none[head][0] == 0 else row[head][0] / none[head][0] - 1
-    for task in dict.fromkeys(k[0] for k in records):
-        r = next(r for k, r in records.items() if k[0] == task)
-        rows.append({"task": task, "peft": None, "control": None, "route": None, "params": [0], "split": r["split"],
-                     "gain": None, **{m: (study_value(r["text_only"], m), 0.0) for m in STUDY_METRICS[task]}})
-    return rows
-
-
-def mean_std(values):
-    """(mean, sample standard deviation; 0 for one value)."""
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-
-
-def study_table(rows, grid):
-    """Markdown: one table per task, mean ± std over seeds; CIDEr and BLEU x100 as in papers."""
-    out = []
-    for task in dict.fromkeys(r["task"] for r in rows):
-        names = STUDY_METRICS[task]
-        runs = [c for k, c in grid.items() if k[0] == task]
-        own = next(c.visual for k, c in grid.items() if k[0] == task and not k[2])  # the setting's own x_R
-        limit = f", the first {runs[0].train_limit:,} training examples of each task" if runs[0].train_limit else ""
-        epochs, seeds, split = runs[0].epochs, len({c.seed for c in runs}), next(r["split"] for r in rows if r["task"] == task)
-        out += [f"### {task}: {' / '.join(n + (' x100' if n in X100 else ' (%)') for n in names)}, mean ± std over "
-                f"{seeds} seed(s), {epochs} epoch(s){limit}, {split} split", "",
-                "| peft | visual | route | " + " | ".join(names) + " | trainable params | gain |", "|---|---|---|" + "---:|" * (len(names) + 2)]
-        for r in (r for r in rows if r["task"] == task):
-            label = ("text-only baseline", "", "") if r["peft"] is None else (r["peft"], r["control"] or own, r["route"])
-            values = " | ".join(f"{X100.get(n, 1) * r[n][0]:.2f}" + (f" ± {X100.get(n, 1) * r[n][1]:.2f}" if r["peft"]
-                                                                      else "") for n in names)
-            gain = "" if r["gain"] is None else f"{100 * r['gain']:+.1f} %"
-            out.append(f"| {' | '.join(label)} | {values} | {'/'.join(f'{p:,}' for p in r['params'])} | {gain} |")
-        out.append("")
-    out.append("visual: the feature that is visual prefix and x_R (patches: all); noprefix: routing is the image's only path; shuffled: "
-               "another image's features (a route that still helps is not using the image). xattn: LoRA with cross-attention to x_R; "
-               f"full at {STUDY_LR['full']:g} x the learning rate. gain: over route none of the method and visual input, else LoRA's. "
-               "Seeds (the papers: 3) and epochs are cut, never rows, to keep a study near 30 minutes on 2 CPU cores.")
-    return "\n".join(out) + "\n"
 
 
 # ---- the command line ---------------------------------------------------------------------------------

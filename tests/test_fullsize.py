@@ -309,7 +309,7 @@ def test_readme_commands_parse_and_follow_the_data_layout(monkeypatch):
             bench.build_parser().parse_args(args)
         else:
             pytest.fail(f"README command with no parser here: {' '.join(argv)}")
-    assert len(runs) == 6 and len(converted) == 5
+    assert len(runs) == 7 and len(converted) == 6
     runs += [(f"--preset {name}", train.parse_command_line(["--preset", name])[0]) for name in train.PRESETS]
     patterns = layout(text)
     for command, cfg in runs:

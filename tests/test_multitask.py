@@ -268,7 +268,7 @@ def test_tiny_backbone_names(monkeypatch):
 def test_multitask_study(world, tmp_path, monkeypatch, text):
     """python train.py --study --task multitask, tiny, on BART or T5: the grid of PEFT methods and routes, the table
     with each task's metric and VL-PET's average, and its chart."""
-    monkeypatch.setitem(train.STUDY, "multitask", ([("lora", None, train.ROUTES5), ("vlpet-small", None, ("none",)),
+    monkeypatch.setitem(shapes.STUDY, "multitask", ([("lora", None, shapes.ROUTES5), ("vlpet-small", None, ("none",)),
                                                     ("xattn", "patches", ("none",))], 2, {"epochs": 1, "train_limit": 40}))
     cfg, meta = train.parse_command_line(["--study", "--task", "multitask", "--vision", world.clip, "--text", getattr(world, text),
                                           "--data", world.data, "--cache", world.cache, "--out", str(tmp_path / "study"),

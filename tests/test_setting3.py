@@ -41,7 +41,7 @@ BART = models.Config("bart", 16, 2, 2, 32, 1e-5, vocab_size=len(TOK.vocab), max_
 
 
 class Features:
-    """A tasks.Features stand-in: the CPU, and the batch's own "visual" tensor as its visual tokens."""
+    """A data.Features stand-in: the CPU, and the batch's own "visual" tensor as its visual tokens."""
 
     device = torch.device("cpu")
 

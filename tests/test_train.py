@@ -351,7 +351,7 @@ def test_feature_cache_hits_and_invalidates(world, tmp_path, monkeypatch):
     model.config = dataclasses.replace(model.config, image_mean=(0.4, 0.4, 0.4))
     models.save_checkpoint(model, vit2)
     assert run(vision=vit2) == (1, 4)
-    monkeypatch.setattr(tasks.Features, "VERSION", tasks.Features.VERSION + 1)  # changed feature code
+    monkeypatch.setattr(data.Features, "VERSION", data.Features.VERSION + 1)  # changed feature code
     assert run(vision=vit2) == (1, 5)
     monkeypatch.undo()
     monkeypatch.setattr(data.ImageFeatures, "write", lambda *a, **k: calls.append(1) or compute(*a, **k))
@@ -618,9 +618,9 @@ def test_study(world, tmp_path, monkeypatch, capsys):
     baselines with the options they read), the table's shape, its numbers = the runs' metrics.jsonl, params identical
     across routes, each gain against its reference, and a second call trains nothing."""
     none = ("none",)
-    monkeypatch.setitem(train.STUDY, "vqa", ([("lora", None, train.ROUTES5), ("lora", "shuffled", train.ROUTES5), ("lora", "cls", (
-        "mul",)), ("adapter", None, train.ROUTES5), ("xattn", "patches", none), ("full", None, none)], 3, {"epochs": 2}))
-    monkeypatch.setitem(train.STUDY, "caption", ([("lora", None, train.ROUTES5), ("bitfit", None, none)], 3, {"epochs": 1}))
+    monkeypatch.setitem(shapes.STUDY, "vqa", ([("lora", None, shapes.ROUTES5), ("lora", "shuffled", shapes.ROUTES5), ("lora", "cls", (
+        "mul",)), ("adapter", None, shapes.ROUTES5), ("xattn", "patches", none), ("full", None, none)], 3, {"epochs": 2}))
+    monkeypatch.setitem(shapes.STUDY, "caption", ([("lora", None, shapes.ROUTES5), ("bitfit", None, none)], 3, {"epochs": 1}))
     routes, seeds = ("none", "mul"), 1
     monkeypatch.setattr(train, "backbone", lambda name, arch: {"vit": world.vit, "roberta": world.roberta,
                                                                "gpt2": world.gpt2}[arch])
@@ -668,10 +668,10 @@ def test_study(world, tmp_path, monkeypatch, capsys):
         record = read_records(out / name)[-1]
         assert record["split"] == "test" and record["final"] and record["epoch"] == (2 if row["task"] == "vqa" else 1)
         scale = 1 if row["task"] == "vqa" else 100
-        for m in train.STUDY_METRICS[row["task"]]:
+        for m in shapes.STUDY_METRICS[row["task"]]:
             assert row[m] == (record[m], 0.0)
         cells = f"| {row['peft']} | {row['control'] or 'pooler'} | {row['route']} | " + " | ".join(
-            f"{scale * record[m]:.2f} ± 0.00" for m in train.STUDY_METRICS[row["task"]])
+            f"{scale * record[m]:.2f} ± 0.00" for m in shapes.STUDY_METRICS[row["task"]])
         assert any(ln.startswith(cells) for ln in lines), cells
         assert read_json(os.path.join(out, name, "config.json"))["shuffle_visual"] == (row["control"] == "shuffled")
         assert row["params"] == [record["trainable_params"]]
@@ -684,7 +684,7 @@ def test_study(world, tmp_path, monkeypatch, capsys):
                            (("vqa", "xattn", "patches", "none"), ("vqa", "lora", None, "none")),  # baselines: LoRA's
                            (("vqa", "full", None, "none"), ("vqa", "lora", None, "none")),
                            (("caption", "bitfit", None, "none"), ("caption", "lora", None, "none"))):
-        head = train.STUDY_METRICS[key[0]][0]
+        head = shapes.STUDY_METRICS[key[0]][0]
         if row[reference][head][0]:
             assert row[key]["gain"] == pytest.approx(row[key][head][0] / row[reference][head][0] - 1), key
     assert row["vqa", "lora", None, "none"]["gain"] is None and row["vqa", "adapter", None, "none"]["gain"] is None
