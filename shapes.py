@@ -69,6 +69,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 WORLD = os.path.join(HERE, "data", "shapes")  # the demo's world and tiny backbones, beside this file
 TINY_DIR = os.path.join(HERE, "data", "tiny")
 SCENES = "shapes_scenes.json"  # the world's ground truth, written last
+DEMO_VERSION = 1  # of the world and the tiny backbones' pretraining: a change makes both again (ensure_world, tiny_backbone)
 
 
 # ---- the synthetic world: coloured shapes, written as VQAv2 + COCO + Karpathy files ---------------
@@ -776,8 +777,8 @@ def make_world(out, n_images=3000, seed=0, questions_per_image=3, gqa_per_image=
     for scene, gqa_id in zip(scenes, gqa_ids):
         scene["gqa_image_id"] = gqa_id
     nlvr2_objects, nlvr2_templates = write_nlvr2(out, nlvr2_sets, seed)
-    write_json({"images": scenes, "questions": truths, "gqa_questions": gqa_truths,
-                 "nlvr2_images": nlvr2_objects, "nlvr2_templates": nlvr2_templates}, os.path.join(out, SCENES), indent=None)
+    write_json({"images": scenes, "questions": truths, "gqa_questions": gqa_truths, "nlvr2_images": nlvr2_objects,
+                "nlvr2_templates": nlvr2_templates, "version": DEMO_VERSION}, os.path.join(out, SCENES), indent=None)
 
 
 def _vqa_questions(rng, image_id, objects, used, per_image, questions, annotations, truths):
@@ -818,14 +819,25 @@ def jpeg_bytes(img):
 
 
 def ensure_world(path=WORLD):
-    """The synthetic world at `path`: generated once (python shapes.py world), or again when a file
-    that make_world writes late is missing (an interrupted run, or a world from before GQA and
-    NLVR2). Returns path."""
-    if not all(os.path.isfile(p) for p in (os.path.join(path, data.KARPATHY), gqa_files(path, "testdev")[0],
-                                           nlvr2_files(path, "test1")[0], os.path.join(path, SCENES))):
+    """The synthetic world at `path`: generated once (python shapes.py world), or again when a file that
+    make_world writes late is missing (an interrupted run) or the world is from another DEMO_VERSION of this
+    file (its questions or images differ from what the README's numbers were measured on). Returns path."""
+    files = (os.path.join(path, data.KARPATHY), gqa_files(path, "testdev")[0], nlvr2_files(path, "test1")[0])
+    scenes = os.path.join(path, SCENES)
+    if not all(os.path.isfile(p) for p in files + (scenes,)):
         print(f"creating the synthetic world in {path} (once)")
         make_world(path)
+    elif world_version(scenes) != DEMO_VERSION:
+        print(f"the synthetic world in {path} is from an older shapes.py: creating it again")
+        make_world(path)
     return path
+
+
+def world_version(scenes):
+    """The DEMO_VERSION a world's scenes file was written with (0: before versions)."""
+    with open(scenes, encoding="utf-8") as f:
+        scenes = json.load(f)
+    return scenes.get("version", 0) if isinstance(scenes, dict) else 0
 
 
 def world_texts(world):
@@ -1084,7 +1096,7 @@ def pretrain_text(arch, tokenizer, texts):
 def tiny_backbone(arch):
     """Path of the demo's tiny pretrained `arch` backbone (vit, roberta, gpt2, clip_resnet, bart, t5), pretrained on first use
     (about a minute each) from a fixed seed: the same weights whatever ran before."""
-    path = os.path.join(TINY_DIR, f"{arch}.pt")
+    path = os.path.join(TINY_DIR, f"{arch}-v{DEMO_VERSION}.pt")  # another version's file is never read
     if os.path.isfile(path):
         return path
     if arch not in TINY:

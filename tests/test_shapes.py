@@ -12,13 +12,13 @@ import re
 from collections import Counter, defaultdict
 
 import numpy as np
-import torch
 import pytest
 import torch
 from PIL import Image
 
 import data
 import eval as E
+import models
 import shapes
 from eval import normalize_answer, vqa_accuracy
 
@@ -530,7 +530,24 @@ def test_ensure_world_makes_what_is_missing(tmp_path, monkeypatch):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         open(path, "w").close()
     shapes.ensure_world(str(old))
-    assert made == [str(old)]  # complete: not made again
+    assert made == [str(old), str(old)]  # complete, but of no DEMO_VERSION: made again
+    (old / "shapes_scenes.json").write_text(json.dumps({"version": shapes.DEMO_VERSION}))
+    shapes.ensure_world(str(old))
+    assert made == [str(old)] * 2  # complete and current: not made again
+
+
+def test_tiny_backbones_of_another_version_are_not_read(tmp_path, monkeypatch):
+    """A tiny backbone pretrained by another DEMO_VERSION (an older world or pretraining) is made again, not reused."""
+    saved = []
+    monkeypatch.setattr(shapes, "TINY_DIR", str(tmp_path))
+    monkeypatch.setattr(shapes, "ensure_world", lambda: None)
+    monkeypatch.setattr(shapes, "pretrain_vision", lambda arch: arch)
+    monkeypatch.setattr(models, "save_checkpoint", lambda model, path: saved.append(path) or open(path, "w").close())
+    (tmp_path / "vit.pt").write_text("from before versions")
+    (tmp_path / f"vit-v{shapes.DEMO_VERSION - 1}.pt").write_text("an older version")
+    path = shapes.tiny_backbone("vit")
+    assert saved == [path] and os.path.basename(path) == f"vit-v{shapes.DEMO_VERSION}.pt"
+    assert shapes.tiny_backbone("vit") == path and saved == [path]  # now current: read, not made again
 
 
 def test_make_world_rejects_worlds_too_small(tmp_path):
