@@ -40,7 +40,7 @@ world's text, each with a byte-level BPE learned on its text, and a T5 by span c
 unigram model of the world's words (spiece_model). World and backbones live next to this
 file (data/shapes, data/tiny), wherever train.py is run from.
 
-The study (python train.py --study): STUDY, the runs it makes (train.study_grid makes and resumes them),
+The study (python train.py --study): STUDY, the runs it makes (train.run_study trains and resumes them),
 study_rows and study_table, its table from their final records, and study_chart, its chart (Pillow only: a bar
 per route, the seeds' spread, the text-only baseline); gallery draws a few test examples with their predictions.
 """
