@@ -82,7 +82,7 @@ class Config:
     seed: int = 0                 # seeds the new weights, the data order and dropout
     device: str = "auto"          # auto | cpu | cuda | mps
     workers: int = 2              # image-loading processes (only when features are not cached)
-    out: str = ""                 # run folder ("" = runs/TASK)
+    out: str = ""                 # run folder ("" = runs/TASK; a tiny-ARCH demo: runs/TASK-ARCH)
     feature_cache: bool = True    # cache frozen image features on disk (off: recompute every step, as released)
     cache: str = "cache"          # folder of the feature and prepared-data caches, shared by runs
     precision: str = "fp32"       # fp32 | bf16 (autocast of every forward pass; the releases trained in fp32)
@@ -416,7 +416,7 @@ def rank_zero_first(rank, world):
 def main(cfg, resume=False, overwrite=False):
     """Train (resume: continue the run in cfg.out; overwrite: replace the run there), evaluate on val after every
     epoch, and at the end on test next to the text-only baseline. Returns the last record."""
-    cfg = dataclasses.replace(cfg, out=cfg.out or os.path.join("runs", cfg.task))
+    cfg = dataclasses.replace(cfg, out=cfg.out or default_out(cfg))
     check_config(cfg)
     rank, world = start_distributed(cfg)
     try:
@@ -705,11 +705,11 @@ def check_same_run(cfg):
                          f"wants {ours[diff[0]]!r}); remove it or choose another --out")
 
 
-def study_out(base):
-    """A study's default folder: runs/study, runs/study-multitask, and for another tiny backbone its name after it
-    (--task multitask --text tiny-t5: runs/study-multitask-t5)."""
-    tiny = base.text.removeprefix("tiny-") if base.text.startswith("tiny-") else ""
-    return STUDY_OUT + "".join(f"-{part}" for part in ("multitask" if base.task == "multitask" else "", tiny) if part)
+def default_out(cfg, study=False):
+    """A run's default folder, runs/TASK, or a study's, runs/study (runs/study-multitask), with another tiny backbone's
+    name after it, so that no two demos share one (--task multitask --text tiny-t5: runs/multitask-t5)."""
+    parts = ["study"] * study + [cfg.task] * (not study or cfg.task == "multitask")
+    return os.path.join("runs", "-".join(parts + [cfg.text.removeprefix("tiny-")] * cfg.text.startswith("tiny-")))
 
 
 def run_study(base, given=(), routes=None, seeds=None):
@@ -717,7 +717,7 @@ def run_study(base, given=(), routes=None, seeds=None):
     record and write the table to OUT/study.md and the chart to OUT/study.png. Returns (rows, the table)."""
     if base.max_steps:
         raise ValueError("--study compares whole runs: it takes no --max-steps")
-    base = dataclasses.replace(base, out=base.out or study_out(base))
+    base = dataclasses.replace(base, out=base.out or default_out(base, study=True))
     grid = study_grid(base, given, routes, seeds)
     t0 = time.time()
     for k, cfg in enumerate(grid.values(), 1):

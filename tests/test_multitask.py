@@ -286,9 +286,17 @@ def test_multitask_study(world, tmp_path, monkeypatch, text):
     expected = (record["vqa_accuracy"] + record["gqa_accuracy"] + record["nlvr2_accuracy"] + 100 * record["CIDEr"]) / 4
     assert row["mean"] == (pytest.approx(expected), 0.0)
     assert os.path.isfile(tmp_path / "study" / "study.png")
-    for text, out in (("tiny", "runs/study-multitask"), ("tiny-t5", "runs/study-multitask-t5")):
-        assert train.study_out(dataclasses.replace(cfg, text=text)) == out
-    assert train.study_out(dataclasses.replace(cfg, task="vqa", text="tiny")) == "runs/study"
+
+
+def test_default_run_folders():
+    """Each demo and study has its own default folder: the tiny T5's never meets the BART demo's."""
+    cfg = train.Config()
+    for task, text, study, out in (("vqa", "tiny", False, "runs/vqa"), ("multitask", "tiny", False, "runs/multitask"),
+                                   ("multitask", "tiny-t5", False, "runs/multitask-t5"),
+                                   ("multitask", "ckpt/t5-base.pt", False, "runs/multitask"), ("vqa", "tiny", True, "runs/study"),
+                                   ("multitask", "tiny", True, "runs/study-multitask"),
+                                   ("multitask", "tiny-t5", True, "runs/study-multitask-t5")):
+        assert train.default_out(dataclasses.replace(cfg, task=task, text=text), study) == out, (task, text, study)
 
 
 def test_vqa_targets_are_drawn_per_example(world, tmp_path):
