@@ -25,6 +25,7 @@ from safetensors.torch import save_file  # test-only: writes .safetensors inputs
 
 import data
 import models
+from conftest import check_decoder_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "..", "shared", "fixtures", "clip_modified_resnet_tiny.pt")
@@ -185,29 +186,7 @@ def test_bart_extra_embeds_after_text(bart):
 
 def test_bart_cache_equals_full_forward(bart):
     _, ours, _, _ = bart
-    ids, mask = padded_batch([8, 5], 8)
-    dec = torch.randint(0, V, (2, 9))
-    with torch.no_grad():
-        memory, memory_mask = ours.encode(ids, mask)
-        full = ours.decode(dec, memory, memory_mask)
-        cache = ours.new_cache()
-        steps = [ours.decode(dec[:, :3], memory, memory_mask, cache)]  # a first chunk
-        steps += [ours.decode(dec[:, t:t + 1], memory, memory_mask, cache) for t in range(3, 6)]  # one at a time
-        steps.append(ours.decode(dec[:, 6:], memory, memory_mask, cache))  # a chunk after a past
-        assert cache.length == 9 and len(cache.cross_k) == 2
-        assert max_diff(torch.cat(steps, dim=1), full) <= TOL
-        # the cross keys/values are computed once: later steps must not need the encoder states
-        stale = ours.decode(dec[:, :1], torch.zeros_like(memory), memory_mask, cache)
-        continued = ours.decode(torch.cat([dec, dec[:, :1]], dim=1), memory, memory_mask)[:, -1:]
-        assert max_diff(stale, continued) <= TOL
-        # beam search: rows [1, 1, 0] continue; the cross cache follows the rows too
-        order = torch.tensor([1, 1, 0])
-        cache.reorder(order)
-        nxt = torch.randint(0, V, (3, 1))
-        step = ours.decode(nxt, memory[order], memory_mask[order], cache)
-        want = ours.decode(torch.cat([dec[order], dec[order][:, :1], nxt], dim=1), memory[order],
-                           memory_mask[order])[:, -1:]
-    assert max_diff(step, want) <= TOL
+    check_decoder_cache(ours, *padded_batch([8, 5], 8), torch.randint(0, V, (2, 9)), V, TOL)
 
 
 def bart_generate(model, ids, mask, beams, max_new_tokens, **kw):
