@@ -912,7 +912,8 @@ def test_ctrl_c_says_how_to_continue(world, tmp_path):
     args = ["--vision", world.vit, "--text", world.roberta, "--data", world.data, "--cache", world.cache, "--epochs", "500",
             "--batch-size", "16", "--max-len", "12", "--answers", "20", "--workers", "0", "--out", out]
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background job ignores it
     for line in proc.stdout:
         if line.startswith("epoch 1.00"):
             proc.send_signal(signal.SIGINT)
