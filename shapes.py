@@ -21,6 +21,7 @@ scores them), laid out as the official archives unpack (WORLD = --out):
     WORLD/nlvr2/images/train/{directory}/train-0-0-img0.png        with its image archives extracted in nlvr2/
     WORLD/nlvr2/{dev,test1}/dev-0-0-img0.png                       (data.nlvr2_image_keys)
     WORLD/shapes_scenes.json                                       the truth: every image's objects, every answer
+    WORLD/shapes_version.txt                                       the DEMO_VERSION that made it (written last)
 
 gqa_files(WORLD, split) and nlvr2_files(WORLD, split) give (file, images folder) for data.read_gqa /
 data.read_nlvr2 and eval.py. GQA asks its questions on the VQA scenes, whose JPEGs it holds again
@@ -69,7 +70,8 @@ from eval import atomic_write, normalize_answer, write_json
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORLD = os.path.join(HERE, "data", "shapes")  # the demo's world and tiny backbones, beside this file
 TINY_DIR = os.path.join(HERE, "data", "tiny")
-SCENES = "shapes_scenes.json"  # the world's ground truth, written last
+SCENES = "shapes_scenes.json"  # the world's ground truth
+VERSION_FILE = "shapes_version.txt"  # the DEMO_VERSION that made the world, written last
 DEMO_VERSION = 1  # of the world and the tiny backbones' pretraining: a change makes both again (ensure_world, tiny_backbone)
 
 
@@ -779,7 +781,8 @@ def make_world(out, n_images=3000, seed=0, questions_per_image=3, gqa_per_image=
         scene["gqa_image_id"] = gqa_id
     nlvr2_objects, nlvr2_templates = write_nlvr2(out, nlvr2_sets, seed)
     write_json({"images": scenes, "questions": truths, "gqa_questions": gqa_truths, "nlvr2_images": nlvr2_objects,
-                "nlvr2_templates": nlvr2_templates, "version": DEMO_VERSION}, os.path.join(out, SCENES), indent=None)
+                "nlvr2_templates": nlvr2_templates}, os.path.join(out, SCENES), indent=None)
+    atomic_write(os.path.join(out, VERSION_FILE), lambda f: f.write(f"{DEMO_VERSION}\n"))
 
 
 def _vqa_questions(rng, image_id, objects, used, per_image, questions, annotations, truths):
@@ -823,22 +826,24 @@ def ensure_world(path=WORLD):
     """The synthetic world at `path`: generated once (python shapes.py world), or again when a file that
     make_world writes late is missing (an interrupted run) or the world is from another DEMO_VERSION of this
     file (its questions or images differ from what the README's numbers were measured on). Returns path."""
-    files = (os.path.join(path, data.KARPATHY), gqa_files(path, "testdev")[0], nlvr2_files(path, "test1")[0])
-    scenes = os.path.join(path, SCENES)
-    if not all(os.path.isfile(p) for p in files + (scenes,)):
+    files = (os.path.join(path, data.KARPATHY), gqa_files(path, "testdev")[0], nlvr2_files(path, "test1")[0],
+             os.path.join(path, SCENES))
+    if not all(os.path.isfile(p) for p in files):
         print(f"creating the synthetic world in {path} (once)")
         make_world(path)
-    elif world_version(scenes) != DEMO_VERSION:
+    elif world_version(path) != str(DEMO_VERSION):
         print(f"the synthetic world in {path} is from an older shapes.py: creating it again")
         make_world(path)
     return path
 
 
-def world_version(scenes):
-    """The DEMO_VERSION a world's scenes file was written with (0: before versions)."""
-    with open(scenes, encoding="utf-8") as f:
-        scenes = json.load(f)
-    return scenes.get("version", 0) if isinstance(scenes, dict) else 0
+def world_version(path):
+    """The DEMO_VERSION that made the world at `path` (its VERSION_FILE, a few bytes), or "" (an older shapes.py)."""
+    file = os.path.join(path, VERSION_FILE)
+    if not os.path.isfile(file):
+        return ""
+    with open(file, encoding="utf-8") as f:
+        return f.read().strip()
 
 
 def world_texts(world):

@@ -92,8 +92,8 @@ def test_world_is_deterministic(world, tmp_path):
     shapes.make_world(other, n_images=N_IMAGES, seed=1)
     files = world_files(cli)
     # COCO images, GQA's (all but the 24 Karpathy val images), NLVR2 pairs (4 per set, N_IMAGES // 20 sets),
-    # 4 VQA + Karpathy + 3 GQA + 3 NLVR2 files, the scenes
-    assert len(files) == 2 * N_IMAGES - 24 + 8 * (N_IMAGES // 20) + 12
+    # 4 VQA + Karpathy + 3 GQA + 3 NLVR2 files, the scenes, the version
+    assert len(files) == 2 * N_IMAGES - 24 + 8 * (N_IMAGES // 20) + 13 and shapes.VERSION_FILE in files
     match, mismatch, errors = filecmp.cmpfiles(cli, again, files, shallow=False)
     assert not mismatch and not errors and len(match) == len(files)
     _, mismatch, missing = filecmp.cmpfiles(cli, other, files, shallow=False)
@@ -531,9 +531,14 @@ def test_ensure_world_makes_what_is_missing(tmp_path, monkeypatch):
         open(path, "w").close()
     shapes.ensure_world(str(old))
     assert made == [str(old), str(old)]  # complete, but of no DEMO_VERSION: made again
-    (old / "shapes_scenes.json").write_text(json.dumps({"version": shapes.DEMO_VERSION}))
+    (old / shapes.VERSION_FILE).write_text(f"{shapes.DEMO_VERSION}\n")
     shapes.ensure_world(str(old))
     assert made == [str(old)] * 2  # complete and current: not made again
+
+
+def test_a_made_world_is_current(world):
+    """make_world stamps the world with DEMO_VERSION last, so ensure_world keeps it (and remakes an older one)."""
+    assert shapes.world_version(world) == str(shapes.DEMO_VERSION)
 
 
 def test_tiny_backbones_of_another_version_are_not_read(tmp_path, monkeypatch):
