@@ -238,10 +238,15 @@ def check_config(cfg):
                          f"or all of them (patches)")
 
 
+def is_tiny(name):
+    """Whether a --vision / --text value names one of the demo's tiny backbones: "tiny" or "tiny-ARCH"."""
+    return name == "tiny" or name.startswith("tiny-")
+
+
 def backbone(name, arch):
     """A converted checkpoint's path, or one of the demo's tiny backbones (pretrained on first use): "tiny" (the
     setting's `arch`) or "tiny-ARCH" (another, e.g. multitask's tiny-t5; build checks that the setting takes it)."""
-    if name == "tiny" or name.startswith("tiny-"):
+    if is_tiny(name):
         return shapes.tiny_backbone(arch if name == "tiny" else name.removeprefix("tiny-"))
     if not os.path.exists(name):
         raise FileNotFoundError(f"checkpoint not found: {name} (convert one with: python models.py convert "
@@ -561,7 +566,7 @@ def final_report(cfg, tasks, model, opt, step, records):
     records.append(record)
     save_run(cfg, model, opt, step, tasks, records, {})
     names = [n for t in tasks for n in t.headline]
-    tiny = any(name == "tiny" or name.startswith("tiny-") for name in (cfg.vision, cfg.text))
+    tiny = any(map(is_tiny, (cfg.vision, cfg.text)))
     demo = " (the demo's tiny backbones, pretrained on the synthetic world)" if tiny else ""
     others = ", ".join(f"{t}: {s}" for t, s in record["task_split"].items() if s != split)
     print(f"\n{split} split{f' ({others})' if others else ''}{demo}; accuracy in %, CIDEr and BLEU x100:")
